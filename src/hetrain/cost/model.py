@@ -1,0 +1,119 @@
+"""CostModel: compute time of a layer range on a kind, transfer times, memory of a stage.
+
+Compute comes from a roofline over the catalog (peak FLOP/s x the kind's efficiency, and the
+memory-bandwidth floor of reading the weights), or from a measured profile when one is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+from hetrain.cluster.topology import Cluster
+from hetrain.errors import CostError
+from hetrain.model.spec import ModelSpec
+
+Op = Literal["forward", "backward"]
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
+
+
+class GroupLike(Protocol):
+    """The fields of plan.StageGroup the cost model reads (cost does not import plan)."""
+
+    kind: str
+    layers: tuple[int, int]
+    dtype: str
+    recompute: bool
+    devices: list[str]
+
+
+class CostModel:
+    def __init__(self, cluster: Cluster, spec: ModelSpec, profile: Any | None = None):
+        self.cluster = cluster
+        self.spec = spec
+        self.profile = profile  # cost.profile.Profile: measured seconds per token per layer
+
+    # --- compute -----------------------------------------------------------------------------
+    def layers_compute_s(self, kind: str, layers: tuple[int, int], tokens: float, op: Op,
+                         dtype: str = "bf16", tp: int = 1, recompute: bool = False) -> float:
+        """Seconds for one device of a `tp`-way group to run `op` over `tokens` tokens."""
+        if kind not in self.cluster.kinds:
+            raise CostError(f"unknown kind {kind!r}")
+        start, end = layers
+        if self.profile is not None and self.profile.has(kind):
+            fwd = self.profile.forward_s(kind, start, end, tokens) / tp
+            bwd = self.profile.backward_s(kind, start, end, tokens) / tp
+        else:
+            fwd, bwd = self._roofline_s(kind, start, end, tokens, dtype, tp)
+        compute = fwd if op == "forward" else bwd + (fwd if recompute else 0.0)
+        return compute + self.tp_comm_s(kind, layers, tokens, dtype, tp)
+
+    def _roofline_s(self, kind_name: str, start: int, end: int, tokens: float, dtype: str,
+                    tp: int) -> tuple[float, float]:
+        kind = self.cluster.kinds[kind_name]
+        if not kind.supports(dtype) and not (dtype == "fp32" and "tf32" in kind.flops):
+            raise CostError(f"{kind_name} does not compute in {dtype}")
+        rate = kind.peak_flops(dtype) * kind.efficiency * tp
+        fwd_flops = tokens * sum(lay.forward_flops_per_token for lay in self.spec.layers[start:end])
+        weight_bytes = self.spec.range_params(start, end) * DTYPE_BYTES[dtype] / tp
+        floor = weight_bytes / (kind.memory_bandwidth_gbps * 1e9)
+        return max(fwd_flops / rate, floor), max(2 * fwd_flops / rate, 2 * floor)
+
+    def tp_comm_s(self, kind: str, layers: tuple[int, int], tokens: float, dtype: str,
+                  tp: int) -> float:
+        """Ring all-reduces of the activations inside a tensor-parallel group, per pass."""
+        if tp <= 1:
+            return 0.0
+        start, end = layers
+        count = sum(lay.tp_allreduces for lay in self.spec.layers[start:end])
+        bytes_each = tokens * self.spec.dim * DTYPE_BYTES[dtype]
+        bw = self.cluster.kinds[kind].intra_node_gbps * 1e9
+        return count * 2 * (tp - 1) / tp * bytes_each / bw
+
+    def stage_compute_s(self, group: GroupLike, op: Op, samples: int, seq_len: int) -> float:
+        """Duration of one schedule action (plan.schedule.StageCost)."""
+        return self.layers_compute_s(group.kind, tuple(group.layers), samples * seq_len, op,
+                                     group.dtype, len(group.devices), group.recompute)
+
+    def tokens_per_s(self, kind: str, dtype: str | None = None, tokens: float = 8192) -> float:
+        """Training throughput of one device of `kind` holding the whole model, over passes of
+        `tokens` tokens (the weight-reading floor is paid once per pass)."""
+        dtype = dtype or self.cluster.kinds[kind].best_dtype()
+        layers = (0, self.spec.n_layers)
+        step = sum(self.layers_compute_s(kind, layers, tokens, op, dtype)
+                   for op in ("forward", "backward"))
+        return tokens / step
+
+    # --- transfers ---------------------------------------------------------------------------
+    def p2p_s(self, src_device: str, dst_device: str, nbytes: float) -> float:
+        if src_device == dst_device:
+            return 0.0
+        bw = self.cluster.link_gbps(src_device, dst_device) * 1e9
+        return self.cluster.link_latency_s(src_device, dst_device) + nbytes / bw
+
+    def activation_bytes(self, layer_end: int, samples: int, dtype: str) -> float:
+        """Bytes sent from a stage ending at `layer_end` for one micro-batch."""
+        per_token = self.spec.layers[layer_end - 1].output_elems_per_token
+        return per_token * samples * self.spec.seq_len * DTYPE_BYTES[dtype]
+
+    # --- memory ------------------------------------------------------------------------------
+    def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int) -> float:
+        """Bytes per device: weights, gradients, Adam states, and activations of the
+        micro-batches in flight under 1F1B."""
+        start, end = group.layers
+        tp = len(group.devices)
+        wbytes = DTYPE_BYTES[group.dtype]
+        params = self.spec.range_params(start, end) / tp
+        # Mixed precision keeps an fp32 master copy; Adam keeps two fp32 moments.
+        master = 4 if wbytes < 4 else 0
+        states = params * (wbytes + wbytes + master + 8)
+        tokens = micro_batch_size * self.spec.seq_len
+        layers = self.spec.layers[start:end]
+        if group.recompute:
+            per_token = sum(lay.recompute_elems_per_token for lay in layers)
+            # one layer's full activations are rebuilt at a time during backward
+            per_token_peak = max((lay.activation_elems_per_token for lay in layers), default=0)
+        else:
+            per_token = sum(lay.activation_elems_per_token for lay in layers)
+            per_token_peak = 0.0
+        acts = (in_flight * per_token + per_token_peak) * tokens * wbytes / tp
+        return states + acts

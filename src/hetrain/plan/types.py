@@ -1,0 +1,126 @@
+"""Plan: stage groups and the routes micro-batches take through them.
+
+A stage group is devices of ONE kind (a tensor-parallel group when more than one) holding a
+contiguous layer range [start, end) of the ModelSpec's layers (embed = 0, blocks, head = last).
+A route is an ordered chain of stage groups covering every layer once, and the micro-batches
+that take it. A plain pipeline is a route; routes may share stage groups; data parallelism is
+several routes. Samples of the global batch go to routes in route order, micro-batch by
+micro-batch, so the plan alone fixes which device sees which sample.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hetrain.cluster.kinds import DTYPES
+
+
+class StageGroup(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    kind: str = Field(min_length=1)
+    devices: list[str] = Field(min_length=1, description="device ids; more than one = TP group")
+    layers: tuple[int, int] = Field(description="[start, end) in ModelSpec layers")
+    dtype: str = "fp32"
+    recompute: bool = False
+
+    @field_validator("layers")
+    @classmethod
+    def _range(cls, layers: tuple[int, int]) -> tuple[int, int]:
+        start, end = layers
+        if start < 0 or end <= start:
+            raise ValueError(f"layer range [{start}, {end}) is empty or negative; need start < end")
+        return layers
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, dtype: str) -> str:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        return dtype
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stages: list[str] = Field(min_length=1, description="stage group names, first layer first")
+    micro_batches: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0, description="samples per micro-batch")
+
+    @property
+    def samples(self) -> int:
+        return self.micro_batches * self.micro_batch_size
+
+
+class MicroBatch(BaseModel):
+    """Global micro-batch `id` on route `route` takes samples [first_sample, first_sample+size)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    route: int
+    index: int  # within its route
+    first_sample: int
+    size: int
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    seq_len: int = Field(gt=0)
+    global_batch: int = Field(gt=0, description="samples per optimizer step")
+    stage_groups: list[StageGroup] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+    predicted: dict[str, float] = Field(default_factory=dict, description="planner's estimates")
+
+    @cached_property
+    def group_by_name(self) -> dict[str, StageGroup]:
+        return {g.name: g for g in self.stage_groups}
+
+    @cached_property
+    def micro_batches(self) -> list[MicroBatch]:
+        out, sample = [], 0
+        for r, route in enumerate(self.routes):
+            for i in range(route.micro_batches):
+                out.append(MicroBatch(id=len(out), route=r, index=i, first_sample=sample,
+                                      size=route.micro_batch_size))
+                sample += route.micro_batch_size
+        return out
+
+    def devices(self) -> list[str]:
+        return [d for g in self.stage_groups for d in g.devices]
+
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(g.kind for g in self.stage_groups))
+
+    def routes_through(self, group: str) -> list[int]:
+        return [r for r, route in enumerate(self.routes) if group in route.stages]
+
+    def samples_of(self, group: str) -> int:
+        return sum(self.routes[r].samples for r in self.routes_through(group))
+
+    def holders(self, layer: int) -> list[StageGroup]:
+        """Stage groups holding `layer`: their gradients for it are summed."""
+        return [g for g in self.stage_groups if g.layers[0] <= layer < g.layers[1]]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        from hetrain.plan.io import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json() + "\n")
