@@ -1,0 +1,31 @@
+# `make demo` and `make test` each set everything up from scratch on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/hetrain: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# The CPU wheel of torch first: a bare `torch` requirement would pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/hetrain
+
+setup: $(BIN)/hetrain
+
+demo: setup
+	$(BIN)/hetrain train --cluster examples/clusters/three-kinds.yaml --steps 30 \
+		--json out/demo.json
+	$(BIN)/hetrain bench dp --cluster examples/clusters/three-kinds.yaml --json out/bench-dp.json
+
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf $(VENV) out

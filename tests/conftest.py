@@ -1,0 +1,34 @@
+"""Shared fixtures: example files, and a skip for GPU tests without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def three_kinds():
+    from hetrain.cluster import load_cluster
+
+    return load_cluster(EXAMPLES / "clusters" / "three-kinds.yaml")
+
+
+@pytest.fixture
+def mixed_1024():
+    from hetrain.cluster import load_cluster
+
+    return load_cluster(EXAMPLES / "clusters" / "mixed-1024.yaml")
