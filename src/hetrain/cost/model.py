@@ -95,6 +95,43 @@ class CostModel:
         per_token = self.spec.layers[layer_end - 1].output_elems_per_token
         return per_token * samples * self.spec.seq_len * DTYPE_BYTES[dtype]
 
+    def ring_gbps(self, devices: list[str]) -> float:
+        """Slowest link of a ring over `devices` (GB/s)."""
+        if len(devices) < 2:
+            return float("inf")
+        return min(self.cluster.link_gbps(a, b)
+                   for a, b in zip(devices, devices[1:] + devices[:1], strict=True))
+
+    def allreduce_s(self, devices: list[str], nbytes: float) -> float:
+        """Hierarchical all-reduce as comm/ runs it: reduce inside each kind on its native
+        backend, ring all-reduce between one leader per kind over the host bridge, then
+        broadcast inside each kind. Ranks of one kind work in parallel."""
+        if len(devices) < 2 or nbytes <= 0:
+            return 0.0
+        by_kind: dict[str, list[str]] = {}
+        for d in devices:
+            by_kind.setdefault(self.cluster.device_by_id[d].kind, []).append(d)
+        intra = 0.0
+        for members in by_kind.values():
+            n = len(members)
+            if n > 1:
+                lat = max(self.cluster.link_latency_s(members[0], m) for m in members[1:])
+                # reduce then broadcast: each moves (n-1)/n of the buffer per rank
+                intra = max(intra, 2 * ((n - 1) / n * nbytes / (self.ring_gbps(members) * 1e9)
+                                        + (n - 1) * lat))
+        k = len(by_kind)
+        bridge = 0.0
+        if k > 1:
+            leaders = [m[0] for m in by_kind.values()]
+            lat = max(self.cluster.link_latency_s(leaders[0], x) for x in leaders[1:])
+            bw = min(self.ring_gbps(leaders), self.cluster.links.bridge_gbps) * 1e9
+            bridge = 2 * (k - 1) / k * nbytes / bw + 2 * (k - 1) * lat
+        return intra + bridge
+
+    def optimizer_s(self, kind: str, params: float) -> float:
+        """AdamW: reads and writes weights, gradients and two moments (fp32): ~28 bytes/param."""
+        return params * 28 / (self.cluster.kinds[kind].memory_bandwidth_gbps * 1e9)
+
     # --- memory ------------------------------------------------------------------------------
     def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int) -> float:
         """Bytes per device: weights, gradients, Adam states, and activations of the
