@@ -1,0 +1,127 @@
+"""`hetrain simulate`: predict one step of a plan, print where time goes, draw and trace it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hetrain.cli.main import app, user_errors
+from hetrain.cluster.topology import Cluster
+from hetrain.cost.model import CostModel
+from hetrain.errors import SimError
+from hetrain.plan.types import Plan
+from hetrain.sim.result import DeviceTime, SimResult
+
+_TABLE_DEVICES = 32  # above this, the table shows one row per kind
+
+
+def _load(cluster_path: Path, plan_path: Path | None, model: str | None,
+          global_batch: int | None, seq_len: int | None, dtype: str
+          ) -> tuple[Cluster, Plan, CostModel]:
+    from hetrain.cluster.loading import load_cluster
+    from hetrain.model.config import model_config
+    from hetrain.model.spec import model_spec
+
+    cluster = load_cluster(cluster_path)
+    if plan_path is not None:
+        from hetrain.plan import load_plan
+
+        plan = load_plan(plan_path, cluster)
+        spec = model_spec(model_config(plan.model), plan.seq_len)
+        return cluster, plan, CostModel(cluster, spec)
+    if model is None or global_batch is None:
+        raise SimError("give --plan, or --model and --global-batch to simulate the "
+                       "speed-proportional data-parallel plan")
+    from hetrain.planner import data_parallel_plan
+
+    cfg = model_config(model)
+    cost = CostModel(cluster, model_spec(cfg, seq_len or cfg.max_seq_len))
+    return cluster, data_parallel_plan(cluster, cost, global_batch, dtype=dtype), cost
+
+
+def _check(plan: Plan, cluster: Cluster, cost: CostModel, memory: bool):
+    """Refuse an invalid plan (PlanError names the problem); return its schedule."""
+    from hetrain.plan.schedule import build_schedule
+    from hetrain.plan.validate import check_memory, validate_plan
+
+    validate_plan(plan, cluster, cost.spec)
+    schedule = build_schedule(plan, cost)
+    if memory:
+        mbs = {g: max(plan.routes[r].micro_batch_size for r in plan.routes_through(g))
+               for g in plan.group_by_name}
+        check_memory(plan, cluster,
+                     lambda g, in_flight: cost.stage_memory_bytes(g, mbs[g.name], in_flight),
+                     peak_in_flight=schedule.peak_in_flight)
+    return schedule
+
+
+def _mean_pct(devices: list[DeviceTime], attr: str) -> str:
+    return f"{100 * sum(getattr(d, attr) for d in devices) / len(devices):.1f}%"
+
+
+def _table(result: SimResult) -> Table:
+    table = Table(title=f"Simulated step: {result.step_s * 1e3:.1f} ms, "
+                        f"{result.tokens_per_s:,.0f} tokens/s, exposed comm "
+                        f"{result.exposed_comm_s * 1e3:.1f} ms")
+    rows: dict[str, list[DeviceTime]] = {}
+    many = len(result.devices) > _TABLE_DEVICES
+    for d in result.devices.values():
+        rows.setdefault(d.kind if many else d.device, []).append(d)
+    for col in ("kind" if many else "device", "group", "busy", "bubble", "comm wait", "idle"):
+        table.add_column(col, justify="left" if col in ("device", "kind", "group") else "right")
+    for key, devs in rows.items():
+        groups = {d.group for d in devs}
+        table.add_row(f"{key} (x{len(devs)})" if many else key,
+                      devs[0].group if len(groups) == 1 else f"{len(groups)} groups",
+                      *(_mean_pct(devs, attr) for attr in
+                        ("busy_share", "bubble_share", "comm_wait_share", "idle_share")))
+    return table
+
+
+@app.command()
+@user_errors
+def simulate(
+    cluster: Path = typer.Option(..., help="cluster YAML"),
+    plan: Path | None = typer.Option(None, help="plan file (JSON or YAML, general or shorthand)"),
+    model: str | None = typer.Option(None, help="without --plan: simulate the data-parallel "
+                                                "plan of this model (speed-proportional shares)"),
+    global_batch: int | None = typer.Option(None, help="samples per step, with --model"),
+    seq_len: int | None = typer.Option(None, help="with --model (default: the model's)"),
+    dtype: str = typer.Option("fp32", help="with --model: the plan's dtype"),
+    png: Path | None = typer.Option(None, help="write a Gantt chart of the step (PNG)"),
+    trace: Path | None = typer.Option(None, help="write a Chrome trace (Perfetto)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the figures as JSON"),
+    memory_check: bool = typer.Option(True, help="refuse plans over a device's memory"),
+) -> None:
+    """Predict one training step of a plan: step time, tokens/s, busy/bubble/comm per device."""
+    from hetrain.plan.io import atomic_write_text
+    from hetrain.sim.simulate import simulate_plan
+
+    c, p, cost = _load(cluster, plan, model, global_batch, seq_len, dtype)
+    schedule = _check(p, c, cost, memory_check)
+    result = simulate_plan(p, c, cost, schedule=schedule)
+    Console().print(_table(result))
+    meta = {"source": "simulator", "emulated": False, "cluster": c.name, "model": p.model,
+            "step_s": result.step_s, "tokens_per_s": result.tokens_per_s}
+    if trace is not None:
+        from hetrain.trace import write_chrome_trace
+
+        write_chrome_trace(result.events, trace, meta)
+        Console().print(f"trace: {trace} (open in https://ui.perfetto.dev)")
+    if png is not None:
+        from hetrain.sim.gantt import draw_gantt
+
+        lanes = None
+        if len(result.devices) > 64:  # TP ranks of a group act alike: one row per group
+            lanes = [g.devices[0] for g in p.stage_groups]
+        draw_gantt(result.events, png, lanes=lanes,
+                   title=f"{p.model} on {c.name}: {result.step_s * 1e3:.1f} ms/step (simulated)")
+        Console().print(f"gantt: {png}")
+    if json_out is not None:
+        out = {**result.to_dict(), "model": p.model, "cluster": c.name,
+               "global_batch": p.global_batch, "seq_len": p.seq_len, "source": "simulator"}
+        atomic_write_text(json_out, json.dumps(out, indent=1) + "\n")

@@ -1,0 +1,181 @@
+"""Start the workers of a plan: spawned locally on free ports, or under torchrun; gather
+their reports into a RunResult. Workers that die or hang stop the whole job cleanly."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hetrain.cluster.topology import Cluster
+from hetrain.cost.model import CostModel
+from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.errors import RuntimeFailure
+from hetrain.model.adapters import module_spec
+from hetrain.model.config import model_config
+from hetrain.model.decoder import build_decoder
+from hetrain.model.spec import ModelSpec, model_spec
+from hetrain.plan.schedule import build_schedule
+from hetrain.plan.types import Plan
+from hetrain.plan.validate import check_memory, validate_plan
+from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.emulation import auto_time_scale, cpu_seconds_per_sample, emulated_kinds
+from hetrain.runtime.results import RunResult, gather_result
+from hetrain.runtime.stage import WholeModel
+from hetrain.runtime.worker import Job, run_worker
+
+ProgressFn = Callable[[dict], None]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plan_spec(plan: Plan, user_model: nn.Module | None) -> ModelSpec:
+    if user_model is not None:
+        return module_spec(user_model, plan.seq_len, plan.model)
+    return model_spec(model_config(plan.model), plan.seq_len)
+
+
+def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float]:
+    """Validate the plan and its memory; returns estimated bytes per device of each group."""
+    validate_plan(plan, cluster, spec)
+    cost = CostModel(cluster, spec)
+    schedule = build_schedule(plan, cost)
+    sizes = {g: plan.routes[plan.routes_through(g)[0]].micro_batch_size
+             for g in plan.group_by_name}
+    return check_memory(plan, cluster,
+                        lambda g, n: cost.stage_memory_bytes(g, sizes[g.name], n),
+                        schedule.peak_in_flight)
+
+
+def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
+                         user_model: nn.Module | None) -> float:
+    size = max(r.micro_batch_size for r in plan.routes)
+    inputs, targets = corpus.global_batch(0, size, plan.seq_len)
+    model = WholeModel(user_model) if user_model is not None else \
+        build_decoder(model_config(plan.model), config.seed)
+    per_sample = cpu_seconds_per_sample(model, inputs, targets)
+    model.zero_grad(set_to_none=True)
+    return auto_time_scale(plan, cost, per_sample, len(plan.devices()))
+
+
+def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
+          user_model: nn.Module | None = None, corpus: Corpus | None = None,
+          out_dir: str | Path | None = None, progress: ProgressFn | None = None,
+          time_scale: float | None = None) -> RunResult:
+    """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters."""
+    spec = plan_spec(plan, user_model)
+    estimated = check_plan(plan, cluster, spec)
+    corpus = corpus or load_corpus(config.data, config.seed)
+    emulated = emulated_kinds(plan, cluster)
+    cost = CostModel(cluster, spec)
+    scale = time_scale or config.time_scale or (
+        calibrate_time_scale(plan, cost, corpus, config, user_model) if emulated else 1.0)
+    keep = out_dir is not None
+    out = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="hetrain-run-"))
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("rank*.pt")) + list(out.glob("error*.txt")):
+        stale.unlink()
+    ctx = mp.get_context("spawn")
+    job = Job(cluster=cluster, plan=plan, config=config, out_dir=str(out), time_scale=scale,
+              emulated=emulated, torch_device_of=_real_devices(plan, cluster, emulated),
+              user_model=user_model, corpus=corpus, master_port=free_port(),
+              progress=ctx.Queue() if progress else None)
+    try:
+        _spawn_and_wait(job, ctx, progress)
+        return gather_result(job, out, estimated)
+    finally:
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _real_devices(plan: Plan, cluster: Cluster, emulated: set[str]) -> dict[str, str]:
+    """Map devices of kinds present here to torch devices, in order (cuda:0, cuda:1, ...)."""
+    from hetrain.cluster.discovery import present_kinds
+
+    present = present_kinds()
+    out = {}
+    for kind in plan.kinds():
+        if kind in emulated:
+            continue
+        devices = [d for g in plan.stage_groups if g.kind == kind for d in g.devices]
+        out.update(zip(devices, present[kind], strict=False))
+    return out
+
+
+def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None) -> None:
+    world = len(job.rank_devices)
+    procs = [ctx.Process(target=run_worker, args=(job, r, world), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + job.config.run_timeout_s
+    try:
+        while True:
+            _drain(job, progress)
+            codes = [p.exitcode for p in procs]
+            if all(c == 0 for c in codes):
+                break
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                raise RuntimeFailure(_failure_message(job, failed, codes))
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"the run did not finish within {job.config.run_timeout_s:.0f}"
+                                     " s (run_timeout_s); a worker hung")
+            procs[0].join(0.05)
+        _drain(job, progress)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(5)
+
+
+def _drain(job: Job, progress: ProgressFn | None) -> None:
+    if job.progress is None or progress is None:
+        return
+    while True:
+        try:
+            progress(job.progress.get_nowait())
+        except queue_mod.Empty:
+            return
+
+
+def _failure_message(job: Job, failed: list[int], codes: list[int | None]) -> str:
+    out = Path(job.out_dir)
+    for r in failed:
+        err = out / f"error{r}.txt"
+        if err.exists():
+            first = err.read_text().splitlines()[0]
+            return f"worker {r} ({job.rank_devices[r]}) failed: {first}"
+    r = failed[0]
+    return (f"worker {r} ({job.rank_devices[r]}) died with exit code {codes[r]}; "
+            "the other workers were stopped")
+
+
+def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str) -> None:
+    """Entry under torchrun: this process is one rank (RANK/WORLD_SIZE from the environment)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != len(plan.devices()):
+        raise RuntimeFailure(f"torchrun started {world} processes but the plan uses "
+                             f"{len(plan.devices())} devices; pass --nproc-per-node to match")
+    emulated = emulated_kinds(plan, cluster)
+    scale = config.time_scale or 1.0
+    job = Job(cluster=cluster, plan=plan, config=config, out_dir=out_dir, time_scale=scale,
+              emulated=emulated, torch_device_of=_real_devices(plan, cluster, emulated))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    run_worker(job, rank, world, init_method="env://")

@@ -1,0 +1,217 @@
+"""Discrete-event execution of one training step, as the runtime runs it.
+
+Each stage group runs its schedule actions in the given order (never reordered here): an
+action starts once the group is free and its input has arrived. Sends are asynchronous
+(the runtime isends staged host tensors) and transfers on one (src node, dst node) link go
+one after another. A group's gradient sync over a holder set starts once every member has
+finished its last backward and its communication stream is free; the optimizer runs once all
+of a group's syncs are done. One heap of timed events: O(events log events).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from hetrain.cluster.topology import Cluster
+from hetrain.cost.model import CostModel
+from hetrain.errors import SimError
+from hetrain.plan.schedule import Action, Schedule
+from hetrain.plan.types import Plan, StageGroup
+from hetrain.sim.sync import SyncSet
+from hetrain.trace import TraceEvent
+
+_DONE, _ARRIVE, _SYNCED = 0, 1, 2
+
+
+@dataclass
+class GroupTime:
+    """What one stage group did during the step (every device of the group did the same)."""
+
+    busy_s: float = 0.0  # forward, backward and optimizer compute
+    comm_wait_s: float = 0.0  # idle while a transfer or sync it needs was in flight
+    last_compute_s: float = 0.0  # end of its last backward
+    end_s: float = 0.0  # end of its optimizer step
+    starts_s: list[float] = field(default_factory=list)  # start of each schedule action
+
+
+@dataclass
+class StepRun:
+    step_s: float
+    groups: dict[str, GroupTime]
+    events: list[TraceEvent]
+
+
+class StepEngine:
+    """One simulated step. `comm=False` makes every transfer and sync free (compute only)."""
+
+    def __init__(self, plan: Plan, cluster: Cluster, cost: CostModel, schedule: Schedule,
+                 syncs: list[SyncSet], *, comm: bool = True, record: bool = True):
+        self.plan, self.cluster, self.cost = plan, cluster, cost
+        self.actions = schedule.actions
+        self.syncs, self.comm, self.record = syncs, comm, record
+        self.groups = plan.group_by_name
+        self.time = {g: GroupTime() for g in self.groups}
+        self.pos = dict.fromkeys(self.groups, 0)
+        self.busy = dict.fromkeys(self.groups, False)
+        self.free_s = dict.fromkeys(self.groups, 0.0)
+        self.arrived: dict[tuple[str, str, int], tuple[float, float]] = {}  # -> (arrive, sent)
+        self.link_free_s: dict[tuple[str, str], float] = {}
+        self.comm_free_s = dict.fromkeys(self.groups, 0.0)
+        self.syncs_of: dict[str, list[int]] = {g: [] for g in self.groups}
+        for i, s in enumerate(syncs):
+            for g in s.groups:
+                self.syncs_of[g].append(i)
+        self.waiting_members = [len(s.groups) for s in syncs]
+        self.syncs_left = {g: len(ix) for g, ix in self.syncs_of.items()}
+        self.sync_ready_s = [0.0] * len(syncs)
+        self.events: list[TraceEvent] = []
+        self.heap: list[tuple] = []
+        self.seq = itertools.count()
+        self._compute_s: dict[tuple[str, str, int], float] = {}
+
+    # --- costs -------------------------------------------------------------------------------
+    def compute_s(self, g: str, op: str, samples: int) -> float:
+        key = (g, op, samples)
+        if key not in self._compute_s:
+            self._compute_s[key] = self.cost.stage_compute_s(self.groups[g], op, samples,
+                                                             self.plan.seq_len)
+        return self._compute_s[key]
+
+    def optimizer_s(self, group: StageGroup) -> float:
+        params = self.cost.spec.range_params(*group.layers) / group.tp
+        return self.cost.optimizer_s(group.kind, params)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> StepRun:
+        for g in self.groups:
+            self._try_start(g, 0.0)
+        while self.heap:
+            now, _, what, payload = heapq.heappop(self.heap)
+            if what == _DONE:
+                self._on_done(payload[0], payload[1], now)
+            elif what == _ARRIVE:
+                self._try_start(payload, now)
+            else:
+                self._on_synced(payload, now)
+        stuck = [g for g in self.groups if self.pos[g] < len(self.actions[g])]
+        if stuck:
+            g = stuck[0]
+            raise SimError(f"simulation stalled at stage group {g!r}: action {self.pos[g]} of "
+                           f"{len(self.actions[g])} never got its input; the schedule does not "
+                           "match the plan")
+        step_s = max(t.end_s for t in self.time.values())
+        return StepRun(step_s=step_s, groups=self.time, events=self.events)
+
+    def _push(self, at_s: float, what: int, payload: object) -> None:
+        heapq.heappush(self.heap, (at_s, next(self.seq), what, payload))
+
+    def _try_start(self, g: str, now: float) -> None:
+        if self.busy[g] or self.pos[g] == len(self.actions[g]):
+            return
+        action = self.actions[g][self.pos[g]]
+        if action.recv_from is not None:
+            got = self.arrived.get((g, action.op, action.micro_batch))
+            if got is None or got[0] > now:
+                return  # the arrival (or the sender finishing) wakes this group again
+            arrive_s, sent_s = got
+            self.time[g].comm_wait_s += max(0.0, arrive_s - max(self.free_s[g], sent_s))
+        size = self.plan.micro_batches[action.micro_batch].size
+        dur = self.compute_s(g, action.op, size)
+        self.busy[g] = True
+        self.pos[g] += 1
+        self.time[g].busy_s += dur
+        self.time[g].starts_s.append(now)
+        self._push(now + dur, _DONE, (g, action))
+        if self.record:
+            name = ("F" if action.op == "forward" else "B") + str(action.micro_batch)
+            args = {"group": g, "micro_batch": action.micro_batch, "route": action.route,
+                    "stage": action.stage, "samples": size}
+            self._emit(self.groups[g].devices, g, name, action.op, now, dur, args, "compute")
+
+    def _on_done(self, g: str, action: Action, now: float) -> None:
+        self.busy[g] = False
+        self.free_s[g] = now
+        if action.send_to is not None:
+            arrive_s = self._transfer(g, action, now)
+            self.arrived[(action.send_to, action.op, action.micro_batch)] = (arrive_s, now)
+            self._push(arrive_s, _ARRIVE, action.send_to)
+        if self.pos[g] < len(self.actions[g]):
+            self._try_start(g, now)
+        else:
+            self._compute_finished(g, now)
+
+    def _transfer(self, g: str, action: Action, now: float) -> float:
+        """Queue the send on its link; return when it arrives."""
+        src, dst = self.groups[g], self.groups[action.send_to]
+        # forward sends this stage's output; backward the gradient of its input (same size as
+        # the previous stage's output)
+        boundary = src.layers[1] if action.op == "forward" else src.layers[0]
+        size = self.plan.micro_batches[action.micro_batch].size
+        nbytes = self.cost.activation_bytes(boundary, size, src.dtype)
+        if not self.comm:
+            return now
+        # One TP rank per side carries the tensor (the others hold the same replica).
+        a, b = src.devices[0], dst.devices[0]
+        total_s = self.cost.p2p_s(a, b, nbytes)
+        latency_s = min(total_s, self.cluster.link_latency_s(a, b))
+        link = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
+        start = max(now, self.link_free_s.get(link, 0.0))
+        # The link is taken for the bytes only: latency of back-to-back messages overlaps.
+        self.link_free_s[link] = start + total_s - latency_s
+        if self.record:
+            args = {"micro_batch": action.micro_batch, "op": action.op, "bytes": nbytes,
+                    "from": g, "to": action.send_to, "queued_s": start - now}
+            self._emit([a], g, "send", "comm", start, total_s, args, "comm")
+            self._emit([b], action.send_to, "recv", "comm", start, total_s, args, "comm")
+        return start + total_s
+
+    def _compute_finished(self, g: str, now: float) -> None:
+        self.time[g].last_compute_s = now
+        if not self.syncs_of[g]:
+            self._optimizer(g, now)
+        for i in self.syncs_of[g]:
+            self.waiting_members[i] -= 1
+            if self.waiting_members[i] == 0:
+                self._start_sync(i, now)
+
+    def _start_sync(self, i: int, now: float) -> None:
+        sync = self.syncs[i]
+        self.sync_ready_s[i] = now
+        start = max([now] + [self.comm_free_s[g] for g in sync.groups])
+        dur = self.cost.allreduce_s(list(sync.devices), sync.nbytes) if self.comm else 0.0
+        for g in sync.groups:
+            self.comm_free_s[g] = start + dur
+        self._push(start + dur, _SYNCED, i)
+        if self.record:
+            args = {"groups": len(sync.groups), "layers": [sync.layers[0], sync.layers[-1] + 1],
+                    "bytes": sync.nbytes, "devices": len(sync.devices)}
+            for g in sync.groups:
+                self._emit(self.groups[g].devices, g, "allreduce", "comm", start, dur, args,
+                           "comm")
+
+    def _on_synced(self, i: int, now: float) -> None:
+        for g in self.syncs[i].groups:
+            self.syncs_left[g] -= 1
+            if self.syncs_left[g] == 0:
+                self._optimizer(g, now)
+
+    def _optimizer(self, g: str, now: float) -> None:
+        t = self.time[g]
+        # Waiting for other groups' backwards is a bubble; after that, it is communication.
+        ready_s = max([t.last_compute_s] + [self.sync_ready_s[i] for i in self.syncs_of[g]])
+        t.comm_wait_s += max(0.0, now - ready_s)
+        dur = self.optimizer_s(self.groups[g])
+        t.busy_s += dur
+        t.end_s = now + dur
+        if self.record:
+            self._emit(self.groups[g].devices, g, "optimizer", "optimizer", now, dur,
+                       {"group": g}, "compute")
+
+    def _emit(self, devices: list[str], group: str, name: str, category: str, start_s: float,
+              dur_s: float, args: dict, stream: str) -> None:
+        kind = self.groups[group].kind
+        for d in devices:
+            self.events.append(TraceEvent(lane=d, name=name, category=category, start_s=start_s,
+                                          dur_s=dur_s, args=args, kind=kind, stream=stream))

@@ -1,0 +1,46 @@
+"""simulate_plan: predict one training step of a plan on a cluster under a cost model.
+
+The entry point for the CLI and for the accuracy bench, which compares it with measured runs.
+"""
+
+from __future__ import annotations
+
+from hetrain.cluster.topology import Cluster
+from hetrain.cost.model import CostModel
+from hetrain.errors import SimError
+from hetrain.plan.schedule import Schedule, build_schedule
+from hetrain.plan.types import Plan
+from hetrain.plan.validate import validate_plan
+from hetrain.sim.engine import StepEngine
+from hetrain.sim.result import DeviceTime, SimResult
+from hetrain.sim.sync import sync_sets
+
+
+def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
+                  schedule: Schedule | None = None, trace: bool = True) -> SimResult:
+    """Simulate one step of `plan`: the shared 1F1B schedule with compute, P2P, gradient sync
+    and optimizer times from `cost`. `schedule` defaults to build_schedule(plan, cost); pass
+    the one the runtime executes to predict that exact order. `trace=False` skips the events
+    (faster for search loops)."""
+    if plan.model != cost.spec.name:
+        raise SimError(f"plan is for model {plan.model!r} but the cost model describes "
+                       f"{cost.spec.name!r}")
+    validate_plan(plan, cluster, cost.spec)
+    if schedule is None:
+        schedule = build_schedule(plan, cost)
+    syncs = sync_sets(plan, cost)
+    run = StepEngine(plan, cluster, cost, schedule, syncs, record=trace).run()
+    # The same order with free communication: the step it would take if comm were all hidden.
+    bare = StepEngine(plan, cluster, cost, schedule, syncs, comm=False, record=False).run()
+    if run.step_s <= 0:
+        raise SimError("simulated step took no time; the cost model returned zero durations")
+    devices = {}
+    for g in plan.stage_groups:
+        t = run.groups[g.name]
+        for d in g.devices:
+            devices[d] = DeviceTime(device=d, kind=g.kind, group=g.name, step_s=run.step_s,
+                                    busy_s=t.busy_s, comm_wait_s=t.comm_wait_s)
+    return SimResult(step_s=run.step_s,
+                     tokens_per_s=plan.global_batch * plan.seq_len / run.step_s,
+                     compute_only_step_s=bare.step_s, devices=devices, events=run.events,
+                     action_starts_s={g: t.starts_s for g, t in run.groups.items()})

@@ -1,0 +1,89 @@
+"""The simulator replays the shared schedule: same order, same times when comm is free."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetrain.cost import CostModel
+from hetrain.model import model_config, model_spec
+from hetrain.plan import Plan, build_schedule
+from hetrain.sim import simulate_plan, sync_sets
+
+from .helpers import SEQ_LEN, FreeComm
+
+
+def _shared_group_plan() -> Plan:
+    """Two routes share an H100 first stage and split the rest between BR104 and A100."""
+    return Plan.model_validate({
+        "model": "small", "seq_len": SEQ_LEN, "global_batch": 14,
+        "stage_groups": [
+            {"name": "head", "kind": "H100", "devices": ["h100:0"], "layers": [0, 4]},
+            {"name": "br", "kind": "BR104", "devices": ["br104:0"], "layers": [4, 10]},
+            {"name": "a100", "kind": "A100-80GB", "devices": ["a100:0"], "layers": [4, 10]},
+        ],
+        "routes": [{"stages": ["head", "br"], "micro_batches": 4, "micro_batch_size": 2},
+                   {"stages": ["head", "a100"], "micro_batches": 3, "micro_batch_size": 2}],
+    })
+
+
+def _spec():
+    return model_spec(model_config("small"), SEQ_LEN)
+
+
+def test_free_comm_matches_the_schedule_exactly(three_kinds):
+    plan = _shared_group_plan()
+    cost = FreeComm(three_kinds, _spec())
+    schedule = build_schedule(plan, cost)
+    result = simulate_plan(plan, three_kinds, cost)
+    assert result.step_s == pytest.approx(schedule.estimated_step_s, rel=1e-12)
+    assert result.compute_only_step_s == pytest.approx(result.step_s, rel=1e-12)
+    assert result.exposed_comm_s == pytest.approx(0.0, abs=1e-15)
+    for group, actions in schedule.actions.items():
+        want = [schedule.start_s[(group, i)] for i in range(len(actions))]
+        assert result.action_starts_s[group] == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_events_follow_the_schedule_order(three_kinds):
+    plan = _shared_group_plan()
+    cost = CostModel(three_kinds, _spec())
+    schedule = build_schedule(plan, cost)
+    result = simulate_plan(plan, three_kinds, cost)
+    for group in plan.stage_groups:
+        names = [e.name for e in result.events
+                 if e.lane == group.devices[0] and e.category in ("forward", "backward")]
+        want = [("F" if a.op == "forward" else "B") + str(a.micro_batch)
+                for a in schedule.actions[group.name]]
+        assert names == want
+
+
+def test_results_are_reproducible(three_kinds):
+    plan = _shared_group_plan()
+    cost = CostModel(three_kinds, _spec())
+    first = simulate_plan(plan, three_kinds, cost)
+    again = simulate_plan(plan, three_kinds, CostModel(three_kinds, _spec()))
+    assert first.to_dict() == again.to_dict()
+    assert first.events == again.events
+
+
+def test_comm_only_lengthens_the_step_and_shares_add_up(three_kinds):
+    plan = _shared_group_plan()
+    cost = CostModel(three_kinds, _spec())
+    result = simulate_plan(plan, three_kinds, cost)
+    assert result.step_s >= result.compute_only_step_s > 0
+    assert result.exposed_comm_s > 0  # the BR104/A100 bridge sync and the P2P hops cost time
+    for dev in result.devices.values():
+        total = dev.busy_share + dev.bubble_share + dev.comm_wait_share
+        assert total == pytest.approx(1.0)
+        assert dev.idle_s == pytest.approx(dev.bubble_s + dev.comm_wait_s)
+    assert result.tokens_per_s == pytest.approx(14 * SEQ_LEN / result.step_s)
+
+
+def test_sync_sets_group_layers_by_holders(three_kinds):
+    plan = _shared_group_plan()
+    cost = CostModel(three_kinds, _spec())
+    (only,) = sync_sets(plan, cost)
+    assert only.groups == ("br", "a100")
+    assert only.layers == tuple(range(4, 10))
+    assert only.nbytes == cost.spec.range_params(4, 10) * 4  # fp32 gradients
+    syncs = [e for e in simulate_plan(plan, three_kinds, cost).events if e.name == "allreduce"]
+    assert {e.lane for e in syncs} == {"br104:0", "a100:0"}
