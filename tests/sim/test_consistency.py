@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from hetrain.cost import CostModel
+from hetrain.errors import SimError
 from hetrain.model import model_config, model_spec
 from hetrain.plan import Plan, build_schedule
 from hetrain.sim import simulate_plan, sync_sets
 
-from .helpers import SEQ_LEN, FreeComm
+from .helpers import SEQ_LEN, FreeComm, line_cluster, pipeline_plan
 
 
 def _shared_group_plan() -> Plan:
@@ -82,8 +83,43 @@ def test_sync_sets_group_layers_by_holders(three_kinds):
     plan = _shared_group_plan()
     cost = CostModel(three_kinds, _spec())
     (only,) = sync_sets(plan, cost)
-    assert only.groups == ("br", "a100")
+    assert only.groups == ("a100", "br")
     assert only.layers == tuple(range(4, 10))
     assert only.nbytes == cost.spec.range_params(4, 10) * 4  # fp32 gradients
     syncs = [e for e in simulate_plan(plan, three_kinds, cost).events if e.name == "allreduce"]
     assert {e.lane for e in syncs} == {"br104:0", "a100:0"}
+
+
+def test_a_tied_embedding_is_summed_with_the_head():
+    cluster = line_cluster(2)
+    cost = CostModel(cluster, model_spec(model_config("tiny-tied"), SEQ_LEN))
+    (tied,) = sync_sets(pipeline_plan(cluster, 2, 2, model="tiny-tied"), cost)
+    assert tied.groups == ("p0s0", "p0s1") and tied.layers == (0,)
+    assert tied.nbytes == cost.spec.vocab_size * cost.spec.dim * 4
+
+
+@pytest.mark.parametrize(("tps", "devices", "shard"), [((2, 2), 2, 2), ((2, 1), 3, 1)])
+def test_tensor_parallel_holders_sum_shards(tps, devices, shard):
+    cluster = line_cluster(2, per_node=2)
+    groups = [{"name": f"g{i}", "kind": "H100", "devices": [f"n{i}:{j}" for j in range(tp)],
+               "layers": [0, 6]} for i, tp in enumerate(tps)]
+    plan = Plan.model_validate({
+        "model": "tiny", "seq_len": SEQ_LEN, "global_batch": 2, "stage_groups": groups,
+        "routes": [{"stages": [g["name"]], "micro_batches": 1, "micro_batch_size": 1}
+                   for g in groups]})
+    cost = CostModel(cluster, model_spec(model_config("tiny"), SEQ_LEN))
+    (only,) = sync_sets(plan, cost)
+    assert len(only.devices) == devices
+    assert only.nbytes == cost.spec.range_params(0, 6) * 4 / shard
+    result = simulate_plan(plan, cluster, cost)
+    lanes = {e.lane for e in result.events if e.name == "allreduce"}
+    assert len(lanes) == sum(tps)  # every device of the holders takes part
+
+
+def test_a_schedule_of_another_plan_is_refused(three_kinds):
+    plan = _shared_group_plan()
+    cost = CostModel(three_kinds, _spec())
+    schedule = build_schedule(plan, cost)
+    schedule.actions.pop("br")
+    with pytest.raises(SimError, match="another plan"):
+        simulate_plan(plan, three_kinds, cost, schedule=schedule)

@@ -17,6 +17,7 @@ from hetrain.plan.types import Plan
 from hetrain.sim.result import DeviceTime, SimResult
 
 _TABLE_DEVICES = 32  # above this, the table shows one row per kind
+_GANTT_DEVICES = 64  # above this, the Gantt chart shows one device per distinct stage
 
 
 def _load(cluster_path: Path, plan_path: Path | None, model: str | None,
@@ -57,6 +58,15 @@ def _check(plan: Plan, cluster: Cluster, cost: CostModel, memory: bool):
                      lambda g, in_flight: cost.stage_memory_bytes(g, mbs[g.name], in_flight),
                      peak_in_flight=schedule.peak_in_flight)
     return schedule
+
+
+def _representative_lanes(plan: Plan) -> list[str]:
+    """First device of the first group of each (kind, layers): the TP ranks of a group and
+    the replicas of a stage run alike, so one row stands for all of them."""
+    seen: dict[tuple[str, tuple[int, int]], str] = {}
+    for g in plan.stage_groups:
+        seen.setdefault((g.kind, tuple(g.layers)), g.devices[0])
+    return list(seen.values())
 
 
 def _mean_pct(devices: list[DeviceTime], attr: str) -> str:
@@ -115,11 +125,12 @@ def simulate(
     if png is not None:
         from hetrain.sim.gantt import draw_gantt
 
+        title = f"{p.model} on {c.name}: {result.step_s * 1e3:.1f} ms/step (simulated)"
         lanes = None
-        if len(result.devices) > 64:  # TP ranks of a group act alike: one row per group
-            lanes = [g.devices[0] for g in p.stage_groups]
-        draw_gantt(result.events, png, lanes=lanes,
-                   title=f"{p.model} on {c.name}: {result.step_s * 1e3:.1f} ms/step (simulated)")
+        if len(result.devices) > _GANTT_DEVICES:
+            lanes = _representative_lanes(p)
+            title += ", one device per distinct stage"
+        draw_gantt(result.events, png, lanes=lanes, title=title)
         Console().print(f"gantt: {png}")
     if json_out is not None:
         out = {**result.to_dict(), "model": p.model, "cluster": c.name,

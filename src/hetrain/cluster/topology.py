@@ -137,4 +137,5 @@ class Cluster(BaseModel):
                     nodes.append(node.model_copy(update={"name": node_name, "count": alive,
                                                          "replicas": 1}))
         # Validate anew rather than model_copy: the copy would carry the cached device list.
-        return Cluster.model_validate({**self.model_dump(), "nodes": [n.model_dump() for n in nodes]})
+        return Cluster.model_validate({**self.model_dump(),
+                                       "nodes": [n.model_dump() for n in nodes]})

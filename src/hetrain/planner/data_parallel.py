@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 from hetrain.cluster.topology import Cluster
@@ -28,6 +29,25 @@ def proportional_shares(speeds: Sequence[float], total: int, minimum: int = 0) -
     return [s + minimum for s in shares]
 
 
+def balanced_shares(seconds_per_sample: Sequence[float], total: int) -> list[int]:
+    """Split `total` samples so the slowest device finishes first: minimise
+    max(share_i x seconds_per_sample_i). Floors of the proportional split, then each
+    remaining sample to the device that would finish it earliest (optimal for unit jobs on
+    machines of different speeds)."""
+    if any(t <= 0 for t in seconds_per_sample) or total < 0:
+        raise PlannerError("shares need positive per-sample times and a non-negative total")
+    speeds = [1.0 / t for t in seconds_per_sample]
+    shares = [int(total * s / sum(speeds)) for s in speeds]
+    heap = [((n + 1) * t, i) for i, (n, t) in enumerate(zip(shares, seconds_per_sample,
+                                                             strict=True))]
+    heapq.heapify(heap)
+    for _ in range(total - sum(shares)):
+        _, i = heapq.heappop(heap)
+        shares[i] += 1
+        heapq.heappush(heap, ((shares[i] + 1) * seconds_per_sample[i], i))
+    return shares
+
+
 def _micro_batch_size(samples: int, max_size: int) -> int:
     """Largest divisor of `samples` not above `max_size`, so micro-batches are even."""
     return max(d for d in range(1, min(samples, max_size) + 1) if samples % d == 0)
@@ -42,8 +62,11 @@ def data_parallel_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     devices = [d for d in cluster.devices if kinds is None or d.kind in kinds]
     if not devices:
         raise PlannerError(f"no devices of kinds {list(kinds or [])} in the cluster")
-    speeds = [1.0 if even else cost.tokens_per_s(d.kind, dtype) for d in devices]
-    shares = proportional_shares(speeds, global_batch)
+    if even:
+        shares = proportional_shares([1.0] * len(devices), global_batch)
+    else:
+        shares = balanced_shares([1.0 / cost.tokens_per_s(d.kind, dtype) for d in devices],
+                                 global_batch)
     groups, routes = [], []
     for i, (dev, share) in enumerate(zip(devices, shares, strict=True)):
         if share == 0:

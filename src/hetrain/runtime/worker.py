@@ -208,8 +208,10 @@ class Worker:
 
     def _event(self, name: str, cat: str, t0: float, t1: float) -> None:
         if self.job.config.trace:
-            self.events.append({"lane": self.device_id, "name": name, "cat": cat,
-                                "start_s": t0 + self.clock_offset, "dur_s": t1 - t0})
+            self.events.append({"lane": self.device_id, "name": name, "category": cat,
+                                "start_s": t0 + self.clock_offset, "dur_s": t1 - t0,
+                                "kind": self.kind,
+                                "stream": "comm" if cat == "comm" else "compute"})
 
     clock_offset = 0.0
 
@@ -223,7 +225,8 @@ class Worker:
         acts = self.meter.peak_bytes
         return {
             "rank": self.rank, "device": self.device_id, "group": self.group.name,
-            "kind": self.kind, "tp_index": self.tp_index, "emulated": self.kind in self.job.emulated,
+            "kind": self.kind, "tp_index": self.tp_index,
+            "emulated": self.kind in self.job.emulated,
             "steps": steps, "params": params if self.tp_index == 0 else {},
             "samples": self.job.plan.samples_of(self.group.name),
             "layers": list(self.group.layers),

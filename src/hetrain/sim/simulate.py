@@ -28,6 +28,9 @@ def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
     validate_plan(plan, cluster, cost.spec)
     if schedule is None:
         schedule = build_schedule(plan, cost)
+    elif set(schedule.actions) != set(plan.group_by_name):
+        raise SimError("the schedule was built for another plan: its stage groups "
+                       f"{sorted(schedule.actions)} differ from the plan's")
     syncs = sync_sets(plan, cost)
     run = StepEngine(plan, cluster, cost, schedule, syncs, record=trace).run()
     # The same order with free communication: the step it would take if comm were all hidden.

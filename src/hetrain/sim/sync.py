@@ -1,7 +1,8 @@
 """Gradient sync sets: the layers whose gradients the same stage groups must sum.
 
-Each layer is summed over the groups that hold it (Plan.holders). Layers with the same holders
-travel in one all-reduce, so the set, not the layer, is the unit the simulator times.
+Mirrors runtime/grad_sync.py: each layer is summed over the groups that hold it
+(Plan.holders; a tied embedding also over the head's holders), and layers with the same
+holders travel in one all-reduce, so the set, not the layer, is what the simulator times.
 """
 
 from __future__ import annotations
@@ -14,36 +15,53 @@ from hetrain.plan.types import Plan
 
 @dataclass(frozen=True)
 class SyncSet:
-    groups: tuple[str, ...]  # stage groups that hold these layers
+    groups: tuple[str, ...]  # stage groups that hold these layers, sorted
     layers: tuple[int, ...]
-    devices: tuple[str, ...]  # every device of those groups
-    nbytes: float  # gradient bytes each device contributes
+    devices: tuple[str, ...]  # the ranks of one all-reduce
+    nbytes: float  # gradient bytes each of those ranks reduces
 
-    def __post_init__(self) -> None:
-        if len(self.groups) < 2:
-            raise ValueError("a sync set needs at least two holder groups")
+
+def set_holders(plan: Plan, layer: int, tied_last: int | None) -> tuple[str, ...]:
+    names = {g.name for g in plan.holders(layer)}
+    if tied_last is not None and layer == 0:
+        names |= {g.name for g in plan.holders(tied_last)}
+    return tuple(sorted(names))
 
 
 def sync_sets(plan: Plan, cost: CostModel) -> list[SyncSet]:
-    """One set per distinct holder set of two or more groups, in order of first layer.
+    """One set per distinct holder set of two or more groups.
 
-    A tensor-parallel device holds 1/tp of its group's weights, so it reduces that shard;
-    the largest shard (smallest tp among the holders) bounds the set. Gradients travel in the
-    widest dtype among the holders, since a mixed set must agree on one.
+    Holders of one tensor-parallel degree `tp` sum shard by shard: `tp` all-reduces of 1/tp
+    of the bytes, one per tp rank, side by side on disjoint devices, so one of them times the
+    set. Holders of mixed degrees sum the full tensor over all their devices.
     """
+    spec = cost.spec
+    tied_last = spec.n_layers - 1 if spec.tie_embeddings else None
     layers_of: dict[tuple[str, ...], list[int]] = {}
-    for layer in range(cost.spec.n_layers):
-        holders = tuple(g.name for g in plan.holders(layer))
+    for layer in range(spec.n_layers):
+        holders = set_holders(plan, layer, tied_last)
         if len(holders) > 1:
             layers_of.setdefault(holders, []).append(layer)
     groups = plan.group_by_name
     out = []
     for names, layers in layers_of.items():
         members = [groups[n] for n in names]
-        params = sum(cost.spec.layers[i].params for i in layers)
-        grad_bytes = max(DTYPE_BYTES[g.dtype] for g in members)
-        tp = min(g.tp for g in members)
-        out.append(SyncSet(groups=names, layers=tuple(layers),
-                           devices=tuple(d for g in members for d in g.devices),
-                           nbytes=params * grad_bytes / tp))
+        params = sum(_own_params(cost, i, tied_last) for i in layers)
+        nbytes = params * max(DTYPE_BYTES[g.dtype] for g in members)
+        tps = {g.tp for g in members}
+        if len(tps) == 1:
+            tp = tps.pop()
+            devices, nbytes = tuple(g.devices[0] for g in members), nbytes / tp
+        else:
+            devices = tuple(d for g in members for d in g.devices)
+        out.append(SyncSet(groups=names, layers=tuple(layers), devices=devices, nbytes=nbytes))
     return out
+
+
+def _own_params(cost: CostModel, layer: int, tied_last: int | None) -> float:
+    """Parameters whose gradient this layer's holders sum: a tied head's output weight is the
+    embedding's, summed with layer 0."""
+    params = cost.spec.layers[layer].params
+    if layer == tied_last:
+        params -= cost.spec.vocab_size * cost.spec.dim
+    return params
