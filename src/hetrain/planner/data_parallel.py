@@ -48,16 +48,13 @@ def balanced_shares(seconds_per_sample: Sequence[float], total: int) -> list[int
     return shares
 
 
-def _micro_batch_size(samples: int, max_size: int) -> int:
-    """Largest divisor of `samples` not above `max_size`, so micro-batches are even."""
-    return max(d for d in range(1, min(samples, max_size) + 1) if samples % d == 0)
-
-
 def data_parallel_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                        *, even: bool = False, kinds: Sequence[str] | None = None,
-                       max_micro_batch: int = 8, dtype: str = "fp32") -> Plan:
-    """One full-model replica per device; each device's share of the global batch is
-    proportional to its kind's estimated speed (`even`: equal shares, as plain DDP does)."""
+                       micro_batch_size: int = 8, dtype: str = "fp32") -> Plan:
+    """One full-model replica per device; each device's share of the global batch balances
+    the devices' finishing times under the cost model (`even`: equal shares, as plain DDP
+    does). A share runs as micro-batches of `micro_batch_size`, plus one smaller micro-batch
+    for the remainder (a second route through the same stage group)."""
     spec = cost.spec
     devices = [d for d in cluster.devices if kinds is None or d.kind in kinds]
     if not devices:
@@ -65,8 +62,13 @@ def data_parallel_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     if even:
         shares = proportional_shares([1.0] * len(devices), global_batch)
     else:
-        shares = balanced_shares([1.0 / cost.tokens_per_s(d.kind, dtype) for d in devices],
-                                 global_batch)
+        # Per-sample time at the micro-batch size the share will run at: small micro-batches
+        # pay the weight-reading floor more often, so speed depends on it.
+        tokens = micro_batch_size * spec.seq_len
+        per_sample = [sum(cost.layers_compute_s(d.kind, (0, spec.n_layers), tokens, op, dtype)
+                          for op in ("forward", "backward")) / micro_batch_size
+                      for d in devices]
+        shares = balanced_shares(per_sample, global_batch)
     groups, routes = [], []
     for i, (dev, share) in enumerate(zip(devices, shares, strict=True)):
         if share == 0:
@@ -74,7 +76,11 @@ def data_parallel_plan(cluster: Cluster, cost: CostModel, global_batch: int,
         name = f"dp{i}"
         groups.append(StageGroup(name=name, kind=dev.kind, devices=[dev.id],
                                  layers=(0, spec.n_layers), dtype=dtype))
-        size = _micro_batch_size(share, max_micro_batch)
-        routes.append(Route(stages=[name], micro_batches=share // size, micro_batch_size=size))
+        full, rest = divmod(share, micro_batch_size)
+        if full:
+            routes.append(Route(stages=[name], micro_batches=full,
+                                micro_batch_size=micro_batch_size))
+        if rest:
+            routes.append(Route(stages=[name], micro_batches=1, micro_batch_size=rest))
     return Plan(model=spec.name, seq_len=spec.seq_len, global_batch=global_batch,
                 stage_groups=groups, routes=routes)

@@ -30,3 +30,6 @@ class TrainConfig(BaseModel):
     fail_at_step: int | None = Field(
         default=None, description="testing: one worker exits at this step (fault injection)")
     fail_rank: int = 0
+    fail_mode: Literal["exit", "hang", "checkpoint"] = Field(
+        default="exit", description="testing: the failing worker exits at the start of step "
+        "fail_at_step, hangs there, or dies while writing the checkpoint of step fail_at_step")

@@ -29,6 +29,7 @@ from hetrain.plan.types import Plan
 from hetrain.plan.validate import check_memory, validate_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import auto_time_scale, cpu_seconds_per_sample, emulated_kinds
+from hetrain.runtime.failure import lost_message, lost_ranks
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.stage import WholeModel
 from hetrain.runtime.worker import Job, run_worker
@@ -62,7 +63,8 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
                          user_model: nn.Module | None) -> float:
-    size = max(r.micro_batch_size for r in plan.routes)
+    # The micro-batch size carrying most samples: CPU time per sample depends on it.
+    size = max(plan.routes, key=lambda r: r.samples).micro_batch_size
     inputs, targets = corpus.global_batch(0, size, plan.seq_len)
     model = WholeModel(user_model) if user_model is not None else \
         build_decoder(model_config(plan.model), config.seed)
@@ -130,7 +132,13 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None) -> None:
                 break
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                raise RuntimeFailure(_failure_message(job, failed, codes))
+                grace_s = job.config.op_timeout_s + 2.0
+                lost = lost_ranks(procs, job.out_dir, grace_s)
+                _drain(job, progress)
+                raise RuntimeFailure(
+                    lost_message(job.rank_devices, lost, procs, grace_s) if lost else
+                    _failure_message(job, failed, codes),
+                    lost_devices=[job.rank_devices[r] for r in lost])
             if time.monotonic() > deadline:
                 raise RuntimeFailure(f"the run did not finish within {job.config.run_timeout_s:.0f}"
                                      " s (run_timeout_s); a worker hung")

@@ -1,0 +1,357 @@
+"""Checkpoints that survive crashes mid-write and reload under any other plan.
+
+A checkpoint folder (`checkpoint_dir`):
+
+    latest                   "step-000006": the newest committed checkpoint (replaced atomically)
+    step-000006/             one committed checkpoint
+        .metadata            torch.distributed.checkpoint (DCP) index of every tensor
+        __<rank>_0.distcp    DCP data, one file per writing rank
+        meta.json            step, model, seed, precision, and the plan it was taken under
+        manifest.json        size and SHA-256 of every other file; written last
+    step-000009.tmp/         being written, or left by a crash: never read
+
+Why this layout:
+
+- Tensors are stored by canonical (full-model) name with full, unsharded values, so a plan
+  with other stage groups, layer ranges, TP degrees or kinds reads what it needs: resharding
+  is a slice at load time, nothing depends on the writer's layout. Each weight and its AdamW
+  state (exp_avg, exp_avg_sq, step) is written once, by TP rank 0 of the first stage group (in
+  plan order) holding it; all holders of a weight stay identical (same summed gradient, same
+  optimizer), so any one of them would do.
+- DCP does the collective part of saving: every rank gives its own keys, ranks write their
+  files in parallel (fsynced), the coordinator merges one `.metadata`. Loading needs no
+  collective: each rank reads only the keys of its layers and DCP narrows each full tensor
+  straight into the rank's DTensor shard.
+- DCP alone is neither atomic nor checksummed. So the folder is written as `.tmp`, a
+  manifest with SHA-256 per file is written last and fsynced, the folder is renamed (the
+  commit), then `latest` is replaced. A checkpoint whose manifest is missing, or whose files
+  differ from it in size or checksum, is refused with a CheckpointError that names the file,
+  and the next older one is used.
+- The data position is the step: the batch of step k is a pure function of (seed, k).
+  Training draws no random numbers after the seeded init; rank 0's CPU RNG state is still
+  stored and restored on every rank, for user models that do (dropout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from hetrain.errors import CheckpointError
+from hetrain.plan.io import atomic_write_text
+from hetrain.runtime.stage import full_tensor
+
+if TYPE_CHECKING:
+    from hetrain.runtime.worker import Worker
+
+FORMAT = "hetrain-checkpoint/1"
+MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
+KEEP = 3  # committed checkpoints kept: a corrupted newest one still leaves good ones
+_ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def committed_steps(root: str | Path) -> list[int]:
+    """Steps of the committed checkpoints under `root`, newest first."""
+    root = Path(root)
+    steps = []
+    for path in root.glob("step-*") if root.is_dir() else []:
+        digits = path.name.removeprefix("step-")
+        if path.is_dir() and digits.isdigit():
+            steps.append(int(digits))
+    return sorted(steps, reverse=True)
+
+
+# --- verification ----------------------------------------------------------------------------
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (its write did "
+                              "not finish)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MANIFEST} ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not a {FORMAT} manifest")
+    return manifest
+
+
+def file_problem(path: Path, name: str, entry: dict[str, Any]) -> str | None:
+    """Why `path/name` differs from its manifest entry, or None when it matches."""
+    try:
+        size = (path / name).stat().st_size
+    except FileNotFoundError:
+        return f"file {name} is missing"
+    if size != entry["bytes"]:
+        return f"file {name} is truncated or altered: {size} bytes, the manifest says " \
+               f"{entry['bytes']}"
+    digest = _sha256(path / name)
+    if digest != entry["sha256"]:
+        return f"file {name} is corrupted: SHA-256 {digest[:12]}..., the manifest says " \
+               f"{entry['sha256'][:12]}..."
+    return None
+
+
+def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The manifest of a sound checkpoint; CheckpointError naming the first bad file.
+    `share=(i, n)` checks every n-th file from the i-th (ranks split the hashing)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    names = sorted(manifest["files"])[share[0]::share[1]]
+    for name in names:
+        problem = file_problem(path, name, manifest["files"][name])
+        if problem:
+            raise CheckpointError(f"checkpoint {path} refused: {problem}")
+    return manifest
+
+
+@dataclass
+class Found:
+    """The checkpoint to resume from, and the newer ones refused on the way."""
+
+    step: int
+    path: Path
+    refused: list[str] = field(default_factory=list)
+
+
+def find_latest(root: str | Path) -> Found | None:
+    """The newest checkpoint under `root` that verifies (whole, in this process); None when
+    there is none at all; CheckpointError when every one is damaged."""
+    refused = []
+    for step in committed_steps(root):
+        try:
+            verify_checkpoint(step_dir(root, step))
+        except CheckpointError as err:
+            refused.append(str(err))
+            continue
+        return Found(step, step_dir(root, step), refused)
+    if refused:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(refused))
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Found:
+    """A checkpoint folder (`step-*`, verified) or a checkpoint_dir (its newest good one)."""
+    path = Path(path)
+    if (path / MANIFEST).exists() or (path / ".metadata").exists():
+        return Found(int(verify_checkpoint(path)["step"]), path)
+    found = find_latest(path)
+    if found is None:
+        raise CheckpointError(f"no checkpoint under {path}")
+    return found
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- saving ----------------------------------------------------------------------------------
+def save_checkpoint(worker: Worker, root: str | Path, step: int) -> None:
+    """Collective: every rank calls it after the optimizer step that ends step `step`."""
+    root, final = Path(root), step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if worker.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _state_to_save(worker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
+    _fault_while_writing(worker, step, tmp)
+    dist.barrier()  # every rank's data is on disk
+    if worker.rank == 0:
+        _commit(worker, root, tmp, final, step)
+    dist.barrier()  # nobody runs on (or dies) before the commit
+
+
+def _writer_of(worker: Worker, layer: int) -> str:
+    """The stage group that writes the weights of `layer`: the first holder in plan order."""
+    holders = worker.grad_sync.holders[layer]
+    return next(g.name for g in worker.job.plan.stage_groups if g.name in holders)
+
+
+def _state_to_save(worker: Worker) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    if worker.rank == 0:
+        state["rng/torch"] = torch.get_rng_state()
+    for name, layer, p in worker.params:
+        if _writer_of(worker, layer) != worker.group.name:
+            continue
+        # Every TP rank of the writer group gathers (a collective); TP rank 0 writes.
+        values = {f"model/{name}": full_tensor(p.detach())}
+        for key, value in worker.optimizer.state.get(p, {}).items():
+            values[f"optim/{name}/{key}"] = full_tensor(value.detach())
+        if worker.tp_index == 0:
+            state.update(values)
+    return state
+
+
+def _commit(worker: Worker, root: Path, tmp: Path, final: Path, step: int) -> None:
+    job = worker.job
+    meta = {"format": FORMAT, "step": step, "model": job.plan.model, "seed": job.config.seed,
+            "precision": job.config.precision, "saved_at": time.time(),
+            "plan": job.plan.model_dump(mode="json")}
+    _write_synced(tmp / META, json.dumps(meta, indent=1))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.iterdir()) if p.is_file()}
+    _write_synced(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files},
+                                             indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # a step redone after a resume: the new copy replaces the old
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    _fsync_dir(root)
+    _prune(root, step)
+
+
+def _prune(root: Path, step: int) -> None:
+    """Keep the KEEP newest committed checkpoints up to `step`; drop older ones and debris."""
+    older = [s for s in committed_steps(root) if s < step]
+    for s in older[KEEP - 1:]:
+        shutil.rmtree(step_dir(root, s), ignore_errors=True)
+    for debris in list(root.glob("step-*.tmp")) + list(root.glob("step-*.old")):
+        digits = debris.name.removeprefix("step-").split(".")[0]
+        if digits.isdigit() and int(digits) < step:
+            shutil.rmtree(debris, ignore_errors=True)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fault_while_writing(worker: Worker, step: int, tmp: Path) -> None:
+    """Fault injection (tests): die with this rank's file half written, before the commit."""
+    cfg = worker.job.config
+    if cfg.fail_mode != "checkpoint" or cfg.fail_at_step != step or worker.rank != cfg.fail_rank:
+        return
+    for path in tmp.glob(f"__{worker.rank}_*.distcp"):
+        os.truncate(path, path.stat().st_size // 2)
+    os._exit(13)
+
+
+# --- loading ---------------------------------------------------------------------------------
+def load_latest(worker: Worker, root: str | Path) -> int:
+    """Collective: load the newest good checkpoint into this rank's stage and optimizer;
+    returns its step (0 when there is none). Damaged checkpoints are skipped, with a message."""
+    found = _agree_on_checkpoint(worker, Path(root))
+    if found is None:
+        return 0
+    meta = json.loads((found.path / META).read_text())
+    if meta["model"] != worker.job.plan.model:
+        raise CheckpointError(f"checkpoint {found.path} holds model {meta['model']!r}, the plan "
+                              f"trains {worker.job.plan.model!r}")
+    reader = dcp.FileSystemReader(found.path)
+    stored = set(reader.read_metadata().state_dict_metadata)
+    state = _state_to_load(worker, stored)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(state, storage_reader=reader, no_dist=True)
+    except Exception as err:  # DCP wraps per-rank errors; keep the first line
+        raise CheckpointError(f"checkpoint {found.path} does not fit this plan: "
+                              f"{str(err).strip().splitlines()[0]}") from err
+    if "rng/torch" in state:
+        torch.set_rng_state(state["rng/torch"])
+    return found.step
+
+
+def _agree_on_checkpoint(worker: Worker, root: Path) -> Found | None:
+    """Newest checkpoint all ranks verified: rank 0 lists, every rank hashes a share."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    listing = [committed_steps(root) if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    refused = []
+    for step in listing[0]:
+        try:
+            verify_checkpoint(step_dir(root, step), share=(rank, world))
+            problem = None
+        except CheckpointError as err:
+            problem = str(err)
+        problems: list[str | None] = [None] * world
+        dist.all_gather_object(problems, problem)
+        bad = sorted({p for p in problems if p})
+        if not bad:
+            if refused and rank == 0:
+                print(f"hetrain: {'; '.join(refused)}; resuming from {step_dir(root, step)}",
+                      file=sys.stderr, flush=True)
+            return Found(step, step_dir(root, step), refused)
+        refused.extend(bad)
+    if refused:
+        raise CheckpointError("no usable checkpoint: " + "; ".join(refused))
+    return None
+
+
+def _state_to_load(worker: Worker, stored: set[str]) -> dict[str, torch.Tensor]:
+    """Targets for DCP: this rank's parameters and AdamW state (DTensor shards under TP)."""
+    state: dict[str, torch.Tensor] = {}
+    if "rng/torch" in stored:
+        state["rng/torch"] = torch.get_rng_state()
+    for name, _, p in worker.params:
+        state[f"model/{name}"] = p.detach()  # shares storage: DCP copies into it
+        if f"optim/{name}/exp_avg" not in stored:
+            continue
+        # The state AdamW creates at its first step, filled from the checkpoint.
+        slot = worker.optimizer.state[p]
+        slot["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        slot["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        slot["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for key in _ADAM_STATE:
+            state[f"optim/{name}/{key}"] = slot[key]
+    return state
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# --- reading outside a run -------------------------------------------------------------------
+def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full parameters by canonical name, and meta.json, of a verified checkpoint folder."""
+    path = Path(path)
+    reader = dcp.FileSystemReader(path)
+    stored = reader.read_metadata().state_dict_metadata
+    state = {key: torch.empty(md.size, dtype=md.properties.dtype)
+             for key, md in stored.items() if key.startswith("model/")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    meta = json.loads((path / META).read_text())
+    return {key.removeprefix("model/"): t for key, t in state.items()}, meta
