@@ -6,6 +6,7 @@ activations and gradients), the gradient sum over all holders of each weight, th
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import traceback
@@ -108,7 +109,9 @@ class Worker:
                                              self.backend_of[sg.kind])
                      for sg in job.plan.stage_groups}
         if job.user_model is not None:
-            self.stage: Stage | WholeModel = WholeModel(job.user_model)
+            # Tensors pickled to spawned workers live in shared memory: without a private copy
+            # every worker's optimizer would step the same weights.
+            self.stage: Stage | WholeModel = WholeModel(copy.deepcopy(job.user_model))
             self.n_layers, self.tied = 1, False
             self.spec = module_spec(job.user_model, job.plan.seq_len, job.plan.model)
             self.params = [(name, 0, p) for name, p in self.stage.canonical_parameters()]
@@ -174,18 +177,19 @@ class Worker:
                                           reduction="sum") * self.inv_tokens
                     loss_sum += out.detach().double().cpu()
                 stored[mb.id] = (x if received is not None else None, out)
-                if action.send_to is not None:
-                    for dst in self._peer_ranks(action.send_to, self.group, receiving=False):
-                        self.p2p.send(out, dst, tag_of(mb.id, False))
+                result = out
             else:
                 x, out = stored.pop(mb.id)
                 out.backward(received)
                 self.meter.release(mb.id)
-                if action.send_to is not None:
-                    for dst in self._peer_ranks(action.send_to, self.group, receiving=False):
-                        self.p2p.send(x.grad, dst, tag_of(mb.id, True))
+                result = x.grad if x is not None else None
+            # An emulated kind has its result only once its paced compute is over: send after,
+            # or the next stage would start before this one could have finished.
             emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
             self.pacer.finish(t0, emulated_s)
+            if action.send_to is not None:
+                for dst in self._peer_ranks(action.send_to, self.group, receiving=False):
+                    self.p2p.send(result, dst, tag_of(mb.id, backward))
             t1 = time.perf_counter()
             busy += t1 - t0
             self._event(f"{'B' if backward else 'F'}{mb.id}",

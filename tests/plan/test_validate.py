@@ -1,0 +1,103 @@
+"""Invalid plans are refused with a message naming the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetrain.cluster import load_cluster
+from hetrain.cost import CostModel
+from hetrain.errors import PlanError
+from hetrain.model import model_config, model_spec
+from hetrain.plan import check_memory, expand_plan, validate_plan
+from tests.conftest import EXAMPLES
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return load_cluster(EXAMPLES / "clusters" / "test-mixed.yaml")
+
+
+SPEC = model_spec(model_config("tiny"), 16)
+
+
+def _plan(cluster, groups, routes, global_batch=8):
+    return expand_plan({"model": "tiny", "seq_len": 16, "global_batch": global_batch,
+                        "stage_groups": groups, "routes": routes}, cluster)
+
+
+def _g(name, kind, devices, layers):
+    return {"name": name, "kind": kind, "devices": devices, "layers": layers}
+
+
+def _refused(cluster, plan, *words):
+    with pytest.raises(PlanError) as err:
+        validate_plan(plan, cluster, SPEC)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_valid_plan_passes(cluster):
+    plan = _plan(cluster, [_g("a", "H100", ["h100:0"], [0, 3]),
+                           _g("b", "A100-80GB", ["a100:0"], [3, 6])],
+                 [{"stages": ["a", "b"], "micro_batches": 4, "micro_batch_size": 2}])
+    validate_plan(plan, cluster, SPEC)
+
+
+def test_layer_gap_is_refused(cluster):
+    plan = _plan(cluster, [_g("a", "H100", ["h100:0"], [0, 2]),
+                           _g("b", "A100-80GB", ["a100:0"], [3, 6])],
+                 [{"stages": ["a", "b"], "micro_batches": 4, "micro_batch_size": 2}])
+    _refused(cluster, plan, "layer gap", "2..2")
+
+
+def test_route_stopping_early_is_a_gap(cluster):
+    plan = _plan(cluster, [_g("a", "H100", ["h100:0"], [0, 4])],
+                 [{"stages": ["a"], "micro_batches": 4, "micro_batch_size": 2}])
+    _refused(cluster, plan, "layer gap", "4..5")
+
+
+def test_layer_overlap_is_refused(cluster):
+    plan = _plan(cluster, [_g("a", "H100", ["h100:0"], [0, 4]),
+                           _g("b", "A100-80GB", ["a100:0"], [3, 6])],
+                 [{"stages": ["a", "b"], "micro_batches": 4, "micro_batch_size": 2}])
+    _refused(cluster, plan, "layer overlap", "'b'")
+
+
+def test_device_used_twice_is_refused(cluster):
+    plan = _plan(cluster, [_g("a", "H100", ["h100:0"], [0, 6]),
+                           _g("b", "H100", ["h100:0"], [0, 6])],
+                 [{"stages": ["a"], "micro_batches": 2, "micro_batch_size": 2},
+                  {"stages": ["b"], "micro_batches": 2, "micro_batch_size": 2}])
+    _refused(cluster, plan, "h100:0", "used twice")
+
+
+def test_kind_not_in_cluster_is_refused(cluster):
+    plan = _plan(cluster, [_g("a", "MI300X", ["h100:0"], [0, 6])],
+                 [{"stages": ["a"], "micro_batches": 4, "micro_batch_size": 2}])
+    _refused(cluster, plan, "MI300X", "not in the cluster")
+
+
+def test_kind_not_in_cluster_in_shorthand_is_refused(cluster):
+    with pytest.raises(PlanError, match="Gaudi2.*not in the cluster"):
+        expand_plan({"model": "tiny", "seq_len": 16, "pipelines": [
+            {"micro_batches": 2, "stages": [{"kind": "Gaudi2", "layers": [0, 6]}]}]}, cluster)
+
+
+def test_batch_mismatch_is_refused(cluster):
+    plan = _plan(cluster, [_g("a", "H100", ["h100:0"], [0, 6])],
+                 [{"stages": ["a"], "micro_batches": 4, "micro_batch_size": 2}], global_batch=9)
+    _refused(cluster, plan, "global_batch is 9")
+
+
+def test_stage_over_memory_is_refused():
+    cluster = load_cluster(EXAMPLES / "clusters" / "three-kinds.yaml")
+    spec = model_spec(model_config("llama-70b"), 4096)
+    plan = expand_plan({"model": "llama-70b", "seq_len": 4096, "micro_batch_size": 1,
+                        "pipelines": [{"micro_batches": 4, "stages": [
+                            {"kind": "H100", "layers": [0, 60]},
+                            {"kind": "BR104", "layers": [60, 70]},
+                            {"kind": "A100-80GB", "layers": [70, 82]}]}]}, cluster)
+    validate_plan(plan, cluster, spec)  # structurally fine
+    cost = CostModel(cluster, spec)
+    with pytest.raises(PlanError, match="'p0s0' is over memory: needs .* GiB per H100"):
+        check_memory(plan, cluster, lambda g, n: cost.stage_memory_bytes(g, 1, n))
