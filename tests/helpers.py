@@ -41,3 +41,25 @@ def assert_matches_reference(result, steps=3, user_model=None, rtol=1e-5, precis
                                    msg=lambda m, n=name: f"{n}: {m}")
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(losses), rtol=1e-5,
                                atol=1e-6)
+
+
+def make_config(model, steps, precision="float64", **cfg):
+    """A TrainConfig for multi-process tests: bounded op and run timeouts."""
+    return TrainConfig(model=model, steps=steps, precision=precision,
+                       **{"op_timeout_s": 60, "run_timeout_s": 240, **cfg})
+
+
+def assert_params_match_reference(params, model, steps, global_batch, seq_len, losses=None,
+                                  rtol=1e-5, precision="float64"):
+    """`params` (and, when given, the losses of the last len(losses) steps) equal one-process
+    training for `steps`: for runs that resumed from a checkpoint or ran under several plans."""
+    config = TrainConfig(model=model, steps=steps, precision=precision)
+    ref, ref_losses = train_reference(config, small_corpus(), global_batch, seq_len)
+    ref = {k: v for k, v in ref.items() if k != "head.out.weight" or k in params}
+    assert set(params) == set(ref), set(params) ^ set(ref)
+    for name, want in ref.items():
+        torch.testing.assert_close(params[name], want, rtol=rtol, atol=1e-7,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    if losses:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[-len(losses):]),
+                                   rtol=1e-5, atol=1e-6)

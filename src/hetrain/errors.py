@@ -34,7 +34,12 @@ class SimError(HetrainError):
 
 
 class RuntimeFailure(HetrainError):
-    """A worker died, hung or reported an error."""
+    """A worker died, hung or reported an error. `lost_devices`: ids of the devices presumed
+    lost (died without a report, or hung), for re-planning; empty when no device is to blame."""
+
+    def __init__(self, message: str, lost_devices: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.lost_devices = tuple(lost_devices)
 
 
 class CheckpointError(HetrainError):

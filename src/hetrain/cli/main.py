@@ -40,7 +40,8 @@ def _register() -> None:
     # Each command lives in its own module; importing it registers it on `app`/`bench_app`.
     import importlib
 
-    for name in ("devices", "train", "plan", "simulate", "profile", "checkpoint", "bench"):
+    for name in ("devices", "train", "plan", "simulate", "profile", "checkpoint", "bench",
+                 "bench_sim", "bench_recovery"):
         try:
             importlib.import_module(f"hetrain.cli.{name}")
         except ModuleNotFoundError as err:

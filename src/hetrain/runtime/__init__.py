@@ -2,6 +2,8 @@
 
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.launch import check_plan, train
+from hetrain.runtime.recovery import ResilientResult, train_resilient
 from hetrain.runtime.results import RunResult
 
-__all__ = ["RunResult", "TrainConfig", "check_plan", "train"]
+__all__ = ["ResilientResult", "RunResult", "TrainConfig", "check_plan", "train",
+           "train_resilient"]
