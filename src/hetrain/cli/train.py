@@ -21,6 +21,7 @@ from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
 from hetrain.runtime.launch import torchrun_main
 from hetrain.runtime.launch import train as run_train
+from hetrain.runtime.recovery import train_resilient
 from hetrain.trace import TraceEvent, write_chrome_trace
 
 
@@ -74,7 +75,14 @@ def train(
             bar.update(task, completed=rec["step"] + 1, loss=rec["loss"],
                        tps=tokens / rec["step_s"])
 
-        result = run_train(c, p, config, out_dir=out_dir, progress=on_step)
+        if checkpoint_dir:
+            # With checkpoints on, a lost or hung worker is survived: re-plan, resume.
+            resilient = train_resilient(c, p, config, out_dir=out_dir, progress=on_step)
+            result = resilient.result
+            for rec in resilient.recoveries:
+                console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)
+        else:
+            result = run_train(c, p, config, out_dir=out_dir, progress=on_step)
     console.print(per_kind_table(result))
     console.print(per_group_table(result))
     tag = " (emulated)" if result.is_emulated else ""
