@@ -16,6 +16,14 @@ Op = Literal["forward", "backward"]
 DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
 
 
+def ring_allreduce_s(n: int, nbytes: float, gbps: float, latency_s: float) -> float:
+    """Reduce then broadcast among `n` ranks of one kind over links of `gbps`: each rank moves
+    (n-1)/n of the buffer per phase, and each phase pays n-1 latencies."""
+    if n < 2 or nbytes <= 0:
+        return 0.0
+    return 2 * ((n - 1) / n * nbytes / (gbps * 1e9) + (n - 1) * latency_s)
+
+
 class GroupLike(Protocol):
     """The fields of plan.StageGroup the cost model reads (cost does not import plan)."""
 
@@ -90,6 +98,12 @@ class CostModel:
         bw = self.cluster.link_gbps(src_device, dst_device) * 1e9
         return self.cluster.link_latency_s(src_device, dst_device) + nbytes / bw
 
+    def p2p_handshake_s(self, src_device: str, dst_device: str) -> float:
+        """A receive posted after its send still waits this long before the bytes move: the
+        runtime's transfers (gloo) start once the receiver's ready notice, a message of no
+        bytes, reaches the sender."""
+        return self.p2p_s(dst_device, src_device, 0.0)
+
     def activation_bytes(self, layer_end: int, samples: int, dtype: str) -> float:
         """Bytes sent from a stage ending at `layer_end` for one micro-batch."""
         per_token = self.spec.layers[layer_end - 1].output_elems_per_token
@@ -116,9 +130,7 @@ class CostModel:
             n = len(members)
             if n > 1:
                 lat = max(self.cluster.link_latency_s(members[0], m) for m in members[1:])
-                # reduce then broadcast: each moves (n-1)/n of the buffer per rank
-                intra = max(intra, 2 * ((n - 1) / n * nbytes / (self.ring_gbps(members) * 1e9)
-                                        + (n - 1) * lat))
+                intra = max(intra, ring_allreduce_s(n, nbytes, self.ring_gbps(members), lat))
         k = len(by_kind)
         bridge = 0.0
         if k > 1:
@@ -127,6 +139,16 @@ class CostModel:
             bw = min(self.ring_gbps(leaders), self.cluster.links.bridge_gbps) * 1e9
             bridge = 2 * (k - 1) / k * nbytes / bw + 2 * (k - 1) * lat
         return intra + bridge
+
+    def bridge_allreduce_s(self, parties: int, nbytes: float) -> float:
+        """Ring all-reduce among `parties` leaders over the host-memory bridge (the planner's
+        model of the exchange between differently shaped pipelines, whatever their kinds)."""
+        if parties < 2 or nbytes <= 0:
+            return 0.0
+        links = self.cluster.links
+        bw = min(links.bridge_gbps, links.inter_node_gbps) * 1e9
+        lat = links.inter_node_latency_us * 1e-6
+        return 2 * (parties - 1) / parties * nbytes / bw + 2 * (parties - 1) * lat
 
     def optimizer_s(self, kind: str, params: float) -> float:
         """AdamW: reads and writes weights, gradients and two moments (fp32): ~28 bytes/param."""

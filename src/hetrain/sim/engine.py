@@ -2,10 +2,13 @@
 
 Each stage group runs its schedule actions in the given order (never reordered here): an
 action starts once the group is free and its input has arrived. Sends are asynchronous
-(the runtime isends staged host tensors) and transfers on one (src node, dst node) link go
-one after another. A group's gradient sync over a holder set starts once every member has
-finished its last backward and its communication stream is free; the optimizer runs once all
-of a group's syncs are done. One heap of timed events: O(events log events).
+(the runtime isends staged host tensors), but the bytes move only once the receiver has
+posted its receive (gloo's rendezvous): a receiver that comes late still waits the handshake
+and the transfer. Transfers on one (src node, dst node) link go one after another. A group's
+gradient syncs run one after another in the runtime's order (shard-wise sets, then full-tensor
+ones, each by holder names): a sync starts once every member has finished its last backward
+and its earlier syncs; the optimizer runs once all of a group's syncs are done.
+One heap of timed events: O(events log events).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
 from hetrain.plan.schedule import Action, Schedule
 from hetrain.plan.types import Plan, StageGroup
-from hetrain.sim.sync import SyncSet
+from hetrain.sim.sync import SyncSet, syncs_in_order
 from hetrain.trace import TraceEvent
 
 _DONE, _ARRIVE, _SYNCED = 0, 1, 2
@@ -56,15 +59,14 @@ class StepEngine:
         self.pos = dict.fromkeys(self.groups, 0)
         self.busy = dict.fromkeys(self.groups, False)
         self.free_s = dict.fromkeys(self.groups, 0.0)
+        # Keyed by (receiving group, op, micro-batch):
+        self.sent: dict[tuple[str, str, int], tuple[str, Action, float]] = {}  # -> src, action, at
+        self.posted: dict[tuple[str, str, int], float] = {}  # receive posted at
         self.arrived: dict[tuple[str, str, int], tuple[float, float]] = {}  # -> (arrive, sent)
         self.link_free_s: dict[tuple[str, str], float] = {}
-        self.comm_free_s = dict.fromkeys(self.groups, 0.0)
-        self.syncs_of: dict[str, list[int]] = {g: [] for g in self.groups}
-        for i, s in enumerate(syncs):
-            for g in s.groups:
-                self.syncs_of[g].append(i)
+        self.syncs_of = syncs_in_order(plan, syncs)
         self.waiting_members = [len(s.groups) for s in syncs]
-        self.syncs_left = {g: len(ix) for g, ix in self.syncs_of.items()}
+        self.syncs_done = dict.fromkeys(self.groups, 0)
         self.sync_ready_s = [0.0] * len(syncs)
         self.events: list[TraceEvent] = []
         self.heap: list[tuple] = []
@@ -112,9 +114,16 @@ class StepEngine:
             return
         action = self.actions[g][self.pos[g]]
         if action.recv_from is not None:
-            got = self.arrived.get((g, action.op, action.micro_batch))
-            if got is None or got[0] > now:
-                return  # the arrival (or the sender finishing) wakes this group again
+            key = (g, action.op, action.micro_batch)
+            got = self.arrived.get(key)
+            if got is None:
+                if key not in self.posted:
+                    self.posted[key] = now
+                    if key in self.sent:
+                        self._transfer(key)
+                return  # the arrival wakes this group again
+            if got[0] > now:
+                return
             arrive_s, sent_s = got
             self.time[g].comm_wait_s += max(0.0, arrive_s - max(self.free_s[g], sent_s))
         size = self.plan.micro_batches[action.micro_batch].size
@@ -134,55 +143,64 @@ class StepEngine:
         self.busy[g] = False
         self.free_s[g] = now
         if action.send_to is not None:
-            arrive_s = self._transfer(g, action, now)
-            self.arrived[(action.send_to, action.op, action.micro_batch)] = (arrive_s, now)
-            self._push(arrive_s, _ARRIVE, action.send_to)
+            key = (action.send_to, action.op, action.micro_batch)
+            self.sent[key] = (g, action, now)
+            if key in self.posted:
+                self._transfer(key)
         if self.pos[g] < len(self.actions[g]):
             self._try_start(g, now)
         else:
             self._compute_finished(g, now)
 
-    def _transfer(self, g: str, action: Action, now: float) -> float:
-        """Queue the send on its link; return when it arrives."""
+    def _transfer(self, key: tuple[str, str, int]) -> None:
+        """Sent and posted: queue the transfer on its link and schedule its arrival."""
+        g, action, sent_s = self.sent[key]
         src, dst = self.groups[g], self.groups[action.send_to]
         # forward sends this stage's output; backward the gradient of its input (same size as
         # the previous stage's output)
         boundary = src.layers[1] if action.op == "forward" else src.layers[0]
         size = self.plan.micro_batches[action.micro_batch].size
         nbytes = self.cost.activation_bytes(boundary, size, src.dtype)
-        if not self.comm:
-            return now
         # One TP rank per side carries the tensor (the others hold the same replica).
         a, b = src.devices[0], dst.devices[0]
-        total_s = self.cost.p2p_s(a, b, nbytes)
-        latency_s = min(total_s, self.cluster.link_latency_s(a, b))
-        link = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
-        start = max(now, self.link_free_s.get(link, 0.0))
-        # The link is taken for the bytes only: latency of back-to-back messages overlaps.
-        self.link_free_s[link] = start + total_s - latency_s
+        if not self.comm:
+            start, total_s = max(sent_s, self.posted[key]), 0.0
+        else:
+            ready_s = max(sent_s, self.posted[key] + self.cost.p2p_handshake_s(a, b))
+            total_s = self.cost.p2p_s(a, b, nbytes)
+            latency_s = min(total_s, self.cluster.link_latency_s(a, b))
+            link = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
+            start = max(ready_s, self.link_free_s.get(link, 0.0))
+            # The link is taken for the bytes only: latency of back-to-back messages overlaps.
+            self.link_free_s[link] = start + total_s - latency_s
+        self.arrived[key] = (start + total_s, sent_s)
+        self._push(start + total_s, _ARRIVE, action.send_to)
+        if not self.comm:
+            return
         if self.record:
             args = {"micro_batch": action.micro_batch, "op": action.op, "bytes": nbytes,
-                    "from": g, "to": action.send_to, "queued_s": start - now}
+                    "from": g, "to": action.send_to, "queued_s": start - sent_s}
             self._emit([a], g, "send", "comm", start, total_s, args, "comm")
             self._emit([b], action.send_to, "recv", "comm", start, total_s, args, "comm")
-        return start + total_s
 
     def _compute_finished(self, g: str, now: float) -> None:
         self.time[g].last_compute_s = now
-        if not self.syncs_of[g]:
-            self._optimizer(g, now)
-        for i in self.syncs_of[g]:
-            self.waiting_members[i] -= 1
-            if self.waiting_members[i] == 0:
-                self._start_sync(i, now)
+        self._next_sync(g, now)
 
-    def _start_sync(self, i: int, now: float) -> None:
+    def _next_sync(self, g: str, now: float) -> None:
+        """The group joins its next sync (blocking, as the runtime's collectives are)."""
+        if self.syncs_done[g] == len(self.syncs_of[g]):
+            self._optimizer(g, now)
+            return
+        i = self.syncs_of[g][self.syncs_done[g]]
+        self.waiting_members[i] -= 1
+        if self.waiting_members[i] == 0:
+            self._start_sync(i, now)
+
+    def _start_sync(self, i: int, start: float) -> None:
         sync = self.syncs[i]
-        self.sync_ready_s[i] = now
-        start = max([now] + [self.comm_free_s[g] for g in sync.groups])
+        self.sync_ready_s[i] = start
         dur = self.cost.allreduce_s(list(sync.devices), sync.nbytes) if self.comm else 0.0
-        for g in sync.groups:
-            self.comm_free_s[g] = start + dur
         self._push(start + dur, _SYNCED, i)
         if self.record:
             args = {"groups": len(sync.groups), "layers": [sync.layers[0], sync.layers[-1] + 1],
@@ -193,9 +211,8 @@ class StepEngine:
 
     def _on_synced(self, i: int, now: float) -> None:
         for g in self.syncs[i].groups:
-            self.syncs_left[g] -= 1
-            if self.syncs_left[g] == 0:
-                self._optimizer(g, now)
+            self.syncs_done[g] += 1
+            self._next_sync(g, now)
 
     def _optimizer(self, g: str, now: float) -> None:
         t = self.time[g]

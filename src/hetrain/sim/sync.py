@@ -65,3 +65,20 @@ def _own_params(cost: CostModel, layer: int, tied_last: int | None) -> float:
     if layer == tied_last:
         params -= cost.spec.vocab_size * cost.spec.dim
     return params
+
+
+def runtime_order(plan: Plan, sync: SyncSet) -> tuple[bool, tuple[str, ...]]:
+    """Sort key of the order runtime.grad_sync sums a rank's sets in, one blocking collective
+    after another: shard-wise sets first, then those whose holders differ in TP degree (full
+    tensors), each by holder names."""
+    groups = plan.group_by_name
+    return len({groups[g].tp for g in sync.groups}) > 1, sync.groups
+
+
+def syncs_in_order(plan: Plan, syncs: list[SyncSet]) -> dict[str, list[int]]:
+    """Per stage group, the indices of its sets in `syncs`, in runtime order."""
+    out: dict[str, list[int]] = {g.name: [] for g in plan.stage_groups}
+    for i in sorted(range(len(syncs)), key=lambda i: runtime_order(plan, syncs[i])):
+        for g in syncs[i].groups:
+            out[g].append(i)
+    return out

@@ -1,0 +1,163 @@
+"""`hetrain plan`: search the fastest memory-feasible plan, print it, write plan.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hetrain.cli.main import app, user_errors
+from hetrain.errors import ModelError, PlannerError
+
+
+def tp_sizes_for(cfg) -> tuple[int, ...]:
+    """Tensor-parallel sizes the reference model can be split into (heads and FFN divide)."""
+    return tuple(t for t in (1, 2, 4, 8)
+                 if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0)
+
+
+@app.command()
+@user_errors
+def plan(
+    cluster: Path = typer.Option(..., help="cluster YAML"),
+    model: str = typer.Option(..., help="model name: tiny, small, llama-7b, llama-70b, ..."),
+    global_batch: int = typer.Option(1024, min=1, help="samples per optimizer step"),
+    seq_len: int | None = typer.Option(None, min=1, help="tokens per sample [model's maximum]"),
+    out: Path | None = typer.Option(None, help="write the plan (JSON) here"),
+    json_out: Path | None = typer.Option(None, "--json", help="write a summary (JSON) here"),
+    compare: bool = typer.Option(False, help="also plan the baselines and print speedups"),
+    profile: Path | None = typer.Option(None, help="measured costs from 'hetrain profile'"),
+    dtype: str | None = typer.Option(None, help="one dtype for every kind [each kind's best]"),
+) -> None:
+    """Find the fastest plan that fits in memory, for any mix of kinds."""
+    from hetrain.cluster.loading import load_cluster
+    from hetrain.cost.model import CostModel
+    from hetrain.cost.profile import Profile
+    from hetrain.model.config import model_config
+    from hetrain.model.spec import model_spec
+    from hetrain.planner.report import checked_memory_bytes
+    from hetrain.planner.search import SearchOptions, search_plan
+
+    console = Console()
+    clus = load_cluster(cluster)
+    cfg = model_config(model)
+    seq = seq_len or cfg.max_seq_len
+    if seq > cfg.max_seq_len:
+        raise ModelError(f"--seq-len {seq} is longer than {cfg.name}'s max_seq_len "
+                         f"{cfg.max_seq_len}; pass at most that")
+    spec = model_spec(cfg, seq)
+    prof = None
+    if profile is not None:
+        prof = Profile.load(profile)
+        prof.check_layers(spec.n_layers, cfg.name)
+    cost = CostModel(clus, spec, prof)
+    options = SearchOptions(tp_sizes=tp_sizes_for(cfg), dtype=dtype)
+    result = search_plan(clus, cost, global_batch, options)
+    memory = checked_memory_bytes(result.plan, cost)
+    baselines = _baselines(clus, cost, global_batch, options) if compare or json_out else []
+
+    _print_plan(console, result.plan, cost, result.estimate, memory,
+                title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} tokens")
+    _print_summary(console, result, cost)
+    if compare:
+        _print_baselines(console, result.estimate, baselines)
+    if out is not None:
+        result.plan.save(out)
+        console.print(f"plan written to {out}")
+    if json_out is not None:
+        summary = _summary(result, cost, baselines, out)
+        from hetrain.plan.io import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(summary, indent=1) + "\n")
+        console.print(f"summary written to {json_out}")
+
+
+def _baselines(clus, cost, global_batch, options):
+    from hetrain.planner.baselines import homogeneous_plan, single_kind_plans
+
+    try:
+        homogeneous = homogeneous_plan(clus, cost, global_batch, options.tp_sizes)
+    except PlannerError as err:  # e.g. the kinds share no dtype
+        from hetrain.planner.baselines import Baseline
+
+        homogeneous = Baseline("homogeneous", None, None, str(err))
+    return [homogeneous, *single_kind_plans(clus, cost, global_batch, options)]
+
+
+def _print_plan(console: Console, plan, cost, estimate, memory, title: str) -> None:
+    from hetrain.planner.report import shape_rows
+
+    table = Table(title=title, caption="pipelines: copies x devices each; GiB: per device at "
+                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch")
+    for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
+                "micro-b.", "time s"):
+        table.add_column(col, justify="left" if col in ("kind", "layers") else "right")
+    for row in shape_rows(plan, cost, memory):
+        for st in row.stages:
+            first = st.stage == 0
+            table.add_row(
+                f"{row.pipelines}x{row.devices}" if first else "",
+                str(st.stage), st.kind, str(st.tp), f"{st.layers[0]}-{st.layers[1] - 1}",
+                "yes" if st.recompute else "", f"{st.memory_gib:.1f}/{st.capacity_gib:.0f}",
+                f"{st.stage_ms:.4g}",
+                "/".join(map(str, row.micro_batches)) if first else "",
+                f"{row.route_s:.4g}" if first else "",
+                end_section=st is row.stages[-1])
+    console.print(table)
+
+
+def _print_summary(console: Console, result, cost) -> None:
+    from hetrain.planner.report import kind_rows
+
+    est = result.estimate
+    table = Table(title="Predicted step")
+    for col in ("kind", "devices used", "MFU"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for row in kind_rows(result.plan, cost, est):
+        table.add_row(row["kind"], f"{row['used']}/{row['devices']}", f"{100 * row['mfu']:.1f}%")
+    console.print(table)
+    console.print(f"step {est.step_s:.4g} s (pipelines {est.pipeline_s:.4g} s + gradient sync "
+                  f"and optimizer {est.sync_s:.4g} s), {est.tokens_per_s:,.0f} tokens/s; "
+                  f"searched in {result.search_s:.2f} s"
+                  + ("" if result.exhaustive else " (large cluster: shapes screened)"))
+
+
+def _print_baselines(console: Console, estimate, baselines) -> None:
+    from hetrain.planner.baselines import speedup
+
+    table = Table(title="Baselines (speedup = baseline step / this plan's step)")
+    for col in ("baseline", "step s", "tokens/s", "speedup", "layout"):
+        table.add_column(col, justify="left" if col in ("baseline", "layout") else "right")
+    for b in baselines:
+        if b.estimate is None:
+            table.add_row(b.name, "-", "-", "-", b.note)
+        else:
+            table.add_row(b.name, f"{b.estimate.step_s:.4g}", f"{b.estimate.tokens_per_s:,.0f}",
+                          f"{speedup(estimate, b):.2f}x", b.note)
+    console.print(table)
+
+
+def _summary(result, cost, baselines, plan_path: Path | None) -> dict:
+    from hetrain.planner.baselines import speedup
+    from hetrain.planner.report import kind_rows
+
+    est = result.estimate
+    plan = result.plan
+    return {
+        "model": plan.model, "cluster": cost.cluster.name, "global_batch": plan.global_batch,
+        "seq_len": plan.seq_len, "micro_batch_size": plan.routes[0].micro_batch_size,
+        "predicted_step_s": est.step_s, "tokens_per_s": est.tokens_per_s,
+        "pipeline_s": est.pipeline_s, "sync_s": est.sync_s,
+        "search_s": result.search_s, "exhaustive": result.exhaustive,
+        "pipelines": len(plan.routes), "stage_groups": len(plan.stage_groups),
+        "kinds": kind_rows(plan, cost, est),
+        "plan": str(plan_path) if plan_path else None,
+        "baselines": {
+            b.name: {"step_s": b.estimate.step_s if b.estimate else None,
+                     "tokens_per_s": b.estimate.tokens_per_s if b.estimate else None,
+                     "speedup": speedup(est, b) if b.estimate else None, "note": b.note}
+            for b in baselines},
+    }

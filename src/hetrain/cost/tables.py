@@ -1,0 +1,135 @@
+"""Vectorised cost tables: a stage's time and memory for every layer range [start, end) at once.
+
+The planner's partitioning reads these instead of calling CostModel per range. Each entry
+follows the same formula as CostModel.layers_compute_s / stage_memory_bytes (tests compare
+them), so a plan chosen from the tables gets the same figures from the cost model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetrain.cost.model import DTYPE_BYTES, CostModel
+from hetrain.errors import CostError
+
+
+def range_sums(values: np.ndarray) -> np.ndarray:
+    """[a, b] -> sum(values[a:b]) for a < b (summed left to right, as Python's sum does);
+    0 elsewhere. Shape (n + 1, n + 1)."""
+    n = len(values)
+    out = np.zeros((n + 1, n + 1))
+    for a in range(n):
+        out[a, a + 1:] = np.cumsum(values[a:])
+    return out
+
+
+def range_maxima(values: np.ndarray) -> np.ndarray:
+    """[a, b] -> max(values[a:b]) for a < b; 0 elsewhere."""
+    n = len(values)
+    out = np.zeros((n + 1, n + 1))
+    for a in range(n):
+        out[a, a + 1:] = np.maximum.accumulate(values[a:])
+    return out
+
+
+def valid_ranges(n_layers: int) -> np.ndarray:
+    """Boolean mask of non-empty ranges [a, b), a < b."""
+    idx = np.arange(n_layers + 1)
+    return idx[:, None] < idx[None, :]
+
+
+@dataclass(frozen=True)
+class StageTables:
+    """Per-device figures of a stage of one kind and tensor-parallel degree, for every range.
+
+    time_s[rc][a, b]: forward + backward of one micro-batch (rc: with recomputation).
+    memory: fixed_bytes[rc][a, b] + in_flight * per_in_flight_bytes[rc][a, b].
+    """
+
+    kind: str
+    tp: int
+    dtype: str
+    micro_batch_size: int
+    forward_s: np.ndarray
+    time_s: tuple[np.ndarray, np.ndarray]
+    fixed_bytes: tuple[np.ndarray, np.ndarray]
+    per_in_flight_bytes: tuple[np.ndarray, np.ndarray]
+    capacity_bytes: float
+
+
+class TableCache:
+    """Builds StageTables on demand and keeps them: the layer sums are shared by all kinds."""
+
+    def __init__(self, cost: CostModel):
+        self.cost = cost
+        spec = cost.spec
+        self.n_layers = spec.n_layers
+        layer = spec.layers
+        self._flops = range_sums(np.array([x.forward_flops_per_token for x in layer]))
+        self._params = range_sums(np.array([float(x.params) for x in layer]))
+        self._tp_allreduces = range_sums(np.array([float(x.tp_allreduces) for x in layer]))
+        self._acts = range_sums(np.array([x.activation_elems_per_token for x in layer]))
+        self._recompute = range_sums(np.array([x.recompute_elems_per_token for x in layer]))
+        self._acts_peak = range_maxima(np.array([x.activation_elems_per_token for x in layer]))
+        self.valid = valid_ranges(self.n_layers)
+        self._cache: dict[tuple[str, int, str, int], StageTables] = {}
+
+    def params(self) -> np.ndarray:
+        return self._params
+
+    def get(self, kind: str, tp: int, dtype: str, micro_batch_size: int) -> StageTables:
+        key = (kind, tp, dtype, micro_batch_size)
+        if key not in self._cache:
+            self._cache[key] = self._build(*key)
+        return self._cache[key]
+
+    def _build(self, kind_name: str, tp: int, dtype: str, mbs: int) -> StageTables:
+        cost, spec = self.cost, self.cost.spec
+        kind = cost.cluster.kinds[kind_name]
+        tokens = float(mbs * spec.seq_len)
+        fwd, bwd = self._compute(kind_name, tp, dtype, tokens)
+        comm = self._tp_comm(kind_name, tp, dtype, tokens)
+        with np.errstate(invalid="ignore"):
+            plain = np.where(self.valid, (fwd + comm) + (bwd + comm), np.inf)
+            recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + comm), np.inf)
+        wbytes = DTYPE_BYTES[dtype]
+        master = 4 if wbytes < 4 else 0
+        states = self._params / tp * (wbytes + wbytes + master + 8)
+        scale = tokens * wbytes / tp
+        fixed_plain = states
+        fixed_rc = states + self._acts_peak * scale
+        return StageTables(
+            kind=kind_name, tp=tp, dtype=dtype, micro_batch_size=mbs,
+            forward_s=np.where(self.valid, fwd + comm, np.inf),
+            time_s=(plain, recompute),
+            fixed_bytes=(fixed_plain, fixed_rc),
+            per_in_flight_bytes=(self._acts * scale, self._recompute * scale),
+            capacity_bytes=kind.memory_bytes,
+        )
+
+    def _compute(self, kind_name: str, tp: int, dtype: str,
+                 tokens: float) -> tuple[np.ndarray, np.ndarray]:
+        cost = self.cost
+        profile = cost.profile
+        if profile is not None and profile.has(kind_name):
+            fwd = range_sums(profile.layer_seconds_per_token(kind_name, "forward")) * tokens / tp
+            bwd = range_sums(profile.layer_seconds_per_token(kind_name, "backward")) * tokens / tp
+            return fwd, bwd
+        kind = cost.cluster.kinds[kind_name]
+        if not kind.supports(dtype) and not (dtype == "fp32" and "tf32" in kind.flops):
+            raise CostError(f"{kind_name} does not compute in {dtype}")
+        rate = kind.peak_flops(dtype) * kind.efficiency * tp
+        fwd_flops = tokens * self._flops
+        weight_bytes = self._params * DTYPE_BYTES[dtype] / tp
+        floor = weight_bytes / (kind.memory_bandwidth_gbps * 1e9)
+        return (np.maximum(fwd_flops / rate, floor),
+                np.maximum(2 * fwd_flops / rate, 2 * floor))
+
+    def _tp_comm(self, kind_name: str, tp: int, dtype: str, tokens: float) -> np.ndarray | float:
+        if tp <= 1:
+            return 0.0
+        bytes_each = tokens * self.cost.spec.dim * DTYPE_BYTES[dtype]
+        bw = self.cost.cluster.kinds[kind_name].intra_node_gbps * 1e9
+        return self._tp_allreduces * 2 * (tp - 1) / tp * bytes_each / bw

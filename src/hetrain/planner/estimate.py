@@ -1,0 +1,141 @@
+"""Fast analytic step time of a plan: the objective the search minimises.
+
+    step = slowest route's 1F1B time + slowest stage group's gradient sync and optimizer step
+
+A route with S stages and m micro-batches takes m + S - 1 slots of its slowest stage: its
+forward and backward of one micro-batch plus the waits for their inputs (the runtime posts a
+receive when it gets to the action, so the handshake and transfer are not hidden). With equal
+stages and free links this is the makespan of plan.build_schedule. After the last backward
+each group all-reduces its gradients and steps its optimizer. Gradient sync is
+hierarchical: routes with the same shape (kinds, tp, layer ranges) form a class; a group first
+all-reduces with its replicas in the class (CostModel.allreduce_s over their devices), then one
+leader per class exchanges over the host bridge (CostModel.bridge_allreduce_s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hetrain.cost.model import DTYPE_BYTES, CostModel
+from hetrain.plan.types import Plan, Route, StageGroup
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    step_s: float
+    pipeline_s: float  # slowest route, compute and point-to-point
+    sync_s: float  # slowest group, gradient sync + optimizer
+    route_s: list[float]
+    group_sync_s: dict[str, float] = field(default_factory=dict)
+    group_optimizer_s: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+
+    def predicted(self) -> dict[str, float]:
+        """The figures a Plan carries in `predicted`."""
+        return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
+                "pipeline_s": self.pipeline_s, "sync_s": self.sync_s}
+
+
+def stage_time_s(cost: CostModel, group: StageGroup, micro_batch_size: int, seq_len: int) -> float:
+    """Forward + backward of one micro-batch on `group` (recomputation included)."""
+    return (cost.stage_compute_s(group, "forward", micro_batch_size, seq_len)
+            + cost.stage_compute_s(group, "backward", micro_batch_size, seq_len))
+
+
+def wait_s(cost: CostModel, sender: StageGroup, receiver: StageGroup, boundary: int,
+           micro_batch_size: int) -> float:
+    """What `receiver` waits, per micro-batch, for the tensor crossing layer `boundary` from
+    `sender`: it posts its receive when it gets to the action, then the handshake and the
+    transfer pass (the runtime's gloo rendezvous)."""
+    a, b = sender.devices[0], receiver.devices[0]
+    nbytes = cost.activation_bytes(boundary, micro_batch_size, sender.dtype)
+    return cost.p2p_handshake_s(a, b) + cost.p2p_s(a, b, nbytes)
+
+
+def stage_slot_s(cost: CostModel, groups: list[StageGroup], s: int, micro_batch_size: int,
+                 seq_len: int) -> float:
+    """Stage s of a route: forward + backward of a micro-batch and the waits for its inputs."""
+    g = groups[s]
+    total = stage_time_s(cost, g, micro_batch_size, seq_len)
+    if s > 0:
+        total += wait_s(cost, groups[s - 1], g, g.layers[0], micro_batch_size)
+    if s + 1 < len(groups):
+        total += wait_s(cost, groups[s + 1], g, g.layers[1], micro_batch_size)
+    return total
+
+
+def route_time_s(plan: Plan, route: Route, cost: CostModel) -> float:
+    """1F1B time of one route: m + S - 1 slots of its slowest stage (waits included)."""
+    groups = [plan.group_by_name[name] for name in route.stages]
+    slot = max(stage_slot_s(cost, groups, s, route.micro_batch_size, plan.seq_len)
+               for s in range(len(groups)))
+    return (route.micro_batches + len(groups) - 1) * slot
+
+
+def route_signature(plan: Plan, route: Route) -> tuple:
+    return tuple((g.kind, g.tp, tuple(g.layers))
+                 for g in (plan.group_by_name[name] for name in route.stages))
+
+
+def gradient_bytes(cost: CostModel, group: StageGroup) -> float:
+    """Gradient bytes each device of the group all-reduces (its 1/tp shard)."""
+    return cost.spec.range_params(*group.layers) * DTYPE_BYTES[group.dtype] / group.tp
+
+
+def group_sync_s(plan: Plan, cost: CostModel) -> dict[str, float]:
+    """Seconds each group spends on its gradient all-reduce (hierarchical, see module doc)."""
+    classes: dict[tuple, list[int]] = {}
+    for r, route in enumerate(plan.routes):
+        classes.setdefault(route_signature(plan, route), []).append(r)
+    class_of = {r: sig for sig, rs in classes.items() for r in rs}
+    order = {g.name: i for i, g in enumerate(plan.stage_groups)}
+    out = {}
+    for g in plan.stage_groups:
+        through = plan.routes_through(g.name)
+        sigs = {class_of[r] for r in through}
+        replicas = set()
+        for sig in sigs:
+            for r in through:
+                if class_of[r] != sig:
+                    continue
+                pos = plan.routes[r].stages.index(g.name)
+                replicas.update(plan.routes[q].stages[pos] for q in classes[sig])
+        leaders = [plan.group_by_name[name].devices[0] for name in sorted(replicas, key=order.get)]
+        nbytes = gradient_bytes(cost, g)
+        parties = len(classes) - len(sigs) + 1
+        out[g.name] = cost.allreduce_s(leaders, nbytes) + cost.bridge_allreduce_s(parties, nbytes)
+    return out
+
+
+def group_optimizer_s(plan: Plan, cost: CostModel) -> dict[str, float]:
+    return {g.name: cost.optimizer_s(g.kind, cost.spec.range_params(*g.layers) / g.tp)
+            for g in plan.stage_groups}
+
+
+def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
+    routes = [route_time_s(plan, route, cost) for route in plan.routes]
+    sync = group_sync_s(plan, cost)
+    opt = group_optimizer_s(plan, cost)
+    pipeline = max(routes)
+    tail = max(sync[name] + opt[name] for name in sync)
+    step = pipeline + tail
+    return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=tail, route_s=routes,
+                        group_sync_s=sync, group_optimizer_s=opt,
+                        tokens_per_s=plan.global_batch * plan.seq_len / step)
+
+
+def estimate_step_s(plan: Plan, cost: CostModel) -> float:
+    return estimate_step(plan, cost).step_s
+
+
+def mfu_by_kind(plan: Plan, cost: CostModel, step_s: float) -> dict[str, float]:
+    """Model FLOPs (forward + backward, no recomputation) per second over the peak of the
+    devices of each kind the plan uses."""
+    done: dict[str, float] = {}
+    peak: dict[str, float] = {}
+    for g in plan.stage_groups:
+        kind = cost.cluster.kinds[g.kind]
+        flops = plan.samples_of(g.name) * plan.seq_len * cost.spec.flops_per_token(*g.layers)
+        done[g.kind] = done.get(g.kind, 0.0) + flops
+        peak[g.kind] = peak.get(g.kind, 0.0) + g.tp * kind.peak_flops(g.dtype)
+    return {k: done[k] / (step_s * peak[k]) for k in done}

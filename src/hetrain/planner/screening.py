@@ -1,0 +1,94 @@
+"""Pick the templates worth handing to the count program on large clusters.
+
+Kept: the templates that finish the batch soonest on their own (every copy the cluster
+allows), and those the LP relaxation of "can copies of these templates finish the batch by
+time T" favours (copies continuous, each taking as many micro-batches as fit before T).
+Bisecting T gives a lower bound on the pipeline time; at a few times around it the LP's
+support and the templates with the best reduced cost under its device prices are kept
+(column selection, as in cutting-stock).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linprog
+
+from hetrain.planner.templates import Template
+
+
+def per_copy_micro_batches(templates: list[Template], deadline_s: float,
+                           micro_batches: int) -> np.ndarray:
+    """Micro-batches one copy of each template finishes by `deadline_s` under 1F1B."""
+    out = np.zeros(len(templates))
+    for i, t in enumerate(templates):
+        fit = deadline_s / t.slot_s - t.n_stages + 1
+        out[i] = min(max(math.floor(fit + 1e-9), 0), micro_batches)
+    return out
+
+
+class CoverLP:
+    def __init__(self, templates: list[Template], capacity: dict[tuple[str, int], int],
+                 micro_batches: int):
+        self.templates = templates
+        self.micro_batches = micro_batches
+        self.keys = sorted(capacity)
+        self.a = np.array([[t.demand.get(key, 0) for t in templates] for key in self.keys],
+                          dtype=float)
+        self.b = np.array([capacity[key] for key in self.keys], dtype=float)
+        self.upper = np.array([t.n_max for t in templates], dtype=float)
+
+    def solve(self, deadline_s: float):
+        """(micro-batches covered, copies, reduced cost per template) at this deadline."""
+        k = per_copy_micro_batches(self.templates, deadline_s, self.micro_batches)
+        res = linprog(-k, A_ub=self.a, b_ub=self.b, bounds=list(zip(np.zeros_like(k), self.upper,
+                                                                    strict=True)),
+                      method="highs")
+        prices = -res.ineqlin.marginals
+        return -res.fun, res.x, k - prices @ self.a
+
+    def covers(self, deadline_s: float) -> bool:
+        """Whether the relaxation finishes the batch by the deadline (always, for inf)."""
+        return not np.isfinite(deadline_s) or self.solve(deadline_s)[0] >= self.micro_batches
+
+    def lower_bound_s(self, tolerance: float = 1e-3) -> float:
+        """A deadline within `tolerance` above the least one by which the relaxation covers
+        the batch; the returned bound is the infeasible side, so it is a true lower bound."""
+        hi = min(t.route_s(math.ceil(self.micro_batches / t.n_max)) for t in self.templates)
+        lo = min(t.route_s(1) for t in self.templates) * (1 - 1e-12)
+        while hi - lo > tolerance * hi:
+            mid = (lo + hi) / 2
+            if self.solve(mid)[0] >= self.micro_batches:
+                hi = mid
+            else:
+                lo = mid
+        return lo
+
+
+@dataclass(frozen=True)
+class Screen:
+    keep: list[int]  # indices of the templates worth a full look
+    bound_s: float  # no plan from these templates has a faster pipeline than this
+
+
+def screen_templates(templates: list[Template], capacity: dict[tuple[str, int], int],
+                     micro_batches: int, keep: int = 40,
+                     margins: tuple[float, ...] = (1.0, 1.02, 1.05, 1.1, 1.25)) -> Screen:
+    """At most about `keep` templates: the LP's support and best reduced costs at a few
+    deadlines, and the LP's lower bound on the pipeline time."""
+    lp = CoverLP(templates, capacity, micro_batches)
+    bound = lp.lower_bound_s()
+    if len(templates) <= keep:
+        return Screen(list(range(len(templates))), bound)
+    alone = [t.route_s(math.ceil(micro_batches / t.n_max)) for t in templates]
+    chosen: dict[int, None] = dict.fromkeys(int(i) for i in np.argsort(alone)[:keep // 4])
+    per_margin = max(keep // len(margins), 1)
+    for margin in margins:
+        _, copies, reduced = lp.solve(bound * margin)
+        for i in np.flatnonzero(copies > 1e-9):
+            chosen[int(i)] = None
+        for i in np.argsort(-reduced)[:per_margin]:
+            chosen[int(i)] = None
+    return Screen(list(chosen), bound)

@@ -1,0 +1,206 @@
+"""The search: the fastest memory-feasible plan for a cluster, a model and a global batch.
+
+For each micro-batch size: enumerate pipeline shapes (each kind once, as a block of stages
+with one tp), split each one's layers by DP (partition.py), choose copies and micro-batch
+counts with integer programs (counts.py), and place the result on devices (placement.py).
+
+Small clusters get every shape and up to one template per device: the plan is then optimal
+under the estimate among plans whose pipelines are split by the DP (`exhaustive`). Large
+ones get every single-kind shape plus mixed shapes that give each copy an equal share of each
+kind's devices (with each kind's best tp sizes); an LP relaxation screens them down to a few
+dozen, a budget bounds the integer programs, and micro-batch sizes whose LP bound cannot beat
+the best so far are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hetrain.cluster.topology import Cluster
+from hetrain.cost.model import CostModel
+from hetrain.cost.tables import TableCache
+from hetrain.errors import PlannerError
+from hetrain.plan.types import Plan
+from hetrain.planner.counts import CountSolution, capacities, choose_counts
+from hetrain.planner.estimate import StepEstimate, estimate_step
+from hetrain.planner.feasibility import explain_infeasible
+from hetrain.planner.links import BoundaryComm, LinkModel
+from hetrain.planner.partition import Partitioner
+from hetrain.planner.placement import place_plan
+from hetrain.planner.screening import CoverLP, screen_templates
+from hetrain.planner.templates import (
+    Block,
+    Template,
+    TemplateBuilder,
+    all_shapes,
+    all_shapes_count,
+    block_options,
+    proportional_shapes,
+    tp_options,
+)
+
+TP_SIZES = (1, 2, 4, 8)
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    micro_batch_sizes: Sequence[int] = MICRO_BATCH_SIZES  # those dividing the global batch
+    tp_sizes: Sequence[int] = TP_SIZES
+    dtype: str | None = None  # None: each kind's best (bf16 where it has it)
+    kinds: Sequence[str] | None = None  # None: all kinds in the cluster
+    allow_recompute: bool = True
+    shape_budget: int = 20_000  # try every shape when there are at most this many
+    max_shapes: int = 8  # distinct templates in one plan
+    mixed_tp_per_kind: int = 2  # tp sizes per kind in mixed shapes when not exhaustive
+    screen_keep: int = 40  # templates the count program sees when not exhaustive
+    program_budget: int = 40  # integer programs per micro-batch size when not exhaustive
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Everything the search built for one micro-batch size."""
+
+    micro_batch_size: int
+    micro_batches: int
+    templates: list[Template]
+    capacity: dict[tuple[str, int], int]
+    max_shapes: int
+    exhaustive: bool
+    pipeline_bound_s: float  # no plan from the shapes considered has a faster pipeline
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    plan: Plan
+    estimate: StepEstimate
+    search_s: float
+    exhaustive: bool  # every shape tried, so the plan is optimal under the estimate
+    templates_built: int  # memory-feasible templates completed, over all micro-batch sizes
+    candidates: Candidates
+    solution: CountSolution
+
+
+def kind_dtypes(cluster: Cluster, kinds: Sequence[str], dtype: str | None) -> dict[str, str]:
+    out = {}
+    for k in kinds:
+        kind = cluster.kinds[k]
+        if dtype is not None and not kind.supports(dtype):
+            raise PlannerError(f"{k} does not compute in {dtype}; use one of "
+                               f"{', '.join(kind.flops)} or leave --dtype out")
+        out[k] = dtype or kind.best_dtype()
+    return out
+
+
+def plan_kinds(cluster: Cluster, options: SearchOptions) -> dict[str, int]:
+    counts = cluster.kind_counts()
+    if options.kinds is None:
+        return counts
+    missing = [k for k in options.kinds if k not in counts]
+    if missing:
+        raise PlannerError(f"kind {missing[0]!r} is not in the cluster "
+                           f"(it has {', '.join(counts)})")
+    return {k: n for k, n in counts.items() if k in options.kinds}
+
+
+def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, global_batch: int,
+                     micro_batch_size: int, options: SearchOptions,
+                     beat_s: float = np.inf) -> Candidates:
+    """Templates for one micro-batch size. Every shape when there are few, else single-kind
+    shapes and proportional mixed ones. Unless the search is exhaustive, only the templates
+    that screening keeps are completed, and none when not even the LP relaxation finishes
+    the batch within `beat_s`."""
+    counts = plan_kinds(cluster, options)
+    n_layers = cost.spec.n_layers
+    tps = {k: tp_options(cluster, k, options.tp_sizes) for k in counts}
+    micro_batches = global_batch // micro_batch_size
+    dtypes = kind_dtypes(cluster, list(counts), options.dtype)
+    links = LinkModel(cluster)
+    partitioner = Partitioner(tables, dtypes, micro_batch_size,
+                              BoundaryComm(cost, links, dtypes, micro_batch_size),
+                              options.allow_recompute)
+    max_shapes = min(sum(counts.values()), options.max_shapes)
+    every_shape = all_shapes_count(counts, tps, n_layers) <= options.shape_budget
+    exhaustive = every_shape and max_shapes == sum(counts.values())
+    builder = TemplateBuilder(cost, partitioner, links, micro_batches, max_shapes)
+    if exhaustive:
+        templates = [t for t in map(builder.build, all_shapes(counts, tps, n_layers)) if t]
+        capacity = capacities(templates, cluster)
+        bound = CoverLP(templates, capacity, micro_batches).lower_bound_s() if templates else 0.0
+        return Candidates(micro_batch_size, micro_batches, templates, capacity, max_shapes,
+                          True, bound)
+    if every_shape:
+        outlines = [t for t in map(builder.outline, all_shapes(counts, tps, n_layers)) if t]
+    else:
+        singles = [(Block(k, tp, c),) for k in counts
+                   for tp, c in block_options(counts[k], tps[k], n_layers)]
+        outlines = [t for t in map(builder.outline, singles) if t is not None]
+        best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
+        order = {k: (-cluster.kinds[k].memory_gib,
+                     -cluster.kinds[k].peak_flops(partitioner.dtypes[k])) for k in counts}
+        mixed = proportional_shapes(counts, best_tps, n_layers, order.get)
+        outlines += [t for t in map(builder.outline, mixed) if t is not None]
+    capacity = capacities(outlines, cluster)
+    if not outlines or not CoverLP(outlines, capacity, micro_batches).covers(beat_s):
+        return Candidates(micro_batch_size, micro_batches, [], {}, max_shapes, False, np.inf)
+    screen = screen_templates(outlines, capacity, micro_batches, options.screen_keep)
+    templates = [builder.complete(outlines[i]) for i in screen.keep]
+    return Candidates(micro_batch_size, micro_batches, templates,
+                      capacities(templates, cluster), max_shapes, False, screen.bound_s)
+
+
+def _efficient_tps(singles: list[Template], tps: dict[str, list[int]], micro_batches: int,
+                   keep: int) -> dict[str, list[int]]:
+    """Per kind, the tp sizes with which its devices alone finish the batch soonest (every
+    copy of a single-kind template, micro-batches split evenly, bubbles included)."""
+    best: dict[tuple[str, int], float] = {}
+    for t in singles:
+        (block,) = t.blocks
+        finish = t.route_s(math.ceil(micro_batches / t.n_max))
+        key = (block.kind, block.tp)
+        best[key] = min(best.get(key, np.inf), finish)
+    out = {}
+    for kind, options in tps.items():
+        ranked = sorted((tp for tp in options if (kind, tp) in best),
+                        key=lambda tp: best[(kind, tp)])
+        out[kind] = ranked[:keep] or options[:1]
+    return out
+
+
+def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
+                options: SearchOptions | None = None) -> SearchResult:
+    """The fastest plan the search finds; PlannerError with the reason when none fits."""
+    options = options or SearchOptions()
+    start = time.perf_counter()
+    tables = TableCache(cost)
+    best: tuple[CountSolution, Candidates] | None = None
+    exhaustive, built = True, 0
+    for mbs in options.micro_batch_sizes:
+        if global_batch % mbs:
+            continue
+        beat_s = np.inf if best is None else best[0].step_s
+        cands = build_candidates(cluster, cost, tables, global_batch, mbs, options, beat_s)
+        built += len(cands.templates)
+        exhaustive &= cands.exhaustive
+        if best is not None and cands.pipeline_bound_s >= best[0].step_s:
+            continue
+        sol = choose_counts(cands.templates, cands.micro_batches, cands.capacity,
+                            cands.max_shapes, cands.pipeline_bound_s,
+                            None if cands.exhaustive else options.program_budget)
+        if sol is not None and (best is None or sol.step_s < best[0].step_s):
+            best = (sol, cands)
+    if best is None:
+        raise PlannerError(explain_infeasible(cluster, cost, global_batch, options))
+    sol, cands = best
+    plan = place_plan(cluster, cost.spec, cands.templates, sol.choices, cands.micro_batch_size,
+                      global_batch)
+    search_s = time.perf_counter() - start
+    est = estimate_step(plan, cost)
+    plan = plan.model_copy(update={"predicted": est.predicted()})
+    return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,
+                        templates_built=built, candidates=cands, solution=sol)

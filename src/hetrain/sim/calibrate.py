@@ -1,0 +1,129 @@
+"""Read a measured run's trace back into cost figures: per stage action, per transfer, per
+gradient all-reduce and per optimizer step, over the steady steps only.
+
+The runtime's trace has, per device lane and step, "recv F3"/"recv B3" waits, "F3"/"B3"
+compute, one "allreduce" and one "optimizer" event. Nothing here knows how emulated kinds are
+paced: durations are read off the clock, so a MeasuredCost built from them checks the
+simulator's scheduling and communication, not the pacing formula.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from hetrain.cost.measured import MeasuredFigures, allreduce_phases, stage_key
+from hetrain.cost.model import CostModel
+from hetrain.plan.schedule import Schedule
+from hetrain.plan.types import Plan, StageGroup
+from hetrain.sim.sync import sync_sets, syncs_in_order
+
+Event = dict[str, Any]
+Steps = dict[str, list[dict[str, Event]]]  # lane -> per step: event name -> event
+
+
+def split_steps(events: list[Event]) -> Steps:
+    """Per lane, the events of each step by name (a lane's step ends with its optimizer)."""
+    lanes: dict[str, list[Event]] = {}
+    for e in sorted(events, key=lambda e: e["start_s"]):
+        lanes.setdefault(e["lane"], []).append(e)
+    out: Steps = {}
+    for lane, evs in lanes.items():
+        steps: list[dict[str, Event]] = [{}]
+        for e in evs:
+            steps[-1][e["name"]] = e
+            if e["name"] == "optimizer":
+                steps.append({})
+        out[lane] = [s for s in steps if "optimizer" in s]
+    return out
+
+
+def measured_figures(plan: Plan, cost: CostModel, schedule: Schedule, events: list[Event],
+                     skip_steps: int = 1) -> MeasuredFigures:
+    """Figures of the steps after the first `skip_steps` (warm-up) of a run of `plan` that
+    executed `schedule`; `cost` gives transfer and gradient sizes (bytes, not times)."""
+    steps = split_steps(events)
+    n_steps = min((len(s) for s in steps.values()), default=0)
+    figures = MeasuredFigures()
+    for k in range(min(skip_steps, n_steps - 1), n_steps):
+        at = {lane: s[k] for lane, s in steps.items()}
+        _compute(plan, at, figures)
+        _transfers(plan, cost, schedule, at, figures)
+        _allreduces(plan, cost, at, figures)
+        _optimizer(plan, cost, at, figures)
+    return figures
+
+
+def _compute(plan: Plan, at: dict[str, dict[str, Event]], figures: MeasuredFigures) -> None:
+    for g in plan.stage_groups:
+        for lane in g.devices:
+            for name, e in at.get(lane, {}).items():
+                if e["category"] in ("forward", "backward"):
+                    size = plan.micro_batches[int(name[1:])].size
+                    by_size = figures.compute_s.setdefault(stage_key(g, e["category"]), {})
+                    by_size.setdefault(size, []).append(e["dur_s"])
+
+
+def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
+               at: dict[str, dict[str, Event]], figures: MeasuredFigures) -> None:
+    """A receive posted before the send times the transfer (send's end to the receiver's
+    start); one posted after it times the handshake and transfer (the receiver's wait, under
+    0.1 ms where the runtime logged none)."""
+    groups = plan.group_by_name
+    for g in plan.stage_groups:
+        for action in schedule.actions[g.name]:
+            if action.recv_from is None:
+                continue
+            src = groups[action.recv_from]
+            tag = ("F" if action.op == "forward" else "B") + str(action.micro_batch)
+            nbytes = _transfer_bytes(plan, cost, src, action.op, action.micro_batch)
+            for j, lane in enumerate(g.devices):
+                mine, sender = at.get(lane, {}), at.get(src.devices[j % src.tp], {})
+                wait, work, sent = mine.get("recv " + tag), mine.get(tag), sender.get(tag)
+                if work is None or sent is None:
+                    continue
+                sent_end_s = sent["start_s"] + sent["dur_s"]
+                posted_s = wait["start_s"] if wait is not None else work["start_s"]
+                if posted_s > sent_end_s:
+                    figures.late_recv.append((nbytes, work["start_s"] - posted_s))
+                elif wait is not None:
+                    figures.p2p.append((nbytes, work["start_s"] - sent_end_s))
+
+
+def _transfer_bytes(plan: Plan, cost: CostModel, src: StageGroup, op: str, mb: int) -> float:
+    # As the simulator sizes it: a stage's output forward, its input's gradient backward.
+    boundary = src.layers[1] if op == "forward" else src.layers[0]
+    return cost.activation_bytes(boundary, plan.micro_batches[mb].size, src.dtype)
+
+
+def _allreduces(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],
+                figures: MeasuredFigures) -> None:
+    """A set is timed where every member sums it first (so its start is the last member's
+    arrival) and some member sums it last (so that member's sync ends with it): from the
+    arrival to those members' (mean) end. Shard-wise sets of a TP degree run side by side."""
+    syncs = sync_sets(plan, cost)
+    order = syncs_in_order(plan, syncs)
+    kinds = {d.id: d.kind for d in cost.cluster.devices}
+    groups = plan.group_by_name
+    for i, s in enumerate(syncs):
+        if any(order[g][0] != i for g in s.groups):
+            continue
+        lanes = [d for g in s.groups for d in groups[g].devices]
+        if any("allreduce" not in at.get(lane, {}) for lane in lanes):
+            continue
+        last_s = max(at[lane]["allreduce"]["start_s"] for lane in lanes)
+        ends = [at[d]["allreduce"]["start_s"] + at[d]["allreduce"]["dur_s"]
+                for g in s.groups if order[g][-1] == i for d in groups[g].devices]
+        phases = allreduce_phases([kinds[d] for d in s.devices])
+        if ends and phases:
+            figures.allreduce.append((phases, s.nbytes, max(0.0, statistics.fmean(ends) - last_s)))
+
+
+def _optimizer(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],
+               figures: MeasuredFigures) -> None:
+    for g in plan.stage_groups:
+        params = cost.spec.range_params(*g.layers) / g.tp
+        for lane in g.devices:
+            e = at.get(lane, {}).get("optimizer")
+            if e is not None:
+                figures.optimizer.setdefault(g.kind, []).append((params, e["dur_s"]))

@@ -1,0 +1,70 @@
+"""The partition DP finds the least slowest stage of every cut of the layers, memory included."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hetrain.cluster import cluster_from_dict
+from hetrain.cost import CostModel
+from hetrain.cost.tables import TableCache
+from hetrain.model import model_config, model_spec
+from hetrain.planner.links import BoundaryComm, LinkModel
+from hetrain.planner.partition import Partitioner
+from tests.planner.brute import brute_partition
+
+# Two made-up kinds with little memory, so that stages need recomputation or do not fit.
+CLUSTER = cluster_from_dict({
+    "kinds": [
+        {"name": "fast", "vendor": "x", "backend": "gloo", "flops": {"bf16": 4e12},
+         "memory_gib": 0.05, "memory_bandwidth_gbps": 500, "intra_node_gbps": 50},
+        {"name": "slow", "vendor": "y", "backend": "gloo", "flops": {"bf16": 1e12},
+         "memory_gib": 0.09, "memory_bandwidth_gbps": 200, "intra_node_gbps": 10},
+    ],
+    "nodes": [{"name": "f", "kind": "fast", "count": 4}, {"name": "s", "kind": "slow", "count": 2}],
+})
+SPEC = model_spec(model_config("small"), 512)
+COST = CostModel(CLUSTER, SPEC)
+DTYPES = {"fast": "bf16", "slow": "bf16"}
+TABLES = TableCache(COST)
+
+block = st.tuples(st.sampled_from(["fast", "slow"]), st.sampled_from([1, 2]),
+                  st.integers(1, 3), st.booleans())
+
+
+def partitioner(mbs, allow_recompute=True):
+    comm = BoundaryComm(COST, LinkModel(CLUSTER), DTYPES, mbs)
+    return Partitioner(TABLES, DTYPES, mbs, comm, allow_recompute), comm
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.lists(block, min_size=1, max_size=3), mbs=st.sampled_from([1, 2]),
+       allow_recompute=st.booleans())
+def test_dp_matches_every_cut(blocks, mbs, allow_recompute):
+    blocks = tuple((k, tp, c, local) for k, tp, c, local in blocks)
+    part, comm = partitioner(mbs, allow_recompute)
+    stages = [(k, tp, local) for k, tp, c, local in blocks for _ in range(c)]
+    want = brute_partition(COST, comm, DTYPES, mbs, stages, allow_recompute)
+    got = part.slot_s(blocks)
+    if math.isinf(want):
+        assert math.isinf(got) and part.best(blocks) is None
+        return
+    assert got == pytest.approx(want, rel=1e-12)
+    best = part.best(blocks)
+    assert best.slot_s == pytest.approx(got, rel=1e-12)
+    assert best.layers[0][0] == 0 and best.layers[-1][1] == SPEC.n_layers
+    assert all(a < b for a, b in best.layers)
+    assert all(x[1] == y[0] for x, y in zip(best.layers, best.layers[1:], strict=False))
+    if not allow_recompute:
+        assert not any(best.recompute)
+
+
+def test_recomputation_only_where_needed():
+    part, _ = partitioner(2)
+    best = part.best((("fast", 1, 3, True), ("slow", 1, 2, True)))
+    assert best is not None and any(best.recompute)  # the fast kind's 0.05 GiB is tight
+    without, _ = partitioner(2, allow_recompute=False)
+    assert without.slot_s((("fast", 1, 3, True), ("slow", 1, 2, True))) >= best.slot_s

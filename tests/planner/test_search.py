@@ -1,0 +1,123 @@
+"""The search: exact against brute force on small clusters, valid plans, more devices never
+slower, and a reason when nothing fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetrain.cluster import cluster_from_dict
+from hetrain.cost import CostModel
+from hetrain.cost.tables import TableCache
+from hetrain.errors import PlannerError
+from hetrain.model import model_config, model_spec
+from hetrain.planner.report import checked_memory_bytes
+from hetrain.planner.search import SearchOptions, build_candidates, search_plan
+from tests.planner.brute import brute_counts
+
+
+def cluster(*nodes, **links):
+    """Nodes as (kind, count) or (kind, count, replicas)."""
+    raw = [{"name": f"n{i}", "kind": n[0], "count": n[1], "replicas": n[2] if len(n) > 2 else 1}
+           for i, n in enumerate(nodes)]
+    return cluster_from_dict({"nodes": raw, "links": links} if links else {"nodes": raw})
+
+
+FAST = {"inter_node_gbps": 400, "bridge_gbps": 400, "inter_node_latency_us": 1}
+# Each kind in one node, or one device per node: the planner's link model is then exactly
+# what the placed plan gets, so the estimate of the plan equals the search's objective.
+SMALL = {
+    "three-kinds": cluster(("H100", 1), ("BR104", 1), ("A100-80GB", 1)),
+    "2xH100+2xA100": cluster(("H100", 2), ("A100-80GB", 2)),
+    "4xH100": cluster(("H100", 4)),
+    "1+1+1 nodes": cluster(("H100", 1, 3), ("Ascend910B", 1)),
+    "3 kinds x2": cluster(("H100", 2), ("BR104", 2), ("A100-80GB", 2)),
+    "8 devices": cluster(("H100", 4), ("BR104", 2), ("A100-80GB", 2)),
+    # fast links make data parallelism across kinds pay: optima of two and three templates
+    "fast 2H+2A": cluster(("H100", 2), ("A100-80GB", 2), **FAST),
+    "fast 3H+1B": cluster(("H100", 3), ("BR104", 1), **FAST),
+    "fast 1+1+1 nodes": cluster(("H100", 1, 2), ("A100-80GB", 1, 2), ("BR104", 1), **FAST),
+}
+CASES = [(name, "llama-7b", 1024, 16) for name in SMALL if name != "8 devices"] + [
+    ("fast 2H+2A", "small", 512, 64), ("fast 3H+1B", "small", 512, 64),
+    ("fast 1+1+1 nodes", "small", 512, 64), ("fast 1+1+1 nodes", "llama-7b", 1024, 32),
+    ("8 devices", "llama-13b", 512, 8), ("three-kinds", "small", 512, 32),
+    ("2xH100+2xA100", "small", 512, 32), ("1+1+1 nodes", "small", 512, 32),
+    ("three-kinds", "llama-7b", 2048, 8), ("3 kinds x2", "llama-13b", 512, 8),
+    ("4xH100", "llama-13b", 1024, 12)]
+
+
+def brute_best(clus, cost, global_batch, options):
+    tables = TableCache(cost)
+    best = float("inf")
+    for mbs in options.micro_batch_sizes:
+        if global_batch % mbs:
+            continue
+        cands = build_candidates(clus, cost, tables, global_batch, mbs, options)
+        assert cands.exhaustive
+        if cands.templates:
+            best = min(best, brute_counts(clus, cands.templates, cands.micro_batches,
+                                          cands.max_shapes))
+    return best
+
+
+@pytest.mark.parametrize("name,model,seq_len,global_batch", CASES)
+def test_search_is_exact_on_small_clusters(name, model, seq_len, global_batch):
+    clus = SMALL[name]
+    cost = CostModel(clus, model_spec(model_config(model), seq_len))
+    options = SearchOptions()
+    want = brute_best(clus, cost, global_batch, options)
+    try:
+        result = search_plan(clus, cost, global_batch, options)
+    except PlannerError:
+        assert want == float("inf")
+        return
+    assert result.exhaustive
+    assert result.solution.step_s == pytest.approx(want, rel=1e-9)
+    # the placed plan's estimate is the search's objective, and the plan runs
+    assert result.estimate.step_s == pytest.approx(result.solution.step_s, rel=1e-9)
+    assert result.plan.predicted["step_s"] == result.estimate.step_s
+    checked_memory_bytes(result.plan, cost)
+
+
+GROWTH = [
+    (cluster(("H100", 1)), cluster(("H100", 2))),
+    (cluster(("H100", 2)), cluster(("H100", 2), ("A100-80GB", 1))),
+    (cluster(("A100-80GB", 2), ("BR104", 1)), cluster(("A100-80GB", 3), ("BR104", 1))),
+    (cluster(("H100", 1), ("BR104", 1)), cluster(("H100", 1), ("BR104", 1), ("Ascend910B", 2))),
+    (cluster(("BR104", 1, 2)), cluster(("BR104", 1, 4))),
+]
+
+
+@pytest.mark.parametrize("small,large", GROWTH)
+@pytest.mark.parametrize("model,seq_len", [("llama-7b", 2048), ("small", 512)])
+def test_more_devices_never_slower(small, large, model, seq_len):
+    spec = model_spec(model_config(model), seq_len)
+    try:
+        a = search_plan(small, CostModel(small, spec), 16).estimate.step_s
+    except PlannerError:
+        a = float("inf")  # does not fit on the smaller cluster
+    b = search_plan(large, CostModel(large, spec), 16)
+    assert b.estimate.step_s <= a * (1 + 1e-9)
+
+
+def test_single_kind_restriction(three_kinds):
+    cost = CostModel(three_kinds, model_spec(model_config("small"), 256))
+    result = search_plan(three_kinds, cost, 8, SearchOptions(kinds=("BR104",)))
+    assert result.plan.kinds() == ["BR104"]
+    with pytest.raises(PlannerError, match="not in the cluster"):
+        search_plan(three_kinds, cost, 8, SearchOptions(kinds=("V100",)))
+
+
+def test_infeasible_names_the_shortfall(three_kinds):
+    cost = CostModel(three_kinds, model_spec(model_config("llama-70b"), 4096))
+    with pytest.raises(PlannerError, match=r"needs \d+ GiB for weights and optimizer states, "
+                                           r"the cluster has \d+ GiB"):
+        search_plan(three_kinds, cost, 8)
+
+
+def test_infeasible_activations(three_kinds):
+    # the states fit, but 4096-token activations of llama-7b at micro-batch 8 do not
+    cost = CostModel(three_kinds, model_spec(model_config("llama-7b"), 4096))
+    with pytest.raises(PlannerError, match="activations"):
+        search_plan(three_kinds, cost, 8, SearchOptions(micro_batch_sizes=(8,),
+                                                        allow_recompute=False))

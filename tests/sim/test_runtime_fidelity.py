@@ -1,0 +1,64 @@
+"""The simulator times what the runtime does: a late receive waits for the rendezvous (the
+ready notice, then the bytes), and a group's gradient syncs block one after another in the
+runtime's order."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetrain.plan import Plan
+from hetrain.sim import simulate_plan
+
+from .helpers import SEQ_LEN, FixedCost, line_cluster, pipeline_plan
+
+
+def _starts(result, name: str, lane: str) -> list[float]:
+    return [e.start_s for e in result.events if e.name == name and e.lane == lane]
+
+
+def test_a_receiver_posted_first_waits_for_the_transfer_only():
+    cluster = line_cluster(2)
+    c = 0.25
+    result = simulate_plan(pipeline_plan(cluster, 2, 2), cluster, FixedCost(cluster, p2p=c))
+    # stage 1 waits from 0 for F0, sent at 1
+    assert _starts(result, "F0", "n1:0") == pytest.approx([1 + c])
+
+
+def test_a_late_receiver_pays_the_handshake_and_the_transfer():
+    cluster = line_cluster(2)
+    c = 0.25
+    result = simulate_plan(pipeline_plan(cluster, 2, 2), cluster, FixedCost(cluster, p2p=c))
+    # stage 1 runs F0 (1+c .. 2+c), B0 (.. 4+c), then posts F1, which stage 0 sent at 2: the
+    # notice (a message of no bytes: c here) and the bytes (c) follow the post
+    assert _starts(result, "F1", "n1:0") == pytest.approx([4 + 3 * c])
+
+
+def test_free_transfers_leave_late_receivers_unaffected():
+    cluster = line_cluster(2)
+    result = simulate_plan(pipeline_plan(cluster, 2, 2), cluster, FixedCost(cluster))
+    assert _starts(result, "F1", "n1:0") == pytest.approx([4.0])
+
+
+def test_syncs_block_in_the_runtime_order():
+    """Group c holds every layer; a holds the first half, b the second. c sums with a first
+    (holder names sort so), and a finishes last: the {b, c} sum waits although b and c are
+    ready long before."""
+    cluster = line_cluster(3)
+    plan = Plan.model_validate({
+        "model": "tiny", "seq_len": SEQ_LEN, "global_batch": 3,
+        "stage_groups": [
+            {"name": "a", "kind": "H100", "devices": ["n0:0"], "layers": [0, 3]},
+            {"name": "b", "kind": "H100", "devices": ["n1:0"], "layers": [3, 6]},
+            {"name": "c", "kind": "H100", "devices": ["n2:0"], "layers": [0, 6]},
+        ],
+        "routes": [{"stages": ["a", "b"], "micro_batches": 2, "micro_batch_size": 1},
+                   {"stages": ["c"], "micro_batches": 1, "micro_batch_size": 1}],
+    })
+    sync = 0.5
+    result = simulate_plan(plan, cluster, FixedCost(cluster, sync=sync))
+    # a: F0 F1 .. B0 (4-6), B1 (7-9); b ends at 7; c at 3
+    first = [e for e in result.events if e.name == "allreduce" and e.args["layers"][0] == 0]
+    second = [e for e in result.events if e.name == "allreduce" and e.args["layers"][0] == 3]
+    assert first and [e.start_s for e in first] == pytest.approx([9.0] * len(first))
+    assert second and [e.start_s for e in second] == pytest.approx([9.0 + sync] * len(second))
+    assert result.step_s == pytest.approx(9.0 + 2 * sync)
