@@ -9,7 +9,7 @@ $(BIN)/hetrain: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The CPU wheel of torch first: a bare `torch` requirement would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,hf]'
 	touch $(BIN)/hetrain
 
 setup: $(BIN)/hetrain

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
@@ -31,20 +32,23 @@ def proportional_shares(speeds: Sequence[float], total: int, minimum: int = 0) -
 
 def balanced_shares(seconds_per_sample: Sequence[float], total: int) -> list[int]:
     """Split `total` samples so the slowest device finishes first: minimise
-    max(share_i x seconds_per_sample_i). Floors of the proportional split, then each
-    remaining sample to the device that would finish it earliest (optimal for unit jobs on
-    machines of different speeds)."""
+    max(share_i x seconds_per_sample_i)."""
     if any(t <= 0 for t in seconds_per_sample) or total < 0:
         raise PlannerError("shares need positive per-sample times and a non-negative total")
-    speeds = [1.0 / t for t in seconds_per_sample]
-    shares = [int(total * s / sum(speeds)) for s in speeds]
-    heap = [((n + 1) * t, i) for i, (n, t) in enumerate(zip(shares, seconds_per_sample,
-                                                             strict=True))]
+    return balanced_shares_by([lambda n, t=t: n * t for t in seconds_per_sample], total)
+
+
+def balanced_shares_by(finish_s: Sequence[Callable[[int], float]], total: int) -> list[int]:
+    """Split `total` samples over devices whose time for n samples is `finish_s[i](n)` (non-
+    decreasing): each sample in turn goes to the device that would finish it earliest, which
+    minimises the slowest device's time for such functions (unit jobs, list scheduling)."""
+    shares = [0] * len(finish_s)
+    heap = [(f(1), i) for i, f in enumerate(finish_s)]
     heapq.heapify(heap)
-    for _ in range(total - sum(shares)):
+    for _ in range(total):
         _, i = heapq.heappop(heap)
         shares[i] += 1
-        heapq.heappush(heap, ((shares[i] + 1) * seconds_per_sample[i], i))
+        heapq.heappush(heap, (finish_s[i](shares[i] + 1), i))
     return shares
 
 
@@ -62,13 +66,20 @@ def data_parallel_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     if even:
         shares = proportional_shares([1.0] * len(devices), global_batch)
     else:
-        # Per-sample time at the micro-batch size the share will run at: small micro-batches
-        # pay the weight-reading floor more often, so speed depends on it.
-        tokens = micro_batch_size * spec.seq_len
-        per_sample = [sum(cost.layers_compute_s(d.kind, (0, spec.n_layers), tokens, op, dtype)
-                          for op in ("forward", "backward")) / micro_batch_size
-                      for d in devices]
-        shares = balanced_shares(per_sample, global_batch)
+        # A share runs as full micro-batches plus one remainder, and each micro-batch pays the
+        # weight-reading floor: time is not linear in samples, so balance the real function.
+        @functools.cache
+        def micro_batch_s(kind: str, size: int) -> float:
+            if size == 0:
+                return 0.0
+            return sum(cost.layers_compute_s(kind, (0, spec.n_layers), size * spec.seq_len,
+                                             op, dtype) for op in ("forward", "backward"))
+
+        def finish_fn(kind: str) -> Callable[[int], float]:
+            return lambda n: (n // micro_batch_size * micro_batch_s(kind, micro_batch_size)
+                              + micro_batch_s(kind, n % micro_batch_size))
+
+        shares = balanced_shares_by([finish_fn(d.kind) for d in devices], global_batch)
     groups, routes = [], []
     for i, (dev, share) in enumerate(zip(devices, shares, strict=True)):
         if share == 0:
