@@ -21,6 +21,7 @@ from hetrain.errors import RuntimeFailure
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.planner.data_parallel import data_parallel_plan
+from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
 from hetrain.runtime.launch import calibrate_time_scale
@@ -45,7 +46,8 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
     scale = time_scale or (calibrate_time_scale(plan, cost, corpus, config, None)
                            if emulated else 1.0)
     t0 = time.perf_counter()
-    out = train_resilient(cluster, plan, config, corpus=corpus, time_scale=scale)
+    out = train_resilient(cluster, plan, config, replan=data_parallel_replan(),
+                          corpus=corpus, time_scale=scale)
     wall_s = time.perf_counter() - t0
     if not out.recoveries:
         raise RuntimeFailure("the injected failure did not happen; use --fail-at-step < --steps")

@@ -17,6 +17,7 @@ from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan import load_plan
 from hetrain.planner.data_parallel import data_parallel_plan
+from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
 from hetrain.runtime.launch import torchrun_main
@@ -77,7 +78,8 @@ def train(
 
         if checkpoint_dir:
             # With checkpoints on, a lost or hung worker is survived: re-plan, resume.
-            resilient = train_resilient(c, p, config, out_dir=out_dir, progress=on_step)
+            resilient = train_resilient(c, p, config, replan=data_parallel_replan(),
+                                        out_dir=out_dir, progress=on_step)
             result = resilient.result
             for rec in resilient.recoveries:
                 console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)

@@ -31,12 +31,11 @@ import torch
 from torch import nn
 
 from hetrain.cluster.topology import Cluster
-from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus
 from hetrain.errors import RuntimeFailure
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
-from hetrain.runtime.launch import ProgressFn, plan_spec, train
+from hetrain.runtime.launch import ProgressFn, train
 from hetrain.runtime.results import RunResult
 
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]
@@ -92,19 +91,6 @@ class ResilientResult:
         return self.result.plan
 
 
-def data_parallel_replan(user_model: nn.Module | None = None) -> ReplanFn:
-    """The default re-plan: speed-proportional data parallelism on the survivors, same global
-    batch. Every survivor then holds the whole model; pass the planner's search for models
-    that do not fit one device."""
-    from hetrain.planner import data_parallel_plan
-
-    def replan(survivors: Cluster, plan: Plan, config: TrainConfig) -> Plan:
-        cost = CostModel(survivors, plan_spec(plan, user_model))
-        return data_parallel_plan(survivors, cost, plan.global_batch)
-
-    return replan
-
-
 class _Steps:
     """Progress hook: when each step completed, and its loss (forwards to the user's hook)."""
 
@@ -121,13 +107,14 @@ class _Steps:
 
 
 def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-                    replan: ReplanFn | None = None, max_recoveries: int = 3,
+                    replan: ReplanFn, max_recoveries: int = 3,
                     user_model: nn.Module | None = None, corpus: Corpus | None = None,
                     out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                     time_scale: float | None = None) -> ResilientResult:
-    """`train`, surviving up to `max_recoveries` lost devices. Checkpoints go to
-    `config.checkpoint_dir` (a temporary folder when unset) every `checkpoint_every` steps."""
-    replan = replan or data_parallel_replan(user_model)
+    """`train`, surviving up to `max_recoveries` lost devices; `replan` makes the survivors'
+    plan (e.g. planner.replan.data_parallel_replan: the runtime does not import the planner).
+    Checkpoints go to `config.checkpoint_dir` (a temporary folder when unset) every
+    `checkpoint_every` steps."""
     scratch = None
     if not config.checkpoint_dir:
         scratch = tempfile.mkdtemp(prefix="hetrain-ckpt-")
