@@ -117,6 +117,15 @@ class Plan(BaseModel):
         """Stage groups holding `layer`: their gradients for it are summed."""
         return [g for g in self.stage_groups if g.layers[0] <= layer < g.layers[1]]
 
+    def gradient_holders(self, layer: int, tied_last: int | None = None) -> tuple[str, ...]:
+        """Names of the groups whose gradients for `layer` are summed, sorted. With tied
+        embeddings (`tied_last`: the head's layer) the embedding's holders include the head's.
+        The runtime's gradient sync and the simulator both use it."""
+        names = {g.name for g in self.holders(layer)}
+        if tied_last is not None and layer == 0:
+            names |= {g.name for g in self.holders(tied_last)}
+        return tuple(sorted(names))
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1)
 

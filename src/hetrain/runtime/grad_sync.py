@@ -25,13 +25,6 @@ class SyncSet:
     tp_index: int | None  # shard-wise: tp rank; None: full-tensor mode (mixed degrees)
 
 
-def layer_holders(plan: Plan, layer: int, tied_last: int | None) -> tuple[str, ...]:
-    names = {g.name for g in plan.holders(layer)}
-    if tied_last is not None and layer == 0:
-        names |= {g.name for g in plan.holders(tied_last)}
-    return tuple(sorted(names))
-
-
 class GradSync:
     """Built identically on every rank (group creation order), used by members only."""
 
@@ -39,7 +32,7 @@ class GradSync:
                  backend_of: dict[str, str], cache: GroupCache, n_layers: int, tied: bool):
         self.plan = plan
         tied_last = n_layers - 1 if tied else None
-        self.holders = {layer: layer_holders(plan, layer, tied_last) for layer in range(n_layers)}
+        self.holders = {layer: plan.gradient_holders(layer, tied_last) for layer in range(n_layers)}
         self.reducers: dict[SyncSet, HierarchicalAllReduce] = {}
         for holders in sorted(set(self.holders.values())):
             groups = [plan.group_by_name[g] for g in holders]

@@ -21,13 +21,6 @@ class SyncSet:
     nbytes: float  # gradient bytes each of those ranks reduces
 
 
-def set_holders(plan: Plan, layer: int, tied_last: int | None) -> tuple[str, ...]:
-    names = {g.name for g in plan.holders(layer)}
-    if tied_last is not None and layer == 0:
-        names |= {g.name for g in plan.holders(tied_last)}
-    return tuple(sorted(names))
-
-
 def sync_sets(plan: Plan, cost: CostModel) -> list[SyncSet]:
     """One set per distinct holder set of two or more groups.
 
@@ -39,7 +32,7 @@ def sync_sets(plan: Plan, cost: CostModel) -> list[SyncSet]:
     tied_last = spec.n_layers - 1 if spec.tie_embeddings else None
     layers_of: dict[tuple[str, ...], list[int]] = {}
     for layer in range(spec.n_layers):
-        holders = set_holders(plan, layer, tied_last)
+        holders = plan.gradient_holders(layer, tied_last)
         if len(holders) > 1:
             layers_of.setdefault(holders, []).append(layer)
     groups = plan.group_by_name
