@@ -74,3 +74,17 @@ def test_train_with_bad_cluster_writes_nothing(tmp_path):
 def test_example_cluster_files_are_valid():
     for path in (EXAMPLES / "clusters").glob("*.yaml"):
         load_cluster(path)
+
+
+def test_train_with_plan_for_another_cluster_is_refused(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: tiny\nseq_len: 16\nglobal_batch: 2\nstage_groups:\n"
+                    "  - {name: a, kind: H100, devices: ['h100-7:0'], layers: [0, 6]}\n"
+                    "routes:\n  - {stages: [a], micro_batches: 1, micro_batch_size: 2}\n")
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["train", "--cluster",
+                                      str(EXAMPLES / "clusters" / "three-kinds.yaml"),
+                                      "--plan", str(plan), "--json", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert "'h100-7:0' is not in the cluster" in result.output
+    assert "train" not in result.output.split("error:")[0]  # refused before any progress

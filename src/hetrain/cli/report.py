@@ -42,11 +42,11 @@ def per_kind_table(result: RunResult) -> Table:
 
 def per_group_table(result: RunResult) -> Table:
     table = Table(title=f"Stage groups: memory per device{emulated_tag(result.is_emulated)}")
-    for col in ("group", "kind", "devices", "layers", "samples", "in flight",
-                "estimated MiB", "measured MiB"):
+    for col in ("group", "kind", "tp", "layers", "samples", "in flight", "est. MiB",
+                "meas. MiB"):
         table.add_column(col, justify="left" if col in ("group", "kind") else "right")
     for name, g in result.per_group.items():
-        table.add_row(name, g["kind"] + emulated_tag(g["emulated"]), str(len(g["devices"])),
+        table.add_row(name, g["kind"], str(len(g["devices"])),
                       f"{g['layers'][0]}-{g['layers'][1] - 1}", str(g["samples"]),
                       str(g["peak_in_flight"]), f"{g['estimated_bytes'] / 2**20:,.1f}",
                       f"{g['measured_bytes'] / 2**20:,.1f}")

@@ -20,7 +20,7 @@ from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
-from hetrain.runtime.launch import torchrun_main
+from hetrain.runtime.launch import check_plan, plan_spec, torchrun_main
 from hetrain.runtime.launch import train as run_train
 from hetrain.runtime.recovery import train_resilient
 from hetrain.trace import TraceEvent, write_chrome_trace
@@ -62,6 +62,8 @@ def train(
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
         return
+    # Refuse a bad plan before any output: one line, exit 2.
+    check_plan(p, c, plan_spec(p, None))
     console = Console()
     emulated = bool(emulated_kinds(p, c))
     if emulated:
