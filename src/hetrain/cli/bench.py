@@ -15,7 +15,7 @@ from hetrain.cli.report import emulated_tag, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import load_corpus
+from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan.types import Plan, Route, StageGroup
@@ -26,9 +26,9 @@ from hetrain.runtime.launch import calibrate_time_scale, train
 from hetrain.runtime.results import RunResult
 
 
-def _measure(cluster: Cluster, plan: Plan, config: TrainConfig, scale: float) -> RunResult:
-    return train(cluster, plan, config, corpus=load_corpus(config.data, config.seed),
-                 time_scale=scale)
+def _measure(cluster: Cluster, plan: Plan, config: TrainConfig, scale: float,
+             corpus: Corpus) -> RunResult:
+    return train(cluster, plan, config, corpus=corpus, time_scale=scale)
 
 
 def _print(console: Console, title: str, rows: dict[str, float], emulated: bool) -> None:
@@ -47,17 +47,18 @@ def bench_dp(cluster: Cluster, model: str, global_batch: int, seq_len: int, step
     cost = CostModel(cluster, spec)
     config = TrainConfig(model=model, steps=steps)
     hetero = data_parallel_plan(cluster, cost, global_batch)
-    scale = time_scale or calibrate_time_scale(hetero, cost, load_corpus(None), config, None)
+    corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
+    scale = time_scale or calibrate_time_scale(hetero, cost, corpus, config, None)
     standalone = {}
     emulated = False
     for kind in cluster.kind_counts():
         alone = _measure(cluster, data_parallel_plan(cluster, cost, global_batch, kinds=[kind]),
-                         config, scale)
+                         config, scale, corpus)
         standalone[kind] = alone.tokens_per_s
         emulated |= alone.is_emulated
     even = _measure(cluster, data_parallel_plan(cluster, cost, global_batch, even=True),
-                    config, scale)
-    ours = _measure(cluster, hetero, config, scale)
+                    config, scale, corpus)
+    ours = _measure(cluster, hetero, config, scale, corpus)
     return {
         "standalone_tokens_per_s": standalone,
         "even_tokens_per_s": even.tokens_per_s,
@@ -97,9 +98,10 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
     even = pipeline_plan(cluster, cost, kinds, even_layers, micro_batches, micro_batch_size)
     balanced = pipeline_plan(cluster, cost, kinds, balanced_layers, micro_batches,
                              micro_batch_size)
-    scale = time_scale or calibrate_time_scale(balanced, cost, load_corpus(None), config, None)
-    r_even = _measure(cluster, even, config, scale)
-    r_bal = _measure(cluster, balanced, config, scale)
+    corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
+    scale = time_scale or calibrate_time_scale(balanced, cost, corpus, config, None)
+    r_even = _measure(cluster, even, config, scale, corpus)
+    r_bal = _measure(cluster, balanced, config, scale, corpus)
     return {
         "kinds": kinds,
         "even_layers": even_layers, "balanced_layers": balanced_layers,

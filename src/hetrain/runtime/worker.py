@@ -98,6 +98,7 @@ class Worker:
         self.pacer = Pacer(self.kind in job.emulated, job.time_scale)
         self.meter = ActivationMeter()
         self.events: list[dict] = []
+        self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self.inv_tokens = 1.0 / (plan.global_batch * plan.seq_len)
 
     # --- set-up ------------------------------------------------------------------------------
@@ -134,14 +135,14 @@ class Worker:
         self.dtype = getattr(torch, job.config.precision)
         self.stage.to(device=self.device, dtype=self.dtype)
 
-    def _peer_ranks(self, group_name: str, mine: StageGroup, receiving: bool) -> list[int]:
+    def _peer_ranks(self, group_name: str, receiving: bool) -> list[int]:
         """Ranks of `group_name` this rank exchanges with: each receiver rank j takes from
         sender rank j mod (sender size); a sender sends to every receiver it so feeds."""
         other = self.job.plan.group_by_name[group_name]
         if receiving:
             return [self.rank_of[other.devices[self.tp_index % other.tp]]]
         return [self.rank_of[other.devices[j]] for j in range(other.tp)
-                if j % mine.tp == self.tp_index]
+                if j % self.group.tp == self.tp_index]
 
     # --- one step ----------------------------------------------------------------------------
     def run_step(self, step: int) -> dict:
@@ -159,7 +160,7 @@ class Worker:
             received = None
             if action.recv_from is not None:
                 shape = (mb.size, plan.seq_len, self.dim)
-                (src,) = self._peer_ranks(action.recv_from, self.group, receiving=True)
+                (src,) = self._peer_ranks(action.recv_from, receiving=True)
                 received = self.p2p.recv(shape, src, tag_of(mb.id, backward), self.device,
                                          self.dtype)
             t0 = time.perf_counter()
@@ -188,7 +189,7 @@ class Worker:
             emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
             self.pacer.finish(t0, emulated_s)
             if action.send_to is not None:
-                for dst in self._peer_ranks(action.send_to, self.group, receiving=False):
+                for dst in self._peer_ranks(action.send_to, receiving=False):
                     self.p2p.send(result, dst, tag_of(mb.id, backward))
             t1 = time.perf_counter()
             busy += t1 - t0
@@ -216,8 +217,6 @@ class Worker:
                                 "start_s": t0 + self.clock_offset, "dur_s": t1 - t0,
                                 "kind": self.kind,
                                 "stream": "comm" if cat == "comm" else "compute"})
-
-    clock_offset = 0.0
 
     # --- results -----------------------------------------------------------------------------
     def full_parameters(self) -> dict[str, torch.Tensor]:
