@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16")
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
 TFLOPS = 1e12
 GIB = 1024**3
 

@@ -1,23 +1,36 @@
-"""The one schedule both executors run: per stage group, its ordered forward/backward actions.
+"""The one schedule both executors run: per stage group, its ordered compute actions.
 
-The order comes from a greedy list scheduling of the plan's micro-batches (1F1B: a group runs a
-ready backward first, else a ready forward while fewer than its limit are in flight), timed
-with compute durations from a cost model (or unit durations per layer). Each group's list is
+The order comes from a greedy list scheduling of the plan's micro-batches, timed with compute
+and transfer durations from a cost model (or unit durations per layer). Each group's list is
 sorted by that run's start times, a linear extension of the dependencies, so executing every
 list in order can never deadlock, whatever the real durations turn out to be.
+
+Two kinds (Plan.schedule):
+- "1f1b": a group runs a ready backward first, else a ready forward while fewer than its
+  in-flight limit are held for backward.
+- "zero_bubble" (Qi et al. 2024): each backward is split into an input-gradient action (on the
+  critical path: its result goes to the previous stage) and a weight-gradient action (no
+  transfer, needed only by the optimizer). Priority: input gradient, then forward (within the
+  limit), then a pending weight gradient, so weight gradients fill the gaps where 1F1B idles
+  (warm-up and cool-down). A micro-batch holds its activations until its weight gradient.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from hetrain.errors import PlanError
 from hetrain.plan.types import Plan, StageGroup
 
-Op = Literal["forward", "backward"]
+Op = Literal["forward", "backward", "backward_input", "backward_weight"]
+# Ops that produce weight gradients: after a group's last one, its gradients are final.
+WEIGHT_GRAD_OPS = ("backward", "backward_weight")
+# Short names in traces and Gantt charts.
+OP_LETTER = {"forward": "F", "backward": "B", "backward_input": "B", "backward_weight": "W"}
 
 
 class StageCost(Protocol):
@@ -31,8 +44,8 @@ class Action:
     """One compute step of a stage group, with the transfers around it.
 
     forward: receive the activation from `recv_from` (if any), compute, send to `send_to`.
-    backward: receive the output gradient from `recv_from` (if any), compute, send the input
-    gradient to `send_to`.
+    backward / backward_input: receive the output gradient from `recv_from` (if any),
+    compute, send the input gradient to `send_to`. backward_weight: no transfer.
     """
 
     op: Op
@@ -42,101 +55,185 @@ class Action:
     recv_from: str | None
     send_to: str | None
 
+    @property
+    def label(self) -> str:
+        return OP_LETTER[self.op] + str(self.micro_batch)
+
+    @property
+    def is_backward(self) -> bool:
+        """Carries gradients (its transfers are tagged as backward ones)."""
+        return self.op != "forward"
+
 
 @dataclass
 class Schedule:
     actions: dict[str, list[Action]]  # group name -> ordered actions
-    peak_in_flight: dict[str, int]  # forwards held for backward at once, per group
-    estimated_step_s: float  # makespan of the ordering run (compute only)
+    peak_in_flight: dict[str, int]  # micro-batches holding activations at once, per group
+    estimated_step_s: float  # makespan of the ordering run (compute and transfers)
     start_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> start
+    end_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> end
 
     def compute_actions(self) -> int:
         return sum(len(a) for a in self.actions.values())
 
+    def last_weight_grad(self, group: str) -> int:
+        """Index of the group's last action producing weight gradients."""
+        acts = self.actions[group]
+        return max(i for i, a in enumerate(acts) if a.op in WEIGHT_GRAD_OPS)
+
 
 def in_flight_limit(plan: Plan, group: str) -> int:
-    """Sum over routes through the group of the stages from it to the route's end (1F1B)."""
+    """Sum over routes through the group of the stages from it to the route's end (1F1B),
+    times the plan's in-flight scale."""
     limit = 0
     for r in plan.routes_through(group):
         stages = plan.routes[r].stages
         limit += len(stages) - stages.index(group)
-    return max(limit, 1)
+    return max(math.floor(limit * plan.in_flight_scale), 1)
 
 
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
-    return group.n_layers * samples * (2.0 if op == "backward" else 1.0) / group.tp
+    scale = {"forward": 1.0, "backward": 2.0, "backward_input": 1.0, "backward_weight": 1.0}[op]
+    return group.n_layers * samples * scale / group.tp
 
 
-def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
-    groups = plan.group_by_name
+@dataclass
+class _GroupState:
+    ready_f: list = field(default_factory=list)  # heap of (ready at, micro-batch, position)
+    ready_b: list = field(default_factory=list)
+    pending_w: list = field(default_factory=list)  # micro-batches whose weight grad is left
+    in_flight: int = 0
+    peak: int = 0
+    busy: bool = False
+    order: list = field(default_factory=list)
 
-    def duration(group: StageGroup, op: Op, samples: int) -> float:
-        if cost is None:
-            return _unit_duration(group, op, samples)
-        return cost.stage_compute_s(group, op, samples, plan.seq_len)
 
-    ready_f: dict[str, list] = {g: [] for g in groups}
-    ready_b: dict[str, list] = {g: [] for g in groups}
-    in_flight = dict.fromkeys(groups, 0)
-    peak = dict.fromkeys(groups, 0)
-    limit = {g: in_flight_limit(plan, g) for g in groups}
-    busy = dict.fromkeys(groups, False)
-    order: dict[str, list[Action]] = {g: [] for g in groups}
-    starts: dict[tuple[str, int], float] = {}
-    events: list = []
-    seq = itertools.count()
+class _ListScheduler:
+    """The greedy run behind build_schedule: event-driven, one action at a time per group."""
 
-    for mb in plan.micro_batches:
-        heapq.heappush(ready_f[plan.routes[mb.route].stages[0]], (0.0, mb.id, 0))
+    def __init__(self, plan: Plan, cost: StageCost | None, transfer_s):
+        self.plan, self.cost, self.transfer_s = plan, cost, transfer_s
+        self.groups = plan.group_by_name
+        self.split = plan.schedule == "zero_bubble"
+        self.state = {g: _GroupState() for g in self.groups}
+        self.limit = {g: in_flight_limit(plan, g) for g in self.groups}
+        self.starts: dict[tuple[str, int], float] = {}
+        self.ends: dict[tuple[str, int], float] = {}
+        self.events: list = []
+        self.seq = itertools.count()
+        self._durations: dict[tuple[str, str, int], float] = {}
 
-    def try_start(g: str, now: float) -> None:
-        if busy[g]:
+    def duration(self, g: str, op: Op, samples: int) -> float:
+        key = (g, op, samples)
+        if key not in self._durations:
+            group = self.groups[g]
+            self._durations[key] = (_unit_duration(group, op, samples) if self.cost is None
+                                    else self.cost.stage_compute_s(group, op, samples,
+                                                                   self.plan.seq_len))
+        return self._durations[key]
+
+    def pick(self, g: str) -> tuple[Op, int, int] | None:
+        """The next action of group g by priority, or None when it must wait."""
+        st = self.state[g]
+        if st.ready_b:
+            _, mb_id, pos = heapq.heappop(st.ready_b)
+            if not self.split:
+                st.in_flight -= 1
+            return ("backward_input" if self.split else "backward"), mb_id, pos
+        if st.ready_f and st.in_flight < self.limit[g]:
+            _, mb_id, pos = heapq.heappop(st.ready_f)
+            st.in_flight += 1
+            st.peak = max(st.peak, st.in_flight)
+            return "forward", mb_id, pos
+        if st.pending_w:
+            _, mb_id, pos = heapq.heappop(st.pending_w)
+            st.in_flight -= 1
+            return "backward_weight", mb_id, pos
+        return None
+
+    def try_start(self, g: str, now: float) -> None:
+        st = self.state[g]
+        if st.busy:
             return
-        if ready_b[g]:
-            _, mb_id, pos = heapq.heappop(ready_b[g])
-            op: Op = "backward"
-            in_flight[g] -= 1
-        elif ready_f[g] and in_flight[g] < limit[g]:
-            _, mb_id, pos = heapq.heappop(ready_f[g])
-            op = "forward"
-            in_flight[g] += 1
-            peak[g] = max(peak[g], in_flight[g])
-        else:
+        picked = self.pick(g)
+        if picked is None:
             return
-        mb = plan.micro_batches[mb_id]
-        stages = plan.routes[mb.route].stages
+        op, mb_id, pos = picked
+        mb = self.plan.micro_batches[mb_id]
+        stages = self.plan.routes[mb.route].stages
         prev = stages[pos - 1] if pos > 0 else None
         nxt = stages[pos + 1] if pos + 1 < len(stages) else None
-        action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos,
-                        recv_from=prev if op == "forward" else nxt,
-                        send_to=nxt if op == "forward" else prev)
-        starts[(g, len(order[g]))] = now
-        order[g].append(action)
-        busy[g] = True
-        end = now + duration(groups[g], op, mb.size)
-        heapq.heappush(events, (end, next(seq), g, action))
+        if op == "forward":
+            recv, send = prev, nxt
+        elif op == "backward_weight":
+            recv = send = None
+        else:
+            recv, send = nxt, prev
+        action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos, recv_from=recv,
+                        send_to=send)
+        index = len(st.order)
+        self.starts[(g, index)] = now
+        st.order.append(action)
+        st.busy = True
+        end = now + self.duration(g, op, mb.size)
+        self.ends[(g, index)] = end
+        heapq.heappush(self.events, (end, next(self.seq), g, action))
 
-    for g in groups:
-        try_start(g, 0.0)
-    now = 0.0
-    while events:
-        now, _, g, action = heapq.heappop(events)
-        busy[g] = False
+    def on_done(self, g: str, action: Action, now: float) -> None:
+        st = self.state[g]
+        st.busy = False
+        size = self.plan.micro_batches[action.micro_batch].size
+        item = (now, action.micro_batch, action.stage)
         if action.op == "forward":
             if action.send_to is None:  # last stage: its backward is ready at once
-                heapq.heappush(ready_b[g], (now, action.micro_batch, action.stage))
+                heapq.heappush(st.ready_b, item)
             else:
-                heapq.heappush(ready_f[action.send_to], (now, action.micro_batch,
-                                                         action.stage + 1))
-                try_start(action.send_to, now)
-        elif action.send_to is not None:
-            heapq.heappush(ready_b[action.send_to], (now, action.micro_batch, action.stage - 1))
-            try_start(action.send_to, now)
-        try_start(g, now)
+                arrive = now + self.transfer_s(g, action.send_to, "forward", size)
+                heapq.heappush(self.events, (arrive, next(self.seq), action.send_to,
+                                             ("f", action.micro_batch, action.stage + 1)))
+        elif action.op != "backward_weight":
+            if action.op == "backward_input":
+                heapq.heappush(st.pending_w, item)
+            if action.send_to is not None:
+                arrive = now + self.transfer_s(g, action.send_to, "backward", size)
+                heapq.heappush(self.events, (arrive, next(self.seq), action.send_to,
+                                             ("b", action.micro_batch, action.stage - 1)))
+        self.try_start(g, now)
 
-    for g in groups:
-        want = 2 * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
-        if len(order[g]) != want:
-            raise PlanError(f"schedule stalled at stage group {g!r}: {len(order[g])} of {want} "
+    def run(self) -> float:
+        for mb in self.plan.micro_batches:
+            first = self.plan.routes[mb.route].stages[0]
+            heapq.heappush(self.state[first].ready_f, (0.0, mb.id, 0))
+        for g in self.groups:
+            self.try_start(g, 0.0)
+        now = 0.0
+        while self.events:
+            now, _, g, what = heapq.heappop(self.events)
+            if isinstance(what, Action):
+                self.on_done(g, what, now)
+                continue
+            direction, mb_id, pos = what  # an input arrived
+            st = self.state[g]
+            heapq.heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
+            self.try_start(g, now)
+        return now
+
+
+def _no_transfer(src: str, dst: str, direction: str, samples: int) -> float:
+    return 0.0
+
+
+def build_schedule(plan: Plan, cost: StageCost | None = None, transfer_s=None) -> Schedule:
+    """Every group's ordered actions. `transfer_s(src_group, dst_group, direction, samples)`
+    gives the seconds from a send's end to the receiver having the tensor (free if None)."""
+    run = _ListScheduler(plan, cost, transfer_s or _no_transfer)
+    makespan = run.run()
+    per_mb = 3 if run.split else 2
+    for g, st in run.state.items():
+        want = per_mb * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
+        if len(st.order) != want:
+            raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "
                             "actions could run; check that routes visit layers in order")
-    return Schedule(actions=order, peak_in_flight=peak, estimated_step_s=now, start_s=starts)
+    return Schedule(actions={g: st.order for g, st in run.state.items()},
+                    peak_in_flight={g: st.peak for g, st in run.state.items()},
+                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends)
