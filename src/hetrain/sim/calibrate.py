@@ -15,8 +15,8 @@ from typing import Any
 from hetrain.cost.measured import MeasuredFigures, allreduce_phases, stage_key
 from hetrain.cost.model import CostModel
 from hetrain.plan.schedule import Schedule
+from hetrain.plan.sync import bucket_bytes, reductions, sync_buckets
 from hetrain.plan.types import Plan, StageGroup
-from hetrain.sim.sync import sync_sets, syncs_in_order
 
 Event = dict[str, Any]
 Steps = dict[str, list[dict[str, Event]]]  # lane -> per step: event name -> event
@@ -58,10 +58,18 @@ def _compute(plan: Plan, at: dict[str, dict[str, Event]], figures: MeasuredFigur
     for g in plan.stage_groups:
         for lane in g.devices:
             for name, e in at.get(lane, {}).items():
-                if e["category"] in ("forward", "backward"):
+                if e["category"] in ("forward", "backward", "weight"):
                     size = plan.micro_batches[int(name[1:])].size
-                    by_size = figures.compute_s.setdefault(stage_key(g, e["category"]), {})
+                    op = _op_of(plan, e["category"])
+                    by_size = figures.compute_s.setdefault(stage_key(g, op), {})
                     by_size.setdefault(size, []).append(e["dur_s"])
+
+
+def _op_of(plan: Plan, category: str) -> str:
+    """The schedule op a trace category times (split backwards under zero-bubble plans)."""
+    if plan.schedule == "zero_bubble" and category != "forward":
+        return "backward_input" if category == "backward" else "backward_weight"
+    return category
 
 
 def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
@@ -75,7 +83,7 @@ def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
             if action.recv_from is None:
                 continue
             src = groups[action.recv_from]
-            tag = ("F" if action.op == "forward" else "B") + str(action.micro_batch)
+            tag = action.label
             nbytes = _transfer_bytes(plan, cost, src, action.op, action.micro_batch)
             for j, lane in enumerate(g.devices):
                 mine, sender = at.get(lane, {}), at.get(src.devices[j % src.tp], {})
@@ -101,22 +109,23 @@ def _allreduces(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],
     """A set is timed where every member sums it first (so its start is the last member's
     arrival) and some member sums it last (so that member's sync ends with it): from the
     arrival to those members' (mean) end. Shard-wise sets of a TP degree run side by side."""
-    syncs = sync_sets(plan, cost)
-    order = syncs_in_order(plan, syncs)
+    buckets = sync_buckets(plan, cost.spec)
+    order = {g.name: [b.index for b in buckets if g.name in b.holders] for g in plan.stage_groups}
     kinds = {d.id: d.kind for d in cost.cluster.devices}
     groups = plan.group_by_name
-    for i, s in enumerate(syncs):
-        if any(order[g][0] != i for g in s.groups):
+    for b in buckets:
+        if any(order[g][0] != b.index for g in b.holders):
             continue
-        lanes = [d for g in s.groups for d in groups[g].devices]
+        lanes = [d for g in b.holders for d in groups[g].devices]
         if any("allreduce" not in at.get(lane, {}) for lane in lanes):
             continue
         last_s = max(at[lane]["allreduce"]["start_s"] for lane in lanes)
         ends = [at[d]["allreduce"]["start_s"] + at[d]["allreduce"]["dur_s"]
-                for g in s.groups if order[g][-1] == i for d in groups[g].devices]
-        phases = allreduce_phases([kinds[d] for d in s.devices])
+                for g in b.holders if order[g][-1] == b.index for d in groups[g].devices]
+        phases = allreduce_phases([kinds[d] for d in reductions(plan, b)[0]])
         if ends and phases:
-            figures.allreduce.append((phases, s.nbytes, max(0.0, statistics.fmean(ends) - last_s)))
+            figures.allreduce.append((phases, bucket_bytes(plan, b),
+                                      max(0.0, statistics.fmean(ends) - last_s)))
 
 
 def _optimizer(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],
