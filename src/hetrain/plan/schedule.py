@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -37,6 +38,41 @@ class StageCost(Protocol):
     """What the schedule needs from a cost model (cost.CostModel implements it)."""
 
     def stage_compute_s(self, group: StageGroup, op: Op, samples: int, seq_len: int) -> float: ...
+
+
+class LinkCost(Protocol):
+    """What timing transfers needs (cost.CostModel implements it)."""
+
+    def activation_bytes(self, layer_end: int, samples: int, dtype: str) -> float: ...
+
+    def p2p_s(self, src_device: str, dst_device: str, nbytes: float) -> float: ...
+
+    def p2p_handshake_s(self, src_device: str, dst_device: str) -> float: ...
+
+
+# (sending group, receiving group, "forward" | "backward", samples) -> (handshake s, transfer s)
+TransferFn = Callable[[str, str, str, int], tuple[float, float]]
+
+
+def transfer_times(plan: Plan, cost: LinkCost) -> TransferFn:
+    """Transfers as the runtime makes them (gloo's rendezvous): once the receiver has posted
+    and its ready notice (the handshake) has reached the sender, the bytes move. A forward
+    sends the stage's output, a backward the gradient of its input; one TP rank per side
+    carries the tensor."""
+    groups = plan.group_by_name
+    cache: dict[tuple[str, str, str, int], tuple[float, float]] = {}
+
+    def transfer(src: str, dst: str, direction: str, samples: int) -> tuple[float, float]:
+        key = (src, dst, direction, samples)
+        if key not in cache:
+            a, b = groups[src], groups[dst]
+            boundary = a.layers[1] if direction == "forward" else a.layers[0]
+            nbytes = cost.activation_bytes(boundary, samples, a.dtype)
+            cache[key] = (cost.p2p_handshake_s(a.devices[0], b.devices[0]),
+                          cost.p2p_s(a.devices[0], b.devices[0], nbytes))
+        return cache[key]
+
+    return transfer
 
 
 @dataclass(frozen=True)
@@ -84,12 +120,12 @@ class Schedule:
 
 def in_flight_limit(plan: Plan, group: str) -> int:
     """Sum over routes through the group of the stages from it to the route's end (1F1B),
-    times the plan's in-flight scale."""
+    times the group's in-flight scale."""
     limit = 0
     for r in plan.routes_through(group):
         stages = plan.routes[r].stages
         limit += len(stages) - stages.index(group)
-    return max(math.floor(limit * plan.in_flight_scale), 1)
+    return max(math.floor(limit * plan.group_by_name[group].in_flight_scale + 1e-9), 1)
 
 
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
@@ -105,14 +141,15 @@ class _GroupState:
     in_flight: int = 0
     peak: int = 0
     busy: bool = False
+    free_s: float = 0.0  # end of its last action: when it posted its next receive
     order: list = field(default_factory=list)
 
 
 class _ListScheduler:
     """The greedy run behind build_schedule: event-driven, one action at a time per group."""
 
-    def __init__(self, plan: Plan, cost: StageCost | None, transfer_s):
-        self.plan, self.cost, self.transfer_s = plan, cost, transfer_s
+    def __init__(self, plan: Plan, cost: StageCost | None, transfer: TransferFn | None):
+        self.plan, self.cost, self.transfer = plan, cost, transfer
         self.groups = plan.group_by_name
         self.split = plan.schedule == "zero_bubble"
         self.state = {g: _GroupState() for g in self.groups}
@@ -132,23 +169,24 @@ class _ListScheduler:
                                                                    self.plan.seq_len))
         return self._durations[key]
 
-    def pick(self, g: str) -> tuple[Op, int, int] | None:
-        """The next action of group g by priority, or None when it must wait."""
+    def pick(self, g: str) -> tuple[Op, float, int, int] | None:
+        """The next action of group g by priority (with when its input was sent), or None
+        when it must wait."""
         st = self.state[g]
         if st.ready_b:
-            _, mb_id, pos = heapq.heappop(st.ready_b)
+            sent, mb_id, pos = heapq.heappop(st.ready_b)
             if not self.split:
                 st.in_flight -= 1
-            return ("backward_input" if self.split else "backward"), mb_id, pos
+            return ("backward_input" if self.split else "backward"), sent, mb_id, pos
         if st.ready_f and st.in_flight < self.limit[g]:
-            _, mb_id, pos = heapq.heappop(st.ready_f)
+            sent, mb_id, pos = heapq.heappop(st.ready_f)
             st.in_flight += 1
             st.peak = max(st.peak, st.in_flight)
-            return "forward", mb_id, pos
+            return "forward", sent, mb_id, pos
         if st.pending_w:
             _, mb_id, pos = heapq.heappop(st.pending_w)
             st.in_flight -= 1
-            return "backward_weight", mb_id, pos
+            return "backward_weight", 0.0, mb_id, pos
         return None
 
     def try_start(self, g: str, now: float) -> None:
@@ -158,7 +196,7 @@ class _ListScheduler:
         picked = self.pick(g)
         if picked is None:
             return
-        op, mb_id, pos = picked
+        op, sent, mb_id, pos = picked
         mb = self.plan.micro_batches[mb_id]
         stages = self.plan.routes[mb.route].stages
         prev = stages[pos - 1] if pos > 0 else None
@@ -171,32 +209,36 @@ class _ListScheduler:
             recv, send = nxt, prev
         action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos, recv_from=recv,
                         send_to=send)
+        start = now
+        if recv is not None and self.transfer is not None:
+            # posted when the group came free; the bytes move after the handshake
+            handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
+                                                 else "backward", mb.size)
+            start = max(now, max(sent, st.free_s + handshake_s) + bytes_s)
         index = len(st.order)
-        self.starts[(g, index)] = now
+        self.starts[(g, index)] = start
         st.order.append(action)
         st.busy = True
-        end = now + self.duration(g, op, mb.size)
+        end = start + self.duration(g, op, mb.size)
         self.ends[(g, index)] = end
         heapq.heappush(self.events, (end, next(self.seq), g, action))
 
     def on_done(self, g: str, action: Action, now: float) -> None:
         st = self.state[g]
         st.busy = False
-        size = self.plan.micro_batches[action.micro_batch].size
+        st.free_s = now
         item = (now, action.micro_batch, action.stage)
         if action.op == "forward":
             if action.send_to is None:  # last stage: its backward is ready at once
                 heapq.heappush(st.ready_b, item)
             else:
-                arrive = now + self.transfer_s(g, action.send_to, "forward", size)
-                heapq.heappush(self.events, (arrive, next(self.seq), action.send_to,
+                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
                                              ("f", action.micro_batch, action.stage + 1)))
         elif action.op != "backward_weight":
             if action.op == "backward_input":
                 heapq.heappush(st.pending_w, item)
             if action.send_to is not None:
-                arrive = now + self.transfer_s(g, action.send_to, "backward", size)
-                heapq.heappush(self.events, (arrive, next(self.seq), action.send_to,
+                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
                                              ("b", action.micro_batch, action.stage - 1)))
         self.try_start(g, now)
 
@@ -212,21 +254,18 @@ class _ListScheduler:
             if isinstance(what, Action):
                 self.on_done(g, what, now)
                 continue
-            direction, mb_id, pos = what  # an input arrived
+            direction, mb_id, pos = what  # an input was sent
             st = self.state[g]
             heapq.heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
             self.try_start(g, now)
         return now
 
 
-def _no_transfer(src: str, dst: str, direction: str, samples: int) -> float:
-    return 0.0
-
-
-def build_schedule(plan: Plan, cost: StageCost | None = None, transfer_s=None) -> Schedule:
-    """Every group's ordered actions. `transfer_s(src_group, dst_group, direction, samples)`
-    gives the seconds from a send's end to the receiver having the tensor (free if None)."""
-    run = _ListScheduler(plan, cost, transfer_s or _no_transfer)
+def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
+    """Every group's ordered actions, from a run timed with `cost`: compute, and transfers
+    too when it prices links (LinkCost), as the simulator times them."""
+    transfer = transfer_times(plan, cost) if hasattr(cost, "p2p_s") else None
+    run = _ListScheduler(plan, cost, transfer)
     makespan = run.run()
     per_mb = 3 if run.split else 2
     for g, st in run.state.items():

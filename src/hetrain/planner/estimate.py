@@ -1,15 +1,11 @@
-"""Fast analytic step time of a plan: the objective the search minimises.
+"""The planner's price of a plan, from the definitions the simulator and runtime use.
 
-    step = slowest route's 1F1B time + slowest stage group's gradient sync and optimizer step
+    step = the shared schedule's run (plan.build_schedule: compute and transfers, as the
+           runtime orders them) + the sync and optimizer tail of plan.sync.price_sync
 
-A route with S stages and m micro-batches takes m + S - 1 slots of its slowest stage: its
-forward and backward of one micro-batch plus the waits for their inputs (the runtime posts a
-receive when it gets to the action, so the handshake and transfer are not hidden). With equal
-stages and free links this is the makespan of plan.build_schedule. After the last backward
-each group all-reduces its gradients and steps its optimizer. Gradient sync is
-hierarchical: routes with the same shape (kinds, tp, layer ranges) form a class; a group first
-all-reduces with its replicas in the class (CostModel.allreduce_s over their devices), then one
-leader per class exchanges over the host bridge (CostModel.bridge_allreduce_s).
+The closed forms below (a route with S stages and m micro-batches takes m + S - 1 slots of
+its slowest stage under 1F1B) serve the search's templates and the baselines' bounds; a plan
+the search returns is priced by `estimate_step`.
 """
 
 from __future__ import annotations
@@ -17,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hetrain.cost.model import DTYPE_BYTES, CostModel
+from hetrain.model.spec import ModelSpec
+from hetrain.plan.schedule import Schedule, build_schedule
+from hetrain.plan.sync import FreeSync, SyncCost, SyncTimeline, price_sync, sync_buckets
 from hetrain.plan.types import Plan, Route, StageGroup
 
 
@@ -29,11 +28,14 @@ class StepEstimate:
     group_sync_s: dict[str, float] = field(default_factory=dict)
     group_optimizer_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
+    bubble_share: float = 0.0  # mean over devices of idle time not waiting on communication
+    exposed_sync_s: float = 0.0  # how much longer the step is than with free gradient sync
 
     def predicted(self) -> dict[str, float]:
         """The figures a Plan carries in `predicted`."""
         return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
-                "pipeline_s": self.pipeline_s, "sync_s": self.sync_s}
+                "pipeline_s": self.pipeline_s, "sync_s": self.sync_s,
+                "bubble_share": self.bubble_share, "exposed_sync_s": self.exposed_sync_s}
 
 
 def stage_time_s(cost: CostModel, group: StageGroup, micro_batch_size: int, seq_len: int) -> float:
@@ -112,16 +114,37 @@ def group_optimizer_s(plan: Plan, cost: CostModel) -> dict[str, float]:
             for g in plan.stage_groups}
 
 
+def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost,
+                  schedule: Schedule) -> SyncTimeline:
+    """The sync and optimizer tail after the schedule's run (plan.sync.price_sync)."""
+    weight, last = {}, {}
+    for g, actions in schedule.actions.items():
+        i = schedule.last_weight_grad(g)
+        weight[g] = (schedule.start_s[(g, i)], schedule.end_s[(g, i)])
+        last[g] = schedule.end_s[(g, len(actions) - 1)]
+    return price_sync(plan, spec, sync_buckets(plan, spec), cost, weight, last)
+
+
 def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
-    routes = [route_time_s(plan, route, cost) for route in plan.routes]
-    sync = group_sync_s(plan, cost)
-    opt = group_optimizer_s(plan, cost)
-    pipeline = max(routes)
-    tail = max(sync[name] + opt[name] for name in sync)
-    step = pipeline + tail
-    return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=tail, route_s=routes,
-                        group_sync_s=sync, group_optimizer_s=opt,
-                        tokens_per_s=plan.global_batch * plan.seq_len / step)
+    """The plan's step: the shared schedule's timed run, then the one sync definition."""
+    schedule = build_schedule(plan, cost)
+    tail = schedule_tail(plan, cost.spec, cost, schedule)
+    bare = schedule_tail(plan, cost.spec, FreeSync(cost), schedule)
+    step = tail.step_s
+    busy = {g: sum(schedule.end_s[(g, i)] - schedule.start_s[(g, i)]
+                   for i in range(len(acts))) + tail.group_optimizer_s[g]
+            for g, acts in schedule.actions.items()}
+    buckets = sync_buckets(plan, cost.spec)
+    bubble = {g: max(0.0, step - busy[g] - tail.comm_wait_s(g, buckets)) for g in busy}
+    devices = {g.name: g.tp for g in plan.stage_groups}
+    bubble_share = sum(bubble[g] * n for g, n in devices.items()) / (step * sum(devices.values()))
+    sync = {g: tail.group_synced_s[g] - tail.group_last_compute_s[g] for g in busy}
+    return StepEstimate(step_s=step, pipeline_s=schedule.estimated_step_s,
+                        sync_s=step - schedule.estimated_step_s,
+                        route_s=[route_time_s(plan, route, cost) for route in plan.routes],
+                        group_sync_s=sync, group_optimizer_s=dict(tail.group_optimizer_s),
+                        tokens_per_s=plan.global_batch * plan.seq_len / step,
+                        bubble_share=bubble_share, exposed_sync_s=step - bare.step_s)
 
 
 def estimate_step_s(plan: Plan, cost: CostModel) -> float:

@@ -4,9 +4,10 @@ Each stage group runs its schedule actions in the given order (never reordered h
 action starts once the group is free and its input has arrived. Sends are asynchronous
 (the runtime isends staged host tensors), but the bytes move only once the receiver has
 posted its receive (gloo's rendezvous): a receiver that comes late still waits the handshake
-and the transfer. Transfers on one (src node, dst node) link go one after another. Gradient
-sync and the optimizer are priced by plan.sync.price_sync (the one definition the runtime and
-the planner use): buckets start under the last weight-gradient actions and overlap compute.
+and the transfer. Transfers between one pair of nodes (or of devices, inside a node) go
+one after another. Gradient sync and the optimizer are priced by plan.sync.price_sync (the
+one definition the runtime and the planner use): buckets start under the last
+weight-gradient actions and overlap compute.
 One heap of timed events: O(events log events).
 """
 
@@ -20,24 +21,11 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
 from hetrain.plan.schedule import WEIGHT_GRAD_OPS, Action, Schedule
-from hetrain.plan.sync import SyncBucket, SyncTimeline, price_sync, reductions
+from hetrain.plan.sync import FreeSync, SyncBucket, SyncTimeline, price_sync, reductions
 from hetrain.plan.types import Plan
 from hetrain.trace import TraceEvent
 
 _DONE, _ARRIVE = 0, 1
-
-
-class _FreeSync:
-    """A cost model whose gradient sync takes no time (the compute-only step)."""
-
-    def __init__(self, cost: CostModel):
-        self.cost = cost
-
-    def sync_s(self, devices: list[str], nbytes: float) -> float:
-        return 0.0
-
-    def optimizer_s(self, kind: str, params: float) -> float:
-        return self.cost.optimizer_s(kind, params)
 
 
 @dataclass
@@ -177,7 +165,10 @@ class StepEngine:
             ready_s = max(sent_s, self.posted[key] + self.cost.p2p_handshake_s(a, b))
             total_s = self.cost.p2p_s(a, b, nbytes)
             latency_s = min(total_s, self.cluster.link_latency_s(a, b))
-            link = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
+            nodes = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
+            # Between nodes transfers share the NICs; inside a node each pair has its own
+            # path (NVLink / switch fabric).
+            link = nodes if nodes[0] != nodes[1] else (a, b)
             start = max(ready_s, self.link_free_s.get(link, 0.0))
             # The link is taken for the bytes only: latency of back-to-back messages overlaps.
             self.link_free_s[link] = start + total_s - latency_s
@@ -193,7 +184,7 @@ class StepEngine:
 
     def _price_sync(self) -> SyncTimeline:
         """Sync and optimizer from the one definition (plan.sync), then their trace events."""
-        cost = self.cost if self.comm else _FreeSync(self.cost)
+        cost = self.cost if self.comm else FreeSync(self.cost)
         sync = price_sync(self.plan, self.cost.spec, self.buckets, cost,
                           {g: t.last_weight_grad_s for g, t in self.time.items()},
                           {g: t.last_compute_s for g, t in self.time.items()})
