@@ -26,11 +26,20 @@ def test_a_receiver_posted_first_waits_for_the_transfer_only():
 
 def test_a_late_receiver_pays_the_handshake_and_the_transfer():
     cluster = line_cluster(2)
+    c = 1.5
+    result = simulate_plan(pipeline_plan(cluster, 2, 2), cluster, FixedCost(cluster, p2p=c))
+    # stage 1 runs F0 (1+c .. 2+c), then B0 (.. 4+c), posting F1's receive as B0 starts
+    # (2+c), after stage 0 sent it (at 2): the notice (a message of no bytes: c here) and the
+    # bytes (c) follow the post, longer than B0 when c > 1
+    assert _starts(result, "F1", "n1:0") == pytest.approx([2 + 3 * c])
+
+
+def test_a_receive_posted_an_action_ahead_hides_the_transfer():
+    cluster = line_cluster(2)
     c = 0.25
     result = simulate_plan(pipeline_plan(cluster, 2, 2), cluster, FixedCost(cluster, p2p=c))
-    # stage 1 runs F0 (1+c .. 2+c), B0 (.. 4+c), then posts F1, which stage 0 sent at 2: the
-    # notice (a message of no bytes: c here) and the bytes (c) follow the post
-    assert _starts(result, "F1", "n1:0") == pytest.approx([4 + 3 * c])
+    # the same, but handshake and bytes (2+3c) end before B0 does (4+c)
+    assert _starts(result, "F1", "n1:0") == pytest.approx([4 + c])
 
 
 def test_free_transfers_leave_late_receivers_unaffected():

@@ -10,9 +10,14 @@ Two kinds (Plan.schedule):
   in-flight limit are held for backward.
 - "zero_bubble" (Qi et al. 2024): each backward is split into an input-gradient action (on the
   critical path: its result goes to the previous stage) and a weight-gradient action (no
-  transfer, needed only by the optimizer). Priority: input gradient, then forward (within the
-  limit), then a pending weight gradient, so weight gradients fill the gaps where 1F1B idles
-  (warm-up and cool-down). A micro-batch holds its activations until its weight gradient.
+  transfer, needed only by the optimizer). Priority: input gradient; a weight gradient when
+  more are pending than the group's cap; a forward while fewer than its limit await their
+  input gradient; any pending weight gradient. Weight gradients so fill the gaps where 1F1B
+  idles. With in-flight scale a, the forward limit is a x the 1F1B limit and the cap
+  2 (a - 1) x the stages before the group: later stages keep weight gradients for the
+  cool-down, earlier ones run ahead in the warm-up (a = 1.75 reaches the least fill of
+  equal stages, about S - 1 forwards, a third of 1F1B's). A micro-batch holds its
+  activations until its weight gradient: `peak_in_flight` counts those, for memory.
 """
 
 from __future__ import annotations
@@ -119,13 +124,19 @@ class Schedule:
 
 
 def in_flight_limit(plan: Plan, group: str) -> int:
-    """Sum over routes through the group of the stages from it to the route's end (1F1B),
-    times the group's in-flight scale."""
+    """Forwards awaiting their (input) gradient at once: the sum over routes through the group
+    of the stages from it to the route's end (1F1B), times the group's in-flight scale."""
     limit = 0
     for r in plan.routes_through(group):
         stages = plan.routes[r].stages
         limit += len(stages) - stages.index(group)
     return max(math.floor(limit * plan.group_by_name[group].in_flight_scale + 1e-9), 1)
+
+
+def weight_grad_cap(plan: Plan, group: str) -> int:
+    """Zero-bubble: weight gradients a group may keep pending before they come first."""
+    upstream = sum(plan.routes[r].stages.index(group) for r in plan.routes_through(group))
+    return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
 
 
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
@@ -138,10 +149,11 @@ class _GroupState:
     ready_f: list = field(default_factory=list)  # heap of (ready at, micro-batch, position)
     ready_b: list = field(default_factory=list)
     pending_w: list = field(default_factory=list)  # micro-batches whose weight grad is left
-    in_flight: int = 0
-    peak: int = 0
+    in_flight: int = 0  # forwards awaiting their (input) gradient
+    held: int = 0  # micro-batches holding activations (until their last backward action)
+    peak: int = 0  # of held
     busy: bool = False
-    free_s: float = 0.0  # end of its last action: when it posted its next receive
+    posted_s: float = 0.0  # start of its last action: when it posted its next receive
     order: list = field(default_factory=list)
 
 
@@ -154,6 +166,7 @@ class _ListScheduler:
         self.split = plan.schedule == "zero_bubble"
         self.state = {g: _GroupState() for g in self.groups}
         self.limit = {g: in_flight_limit(plan, g) for g in self.groups}
+        self.w_cap = {g: weight_grad_cap(plan, g) for g in self.groups}
         self.starts: dict[tuple[str, int], float] = {}
         self.ends: dict[tuple[str, int], float] = {}
         self.events: list = []
@@ -175,19 +188,27 @@ class _ListScheduler:
         st = self.state[g]
         if st.ready_b:
             sent, mb_id, pos = heapq.heappop(st.ready_b)
+            st.in_flight -= 1
             if not self.split:
-                st.in_flight -= 1
+                st.held -= 1
             return ("backward_input" if self.split else "backward"), sent, mb_id, pos
+        if st.pending_w and len(st.pending_w) > self.w_cap[g]:
+            return self._weight(st)
         if st.ready_f and st.in_flight < self.limit[g]:
             sent, mb_id, pos = heapq.heappop(st.ready_f)
             st.in_flight += 1
-            st.peak = max(st.peak, st.in_flight)
+            st.held += 1
+            st.peak = max(st.peak, st.held)
             return "forward", sent, mb_id, pos
         if st.pending_w:
-            _, mb_id, pos = heapq.heappop(st.pending_w)
-            st.in_flight -= 1
-            return "backward_weight", 0.0, mb_id, pos
+            return self._weight(st)
         return None
+
+    @staticmethod
+    def _weight(st: _GroupState) -> tuple[Op, float, int, int]:
+        _, mb_id, pos = heapq.heappop(st.pending_w)
+        st.held -= 1
+        return "backward_weight", 0.0, mb_id, pos
 
     def try_start(self, g: str, now: float) -> None:
         st = self.state[g]
@@ -211,14 +232,16 @@ class _ListScheduler:
                         send_to=send)
         start = now
         if recv is not None and self.transfer is not None:
-            # posted when the group came free; the bytes move after the handshake
+            # posted as the group started its previous action; the bytes move after the
+            # handshake
             handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
                                                  else "backward", mb.size)
-            start = max(now, max(sent, st.free_s + handshake_s) + bytes_s)
+            start = max(now, max(sent, st.posted_s + handshake_s) + bytes_s)
         index = len(st.order)
         self.starts[(g, index)] = start
         st.order.append(action)
         st.busy = True
+        st.posted_s = start
         end = start + self.duration(g, op, mb.size)
         self.ends[(g, index)] = end
         heapq.heappush(self.events, (end, next(self.seq), g, action))
@@ -226,7 +249,6 @@ class _ListScheduler:
     def on_done(self, g: str, action: Action, now: float) -> None:
         st = self.state[g]
         st.busy = False
-        st.free_s = now
         item = (now, action.micro_batch, action.stage)
         if action.op == "forward":
             if action.send_to is None:  # last stage: its backward is ready at once

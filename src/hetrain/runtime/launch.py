@@ -26,7 +26,7 @@ from hetrain.model.decoder import build_decoder
 from hetrain.model.spec import ModelSpec, model_spec
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan
-from hetrain.plan.validate import check_memory, validate_plan
+from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import auto_time_scale, cpu_seconds_per_sample, emulated_kinds
 from hetrain.runtime.failure import lost_message, lost_ranks
@@ -54,11 +54,7 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float
     validate_plan(plan, cluster, spec)
     cost = CostModel(cluster, spec)
     schedule = build_schedule(plan, cost)
-    sizes = {g: plan.routes[plan.routes_through(g)[0]].micro_batch_size
-             for g in plan.group_by_name}
-    return check_memory(plan, cluster,
-                        lambda g, n: cost.stage_memory_bytes(g, sizes[g.name], n),
-                        schedule.peak_in_flight)
+    return check_memory(plan, cluster, plan_memory_fn(plan, cost), schedule.peak_in_flight)
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,

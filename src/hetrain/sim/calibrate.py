@@ -74,28 +74,35 @@ def _op_of(plan: Plan, category: str) -> str:
 
 def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
                at: dict[str, dict[str, Event]], figures: MeasuredFigures) -> None:
-    """A receive posted before the send times the transfer (send's end to the receiver's
-    start); one posted after it times the handshake and transfer (the receiver's wait, under
-    0.1 ms where the runtime logged none)."""
+    """The receive of an action is posted as the action before it starts. Where the receiver
+    waited for the tensor, a receive posted after the send times the handshake and transfer
+    (from the post); one posted well before it (by more than those take) times the transfer
+    alone (from the send's end). Posts in between mix the two and are left out."""
     groups = plan.group_by_name
+    early: list[tuple[float, float, float]] = []  # (bytes, transfer, post-to-send slack)
     for g in plan.stage_groups:
-        for action in schedule.actions[g.name]:
-            if action.recv_from is None:
+        actions = schedule.actions[g.name]
+        for i, action in enumerate(actions):
+            if action.recv_from is None or i == 0:
                 continue
             src = groups[action.recv_from]
-            tag = action.label
+            tag, before = action.label, actions[i - 1].label
             nbytes = _transfer_bytes(plan, cost, src, action.op, action.micro_batch)
             for j, lane in enumerate(g.devices):
                 mine, sender = at.get(lane, {}), at.get(src.devices[j % src.tp], {})
                 wait, work, sent = mine.get("recv " + tag), mine.get(tag), sender.get(tag)
-                if work is None or sent is None:
+                prev = mine.get(before)
+                if work is None or sent is None or prev is None or wait is None:
                     continue
                 sent_end_s = sent["start_s"] + sent["dur_s"]
-                posted_s = wait["start_s"] if wait is not None else work["start_s"]
-                if posted_s > sent_end_s:
+                posted_s = prev["start_s"]
+                if posted_s >= sent_end_s:
                     figures.late_recv.append((nbytes, work["start_s"] - posted_s))
-                elif wait is not None:
-                    figures.p2p.append((nbytes, work["start_s"] - sent_end_s))
+                else:
+                    early.append((nbytes, work["start_s"] - sent_end_s, sent_end_s - posted_s))
+    late = [s for _, s in figures.late_recv]
+    handshake_bound_s = max(late) if late else 0.0
+    figures.p2p.extend((b, s) for b, s, slack in early if slack >= handshake_bound_s)
 
 
 def _transfer_bytes(plan: Plan, cost: CostModel, src: StageGroup, op: str, mb: int) -> float:

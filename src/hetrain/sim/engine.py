@@ -3,11 +3,11 @@
 Each stage group runs its schedule actions in the given order (never reordered here): an
 action starts once the group is free and its input has arrived. Sends are asynchronous
 (the runtime isends staged host tensors), but the bytes move only once the receiver has
-posted its receive (gloo's rendezvous): a receiver that comes late still waits the handshake
-and the transfer. Transfers between one pair of nodes (or of devices, inside a node) go
-one after another. Gradient sync and the optimizer are priced by plan.sync.price_sync (the
-one definition the runtime and the planner use): buckets start under the last
-weight-gradient actions and overlap compute.
+posted its receive (gloo's rendezvous), which it does as it starts the action before: a
+receiver that posts late still waits the handshake and the transfer. Transfers between one
+pair of nodes (or of devices, inside a node) go one after another. Gradient sync and the
+optimizer are priced by plan.sync.price_sync (the one definition the runtime and the
+planner use): buckets start under the last weight-gradient actions and overlap compute.
 One heap of timed events: O(events log events).
 """
 
@@ -127,6 +127,7 @@ class StepEngine:
         if action.op in WEIGHT_GRAD_OPS:
             self.time[g].last_weight_grad_s = (now, now + dur)
         self._push(now + dur, _DONE, (g, action))
+        self._post_next(g, now)
         if self.record:
             args = {"group": g, "micro_batch": action.micro_batch, "route": action.route,
                     "stage": action.stage, "samples": size}
@@ -134,6 +135,20 @@ class StepEngine:
                                                                             "backward")
             self._emit(self.groups[g].devices, g, action.label, category, now, dur, args,
                        "compute")
+
+    def _post_next(self, g: str, now: float) -> None:
+        """The runtime posts the next action's receive as it starts an action, so the
+        handshake and the bytes move under this action's compute."""
+        if self.pos[g] == len(self.actions[g]):
+            return
+        nxt = self.actions[g][self.pos[g]]
+        if nxt.recv_from is None:
+            return
+        key = (g, nxt.op, nxt.micro_batch)
+        if key not in self.posted:
+            self.posted[key] = now
+            if key in self.sent:
+                self._transfer(key)
 
     def _on_done(self, g: str, action: Action, now: float) -> None:
         self.busy[g] = False
