@@ -113,6 +113,7 @@ class Schedule:
     estimated_step_s: float  # makespan of the ordering run (compute and transfers)
     start_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> start
     end_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> end
+    comm_wait_s: dict[str, float] = field(default_factory=dict)  # per group, on transfers
 
     def compute_actions(self) -> int:
         return sum(len(a) for a in self.actions.values())
@@ -154,6 +155,8 @@ class _GroupState:
     peak: int = 0  # of held
     busy: bool = False
     posted_s: float = 0.0  # start of its last action: when it posted its next receive
+    free_s: float = 0.0  # end of its last action
+    comm_wait_s: float = 0.0  # idle while a tensor it needs is on its way
     order: list = field(default_factory=list)
 
 
@@ -237,6 +240,7 @@ class _ListScheduler:
             handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
                                                  else "backward", mb.size)
             start = max(now, max(sent, st.posted_s + handshake_s) + bytes_s)
+            st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
         index = len(st.order)
         self.starts[(g, index)] = start
         st.order.append(action)
@@ -249,6 +253,7 @@ class _ListScheduler:
     def on_done(self, g: str, action: Action, now: float) -> None:
         st = self.state[g]
         st.busy = False
+        st.free_s = now
         item = (now, action.micro_batch, action.stage)
         if action.op == "forward":
             if action.send_to is None:  # last stage: its backward is ready at once
@@ -297,4 +302,5 @@ def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
                             "actions could run; check that routes visit layers in order")
     return Schedule(actions={g: st.order for g, st in run.state.items()},
                     peak_in_flight={g: st.peak for g, st in run.state.items()},
-                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends)
+                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends,
+                    comm_wait_s={g: st.comm_wait_s for g, st in run.state.items()})

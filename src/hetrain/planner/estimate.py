@@ -29,6 +29,7 @@ class StepEstimate:
     group_optimizer_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     bubble_share: float = 0.0  # mean over devices of idle time not waiting on communication
+    # (the simulator's definition: sim.result.DeviceTime.bubble_share)
     exposed_sync_s: float = 0.0  # how much longer the step is than with free gradient sync
 
     def predicted(self) -> dict[str, float]:
@@ -135,7 +136,8 @@ def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
                    for i in range(len(acts))) + tail.group_optimizer_s[g]
             for g, acts in schedule.actions.items()}
     buckets = sync_buckets(plan, cost.spec)
-    bubble = {g: max(0.0, step - busy[g] - tail.comm_wait_s(g, buckets)) for g in busy}
+    bubble = {g: max(0.0, step - busy[g] - schedule.comm_wait_s[g]
+                     - tail.comm_wait_s(g, buckets)) for g in busy}
     devices = {g.name: g.tp for g in plan.stage_groups}
     bubble_share = sum(bubble[g] * n for g, n in devices.items()) / (step * sum(devices.values()))
     sync = {g: tail.group_synced_s[g] - tail.group_last_compute_s[g] for g in busy}
