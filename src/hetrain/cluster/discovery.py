@@ -8,6 +8,7 @@ its driver name contains. The host CPU is always a usable real device (device ty
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -33,22 +34,30 @@ class LocalDevice:
 
 
 def _flat(name: str) -> str:
-    return name.lower().replace(" ", "").replace("-", "").replace("_", "")
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def match_kind(driver_name: str, device_type: str,
-               kinds: dict[str, DeviceKind] | None = None) -> str | None:
-    """The kind of `device_type` whose name the driver name contains (longest name first, so
-    "H200" wins over "H20")."""
+def _tokens(kind_name: str) -> list[str]:
+    return [t for t in re.split(r"[^a-z0-9]+", kind_name.lower()) if t]
+
+
+def match_kind(driver_name: str, device_type: str, kinds: dict[str, DeviceKind] | None = None,
+               memory_gib: float = 0.0) -> str | None:
+    """The kind of `device_type` every part of whose name the driver name contains ("A100" and
+    "80GB" in "NVIDIA A100-SXM4-80GB"); more specific names first, so "H200" wins over "H20".
+    A driver name without the memory size picks the kind whose memory is closest."""
     kinds = CATALOG if kinds is None else kinds
     flat = _flat(driver_name)
-    for name in sorted(kinds, key=len, reverse=True):
-        if kinds[name].device_type != device_type or device_type == "cpu":
-            continue
-        key = _flat(name)
-        if key in flat or key.replace("gb", "") in flat:
+    ours = [k for k in kinds if kinds[k].device_type == device_type and device_type != "cpu"]
+    ours.sort(key=lambda k: (len(_tokens(k)), len(k)), reverse=True)
+    for name in ours:
+        if all(t in flat for t in _tokens(name)):
             return name
-    return None
+    sized = [k for k in ours
+             if all(t in flat for t in _tokens(k) if not re.fullmatch(r"\d+gb", t))]
+    if not sized:
+        return None
+    return min(sized, key=lambda k: abs(kinds[k].memory_gib - memory_gib))
 
 
 def _host_memory_gib() -> float:
@@ -93,8 +102,8 @@ def local_devices(kinds: dict[str, DeviceKind] | None = None) -> list[LocalDevic
 
 def _local_device(device_type: str, index: int, kinds: dict[str, DeviceKind]) -> LocalDevice:
     name = dl.device_name(device_type, index)
-    kind = match_kind(name, device_type, kinds)
     memory = dl.device_memory_bytes(device_type, index)
+    kind = match_kind(name, device_type, kinds, memory / GIB)
     if kind is not None:
         backend = kinds[kind].backend or ""
         vendor = kinds[kind].vendor
@@ -104,8 +113,6 @@ def _local_device(device_type: str, index: int, kinds: dict[str, DeviceKind]) ->
     note = "" if kind else "not in the catalog: declare it under kinds: in the cluster YAML"
     if kind and not dl.backend_available(backend):
         note = f"backend {backend!r} is not registered in torch.distributed"
-    if memory and kind == "A100-40GB" and memory > 50 * GIB:
-        kind = "A100-80GB"
     return LocalDevice(f"{device_type}:{index}", device_type, name, kind, vendor,
                        round(memory / GIB, 1), backend,
                        usable=kind is not None and dl.backend_available(backend), note=note)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 from hetrain.cluster.devices import backend_available
@@ -20,7 +19,7 @@ def torch_backend(native: str | None, device: str) -> str:
     hccl, cncl, mccl, xccl); emulated kinds run on the CPU, where gloo is the one backend. The
     launcher has already refused a real kind whose backend is missing, so the fallback to gloo
     only serves kinds whose backend is unknown."""
-    device_type = torch.device(device).type if ":" in device else device
+    device_type = device.split(":")[0]  # "npu:1" parses in torch only once torch_npu is in
     if device_type == "cpu" or not backend_available(native):
         return BRIDGE_BACKEND
     return native
