@@ -12,7 +12,7 @@ from rich.table import Table
 from hetrain.cli.main import app, user_errors
 from hetrain.cli.report import write_json
 from hetrain.cluster import devices as dl
-from hetrain.cluster.discovery import device_types, local_devices, present_kinds
+from hetrain.cluster.discovery import device_types, kind_devices, local_devices, present_kinds
 from hetrain.cluster.kinds import CATALOG, DeviceKind
 from hetrain.cluster.topology import Cluster
 
@@ -41,7 +41,7 @@ def cluster_modes(c: Cluster) -> dict[str, dict[str, Any]]:
     out = {}
     for name, count in c.kind_counts().items():
         kind = c.kinds[name]
-        found = count if kind.device_type == "cpu" else len(present.get(name, []))
+        found = count if kind.device_type == "cpu" else len(kind_devices(kind, present))
         problem = dl.real_problem(kind, count, found)
         real = kind.mode != "emulated" and problem is None
         why = "mode: emulated" if kind.mode == "emulated" else (problem or "")

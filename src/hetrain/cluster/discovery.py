@@ -134,6 +134,15 @@ def devices_of_type(device_type: str, plugin: str | None) -> list[str]:
     return [f"{device_type}:{i}" for i in range(dl.device_count(device_type))]
 
 
+def kind_devices(kind: DeviceKind, present: dict[str, list[str]]) -> list[str]:
+    """The local devices `kind` may run on: those whose driver name matches it; for a kind
+    declared `mode: real`, any device of its type (its owner says they are this kind)."""
+    found = present.get(kind.name, [])
+    if not found and kind.mode == "real":
+        found = devices_of_type(kind.device_type, kind.plugin)
+    return found
+
+
 def real_kind_devices(kinds: dict[str, DeviceKind], need: dict[str, int]) -> dict[str, list[str]]:
     """For each kind of `need` (kind -> devices the job uses) that runs real here, the torch
     devices its processes bind to, one per device, in order. `cpu` is real on any machine (one
@@ -148,10 +157,8 @@ def real_kind_devices(kinds: dict[str, DeviceKind], need: dict[str, int]) -> dic
         if kind.device_type == "cpu":
             out[name] = ["cpu"] * n
             continue
-        found = present.get(name, [])
+        found = kind_devices(kind, present)
         if kind.mode == "real":
-            # The owner says these devices are this kind, matched by name or not.
-            found = found or devices_of_type(kind.device_type, kind.plugin)
             dl.require_real(kind, n, len(found))
         elif dl.real_problem(kind, n, len(found)) is not None:
             continue
