@@ -73,7 +73,7 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
                          real: dict[str, list[str]] | None = None) -> float:
     """Time scale of the emulated kinds: anchored on the measured speed of the real kind that
     carries the most samples when the job has one, else on the CPU's."""
-    real = real or {}
+    real = real_devices_by_kind(plan, cost.cluster) if real is None else real
     kind_of = {r: [plan.group_by_name[g].kind for g in route.stages]
                for r, route in enumerate(plan.routes)}
     routes = [r for r in kind_of if any(k in real for k in kind_of[r])] or list(kind_of)
