@@ -32,7 +32,9 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: C
     try:
         model = build_decoder(model_config(config.model), config.seed)
         model.to(getattr(torch, config.precision))
-        ddp = DistributedDataParallel(model)
+        # The decoder's buffers (rotary tables) are constants: broadcasting them every step
+        # would charge DDP for work hetrain does not do.
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
         opt = torch.optim.AdamW(ddp.parameters(), lr=config.lr,
                                 weight_decay=config.weight_decay, foreach=False)
         share = global_batch // world
