@@ -59,8 +59,12 @@ def plugin_problem(module: str | None) -> str | None:
     if module is None:
         return None
     try:
-        if importlib.util.find_spec(module) is None:
-            return "is not installed"
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # its parent package is missing (habana_frameworks)
+        spec = None
+    if spec is None:
+        return "is not installed"
+    try:
         importlib.import_module(module)
     except Exception as err:  # noqa: BLE001 - a broken plugin is reported, not raised
         return f"failed to import ({type(err).__name__}: {err})"
