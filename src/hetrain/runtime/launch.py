@@ -209,9 +209,14 @@ def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: st
         raise RuntimeFailure(f"torchrun started {world} processes but the plan uses "
                              f"{len(plan.devices())} devices; pass --nproc-per-node to match")
     real = real_devices_by_kind(plan, cluster)
+    devices = _real_devices(plan, real)
+    own, local_rank = plan.devices()[rank], os.environ.get("LOCAL_RANK")
+    if local_rank is not None and devices.get(own, "cpu") != "cpu":
+        # torchrun starts one process per local device: bind by local rank.
+        devices[own] = f"{devices[own].split(':')[0]}:{local_rank}"
     scale = config.time_scale or 1.0
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=out_dir, time_scale=scale,
-              emulated=set(plan.kinds()) - set(real), torch_device_of=_real_devices(plan, real))
+              emulated=set(plan.kinds()) - set(real), torch_device_of=devices)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     _worker_entry(job, rank, world, init_method="env://")
