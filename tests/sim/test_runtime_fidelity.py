@@ -28,10 +28,12 @@ def test_a_late_receiver_pays_the_handshake_and_the_transfer():
     cluster = line_cluster(2)
     c = 1.5
     result = simulate_plan(pipeline_plan(cluster, 2, 2), cluster, FixedCost(cluster, p2p=c))
-    # stage 1 runs F0 (1+c .. 2+c), then B0 (.. 4+c), posting F1's receive as B0 starts
-    # (2+c), after stage 0 sent it (at 2): the notice (a message of no bytes: c here) and the
-    # bytes (c) follow the post, longer than B0 when c > 1
-    assert _starts(result, "F1", "n1:0") == pytest.approx([2 + 3 * c])
+    # stage 1 posts F0's receive at 0: the notice (a message of no bytes: c here) reaches
+    # stage 0 at c, after its send (at 1), so the bytes arrive at 2c. It runs F0, then B0
+    # (2c+1 .. 2c+3), posting F1's receive as B0 starts, after stage 0 sent it (at 2): the
+    # notice and the bytes follow the post, longer than B0 when c > 1
+    assert _starts(result, "F0", "n1:0") == pytest.approx([2 * c])
+    assert _starts(result, "F1", "n1:0") == pytest.approx([(2 * c + 1) + 2 * c])
 
 
 def test_a_receive_posted_an_action_ahead_hides_the_transfer():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from hetrain.cost.model import DTYPE_BYTES, CostModel
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.schedule import Schedule, build_schedule
+from hetrain.plan.schedule import Schedule, build_schedule, transfer_times
 from hetrain.plan.sync import FreeSync, SyncCost, SyncTimeline, price_sync, sync_buckets
 from hetrain.plan.types import Plan, Route, StageGroup
 
@@ -115,34 +115,86 @@ def group_optimizer_s(plan: Plan, cost: CostModel) -> dict[str, float]:
             for g in plan.stage_groups}
 
 
+@dataclass(frozen=True)
+class GroupTimes:
+    """What the tail and the shares need of one group's run of the shared schedule."""
+
+    last_weight_grad_s: tuple[float, float]  # its last weight-gradient action
+    last_end_s: float
+    busy_s: float  # compute
+    comm_wait_s: float  # waiting for transfers
+
+
+def _times_of(schedule: Schedule, g: str) -> GroupTimes:
+    n = len(schedule.actions[g])
+    i = schedule.last_weight_grad(g)
+    busy = sum(schedule.end_s[(g, k)] - schedule.start_s[(g, k)] for k in range(n))
+    return GroupTimes((schedule.start_s[(g, i)], schedule.end_s[(g, i)]),
+                      schedule.end_s[(g, n - 1)], busy, schedule.comm_wait_s[g])
+
+
+def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
+    """Every group's times in the shared schedule's run (plan.build_schedule). Copies of a
+    pipeline that share no group with another route, carry the same micro-batches and see
+    the same transfer times run alike, so one copy of each is run and stands for the rest."""
+    owners: dict[str, int] = {}
+    for route in plan.routes:
+        for g in route.stages:
+            owners[g] = owners.get(g, 0) + 1
+    transfer = transfer_times(plan, cost)
+    groups = plan.group_by_name
+    rep_of: dict[int, int] = {}
+    reps: dict[tuple, int] = {}
+    for r, route in enumerate(plan.routes):
+        if any(owners[g] > 1 for g in route.stages):
+            rep_of[r] = r
+            continue
+        stages = [groups[g] for g in route.stages]
+        links = tuple(transfer(a, b, d, route.micro_batch_size)
+                      for a, b in zip(route.stages, route.stages[1:], strict=False)
+                      for d in ("forward", "backward"))
+        key = (tuple((g.kind, g.tp, g.layers, g.dtype, g.recompute, g.in_flight_scale)
+                     for g in stages), route.micro_batches, route.micro_batch_size, links)
+        rep_of[r] = reps.setdefault(key, r)
+    kept = sorted(set(rep_of.values()))
+    names = {g for r in kept for g in plan.routes[r].stages}
+    # A new Plan, not model_copy: that would keep the original's cached micro-batches.
+    reduced = Plan(model=plan.model, seq_len=plan.seq_len,
+                   global_batch=sum(plan.routes[r].samples for r in kept),
+                   stage_groups=[g for g in plan.stage_groups if g.name in names],
+                   routes=[plan.routes[r] for r in kept], schedule=plan.schedule,
+                   sharded_optimizer=plan.sharded_optimizer)
+    schedule = build_schedule(reduced, cost)
+    out = {g: _times_of(schedule, g) for g in names}
+    for r, rep in rep_of.items():
+        for g, twin in zip(plan.routes[r].stages, plan.routes[rep].stages, strict=True):
+            out[g] = out[twin]
+    return out
+
+
 def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost,
-                  schedule: Schedule) -> SyncTimeline:
+                  times: dict[str, GroupTimes]) -> SyncTimeline:
     """The sync and optimizer tail after the schedule's run (plan.sync.price_sync)."""
-    weight, last = {}, {}
-    for g, actions in schedule.actions.items():
-        i = schedule.last_weight_grad(g)
-        weight[g] = (schedule.start_s[(g, i)], schedule.end_s[(g, i)])
-        last[g] = schedule.end_s[(g, len(actions) - 1)]
-    return price_sync(plan, spec, sync_buckets(plan, spec), cost, weight, last)
+    return price_sync(plan, spec, sync_buckets(plan, spec), cost,
+                      {g: t.last_weight_grad_s for g, t in times.items()},
+                      {g: t.last_end_s for g, t in times.items()})
 
 
 def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
     """The plan's step: the shared schedule's timed run, then the one sync definition."""
-    schedule = build_schedule(plan, cost)
-    tail = schedule_tail(plan, cost.spec, cost, schedule)
-    bare = schedule_tail(plan, cost.spec, FreeSync(cost), schedule)
+    times = schedule_times(plan, cost)
+    tail = schedule_tail(plan, cost.spec, cost, times)
+    bare = schedule_tail(plan, cost.spec, FreeSync(cost), times)
     step = tail.step_s
-    busy = {g: sum(schedule.end_s[(g, i)] - schedule.start_s[(g, i)]
-                   for i in range(len(acts))) + tail.group_optimizer_s[g]
-            for g, acts in schedule.actions.items()}
+    pipeline = max(t.last_end_s for t in times.values())
+    busy = {g: t.busy_s + tail.group_optimizer_s[g] for g, t in times.items()}
     buckets = sync_buckets(plan, cost.spec)
-    bubble = {g: max(0.0, step - busy[g] - schedule.comm_wait_s[g]
+    bubble = {g: max(0.0, step - busy[g] - times[g].comm_wait_s
                      - tail.comm_wait_s(g, buckets)) for g in busy}
     devices = {g.name: g.tp for g in plan.stage_groups}
     bubble_share = sum(bubble[g] * n for g, n in devices.items()) / (step * sum(devices.values()))
     sync = {g: tail.group_synced_s[g] - tail.group_last_compute_s[g] for g in busy}
-    return StepEstimate(step_s=step, pipeline_s=schedule.estimated_step_s,
-                        sync_s=step - schedule.estimated_step_s,
+    return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=step - pipeline,
                         route_s=[route_time_s(plan, route, cost) for route in plan.routes],
                         group_sync_s=sync, group_optimizer_s=dict(tail.group_optimizer_s),
                         tokens_per_s=plan.global_batch * plan.seq_len / step,

@@ -59,9 +59,9 @@ class SearchOptions:
     max_shapes: int = 8  # distinct templates in one plan
     mixed_tp_per_kind: int = 2  # tp sizes per kind in mixed shapes when not exhaustive
     screen_keep: int = 40  # templates the count program sees when not exhaustive
-    program_budget: int = 40  # integer programs per micro-batch size when not exhaustive
+    program_budget: int = 16  # integer programs per micro-batch size when not exhaustive
     schedule: ScheduleKind = "zero_bubble"
-    in_flight_scales: Sequence[float] = (1.0, 1.5, 1.75)  # zero-bubble: tried per template
+    in_flight_scales: Sequence[float] = (1.0, 1.5)  # zero-bubble: tried per template
     sharded_optimizer: bool = True
 
 
@@ -83,7 +83,7 @@ class SearchResult:
     plan: Plan
     estimate: StepEstimate
     search_s: float
-    exhaustive: bool  # every shape tried, so the plan is optimal under the estimate
+    exhaustive: bool  # every shape tried, so `solution` is optimal under the closed forms
     templates_built: int  # memory-feasible templates completed, over all micro-batch sizes
     candidates: Candidates
     solution: CountSolution
@@ -211,7 +211,7 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
         plan = place_plan(cluster, cost.spec, cands.templates, choice.choices,
                           cands.micro_batch_size, global_batch, options)
         priced.append((estimate_step(plan, cost), plan, choice))
-    est, plan, sol = min(priced, key=lambda x: x[0].step_s)
+    est, plan, _ = min(priced, key=lambda x: x[0].step_s)
     search_s = time.perf_counter() - start
     plan = plan.model_copy(update={"predicted": est.predicted()})
     return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,

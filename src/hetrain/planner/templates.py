@@ -26,6 +26,7 @@ import numpy as np
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, CostModel, ring_allreduce_s
 from hetrain.plan.schedule import build_schedule
+from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
 from hetrain.planner.partition import MEMORY_SLACK, Partition, Partitioner
@@ -216,7 +217,10 @@ class TemplateBuilder:
             bridge = np.where(u > 1, 2 * (u - 1) / u * (nbytes / n) / bridge_bw
                               + 2 * (u - 1) * bridge_lat, 0.0)
             sync = replica + bridge
-            left = np.maximum(sync - bwd * split, sync / max(b - a, 1))
+            # the bucket holding the stage's first layer finishes last: its share of the sync
+            # (a layer, or a whole bucket of them: plan.sync) cannot overlap
+            last = max(self.spec.layers[a].params, min(BUCKET_PARAMS, params)) / max(params, 1)
+            left = np.maximum(sync - bwd * split, sync * min(last, 1.0))
             shards = n if self.sharded_optimizer else np.ones_like(n)
             opt = self.cost.optimizer_s(kind, params / tp) / shards
             out = np.maximum(out, left + opt)
