@@ -320,6 +320,8 @@ class Worker:
             "layers": list(self.group.layers),
             "measured_bytes": state_bytes(self.stage, self.optimizer)
             + self.grad_sync.state_bytes() + acts,
+            "optimizer_bytes": state_bytes(nn.Module(), self.optimizer)
+            + self.grad_sync.state_bytes(),
             "activation_bytes": acts,
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda" else None,
