@@ -49,3 +49,20 @@ def test_pipelines_partitioned_differently_with_tensor_parallel(cluster):
         {"micro_batches": 2, "stages": [{"kind": "BR104", "layers": [0, 2]},
                                         {"kind": "A100-80GB", "layers": [2, 6]}]},
     ]})
+
+
+def test_users_module_data_parallel_with_sharded_optimizer(cluster):
+    """A user's module is one stage fed with tokens: its weight-gradient action runs the
+    whole backward; the replicas' sums and ZeRO-1 shards follow."""
+    import torch
+
+    from tests.runtime.test_user_models import TinyLM
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    plan = expand_plan({"model": "TinyLM", "seq_len": 16, "micro_batch_size": 2,
+                        "schedule": "zero_bubble", "sharded_optimizer": True, "n_layers": 1,
+                        "data_parallel": [{"kind": "H100", "samples": 4},
+                                          {"kind": "BR104", "samples": 2}]}, cluster)
+    result = run_plan(cluster, plan, steps=2, user_model=model)
+    assert_matches_reference(result, steps=2, user_model=model)

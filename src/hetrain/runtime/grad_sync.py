@@ -292,7 +292,7 @@ class GradSync:
                 continue
             flats = {}
             for key in ADAM_STATE:
-                parts = [states[id(p)][key] if rb.full_mode else _full_to_local(
+                parts = [states[id(p)][key] if rb.full_mode else _shard_of(
                     states[id(p)][key], p) for _, p in rb.params]
                 flats[key] = _flatten_dense_tensors(parts)
             for (a, b), t in rb.pieces:
@@ -362,7 +362,3 @@ def _embed_param(p: torch.Tensor, tp_index: int) -> torch.Tensor:
 
 def _shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full if _replicated(like) else full[_slices(like)]
-
-
-def _full_to_local(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return _shard_of(full, p)
