@@ -18,12 +18,10 @@ parameters are gathered instead of the gradients. AdamW is elementwise, so this 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from queue import SimpleQueue
 
 import torch
 import torch.distributed as dist
@@ -32,6 +30,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Replicate
 
 from hetrain.comm.groups import GroupCache
+from hetrain.comm.overlap import CommThread
 from hetrain.comm.sharded import FlatLayout, ShardedSum
 from hetrain.errors import RuntimeFailure
 from hetrain.model.spec import ModelSpec
@@ -60,32 +59,6 @@ class RankBucket:
     tp_group: object | None = None  # full mode + ZeRO: gathers full parameter values
     pieces: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
-
-
-class CommThread:
-    """One thread per rank that issues the sync collectives, in submission order."""
-
-    def __init__(self):
-        self._tasks: SimpleQueue = SimpleQueue()
-        threading.Thread(target=self._loop, daemon=True, name="hetrain-sync").start()
-
-    def submit(self, fn: Callable[[], None]) -> Future:
-        fut: Future = Future()
-        self._tasks.put((fn, fut))
-        return fut
-
-    def close(self) -> None:
-        self._tasks.put((None, None))
-
-    def _loop(self) -> None:
-        while True:
-            fn, fut = self._tasks.get()
-            if fn is None:
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                fut.set_exception(err)
 
 
 class GradSync:
