@@ -88,6 +88,7 @@ class Heartbeats:
         now = time.monotonic()
         self.count = [0] * world
         self.changed_at = [now] * world
+        self.polled_at = now
 
     def note_step(self, step_s: float) -> None:
         self.slowest_step_s = max(self.slowest_step_s, step_s)
@@ -100,6 +101,9 @@ class Heartbeats:
 
     def poll(self) -> None:
         now = time.monotonic()
+        if now - self.polled_at > 2.0:  # the launcher itself stalled: no one can be judged
+            self.changed_at = [now] * self.world
+        self.polled_at = now
         for r in range(self.world):
             count = self.store.counter(self.key_of(r))
             if count != self.count[r]:

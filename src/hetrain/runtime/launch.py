@@ -38,7 +38,8 @@ from hetrain.runtime.stage import WholeModel
 from hetrain.runtime.watchdog import beat_key, supervised_worker
 from hetrain.runtime.worker import Job, run_worker
 
-ProgressFn = Callable[[dict | Suspect], None]  # step records, and silent-worker notes
+ProgressFn = Callable[[dict], None]  # rank 0's record of each step
+SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
 WORKER_LOG = "workers.log"
 
 
@@ -75,7 +76,7 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
 def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
           user_model: nn.Module | None = None, corpus: Corpus | None = None,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-          time_scale: float | None = None) -> RunResult:
+          time_scale: float | None = None, on_suspect: SuspectFn | None = None) -> RunResult:
     """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters.
     With `config.checkpoint_dir`, this process owns the folder for the run and continues the
     folder's run by default (runtime/runlock.py); RunComplete when it is already done."""
@@ -83,13 +84,13 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     estimated = check_plan(plan, cluster, spec)
     with run_folder(config, plan) as config:
         return _train(cluster, plan, config, spec, estimated, user_model, corpus, out_dir,
-                      progress, time_scale)
+                      progress, time_scale, on_suspect)
 
 
 def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
            estimated: dict[str, float], user_model: nn.Module | None, corpus: Corpus | None,
            out_dir: str | Path | None, progress: ProgressFn | None,
-           time_scale: float | None) -> RunResult:
+           time_scale: float | None, on_suspect: SuspectFn | None) -> RunResult:
     corpus = corpus or load_corpus(config.data, config.seed)
     emulated = emulated_kinds(plan, cluster)
     cost = CostModel(cluster, spec)
@@ -107,7 +108,7 @@ def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
               user_model=user_model, corpus=corpus, master_addr=LOOPBACK,
               master_port=store.port, progress=ctx.Queue())
     try:
-        _spawn_and_wait(job, ctx, progress, store)
+        _spawn_and_wait(job, ctx, progress, store, on_suspect)
         result = gather_result(job, out, estimated)
     except RuntimeFailure as err:
         log = _keep_worker_log(out, config, keep)
@@ -156,7 +157,8 @@ def _real_devices(plan: Plan, cluster: Cluster, emulated: set[str]) -> dict[str,
     return out
 
 
-def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackStore) -> None:
+def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackStore,
+                    on_suspect: SuspectFn | None) -> None:
     world = len(job.rank_devices)
     procs = [ctx.Process(target=supervised_worker, args=(job, r, world, os.getpid()),
                          daemon=True, name=f"hetrain-worker-{r}") for r in range(world)]
@@ -182,7 +184,7 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
                     lost_devices=[job.rank_devices[r] for r in lost])
             if time.monotonic() >= next_beat_check:
                 next_beat_check = time.monotonic() + 0.25
-                _check_heartbeats(job, beats, codes, progress)
+                _check_heartbeats(job, beats, codes, on_suspect)
             if time.monotonic() > deadline:
                 raise RuntimeFailure(f"the run did not finish within {job.config.run_timeout_s:.0f}"
                                      " s (run_timeout_s)")
@@ -197,7 +199,7 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
 
 
 def _check_heartbeats(job: Job, beats: Heartbeats, codes: list[int | None],
-                      progress: ProgressFn | None) -> None:
+                      on_suspect: SuspectFn | None) -> None:
     """A live worker silent past the hang timeout is lost (its peers, waiting on it, still
     beat); one merely late is named to the progress hook as the suspect."""
     beats.poll()
@@ -210,8 +212,8 @@ def _check_heartbeats(job: Job, beats: Heartbeats, codes: list[int | None],
         raise RuntimeFailure("; ".join(parts) + "; the other workers were stopped",
                              lost_devices=[job.rank_devices[r] for r in hung])
     suspect = beats.suspect(alive)
-    if suspect is not None and progress is not None:
-        progress(Suspect(suspect, job.rank_devices[suspect], beats.silent_s(suspect)))
+    if suspect is not None and on_suspect is not None:
+        on_suspect(Suspect(suspect, job.rank_devices[suspect], beats.silent_s(suspect)))
 
 
 def _drain(job: Job, progress: ProgressFn | None, beats: Heartbeats) -> None:
