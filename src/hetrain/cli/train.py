@@ -24,13 +24,14 @@ from hetrain.runtime.failure import Suspect
 from hetrain.runtime.launch import check_plan, plan_spec, torchrun_main
 from hetrain.runtime.launch import train as run_train
 from hetrain.runtime.recovery import train_resilient
-from hetrain.runtime.runlock import RunComplete
+from hetrain.runtime.runlock import RunComplete, run_folder
 from hetrain.trace import TraceEvent, write_chrome_trace
 
 
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     cluster: Path = typer.Option(..., help="cluster YAML"),
     plan: Path | None = typer.Option(None, help="plan JSON/YAML; default: data parallelism "
                                      "with speed-proportional shares"),
@@ -72,6 +73,13 @@ def train(
         return
     # Refuse a bad plan before any output: one line, exit 2.
     check_plan(p, c, plan_spec(p, None))
+    # Own the checkpoint folder before any output (taken: one line, exit 2); the command's
+    # click context releases it when the command ends.
+    try:
+        config = ctx.with_resource(run_folder(config, p))
+    except RunComplete as done:
+        Console().print(str(done), highlight=False)
+        return
     console = Console()
     emulated = bool(emulated_kinds(p, c))
     if emulated:

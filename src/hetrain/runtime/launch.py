@@ -203,7 +203,10 @@ def _check_heartbeats(job: Job, beats: Heartbeats, codes: list[int | None],
     """A live worker silent past the hang timeout is lost (its peers, waiting on it, still
     beat); one merely late is named to the progress hook as the suspect."""
     beats.poll()
-    alive = [r for r, c in enumerate(codes) if c is None]
+    out = Path(job.out_dir)
+    # A worker that wrote its report or its error is exiting: its silence means nothing.
+    alive = [r for r, c in enumerate(codes) if c is None and not (out / f"rank{r}.pt").exists()
+             and not (out / f"error{r}.txt").exists()]
     hung = beats.hung(alive)
     if hung:
         parts = [f"worker {r} ({job.rank_devices[r]}) sent no heartbeat for "
