@@ -78,7 +78,7 @@ def train(
     try:
         config = ctx.with_resource(run_folder(config, p))
     except RunComplete as done:
-        Console().print(str(done), highlight=False)
+        Console().print(str(done), highlight=False, soft_wrap=True)
         return
     console = Console()
     emulated = bool(emulated_kinds(p, c))
@@ -112,7 +112,7 @@ def train(
                 summary = result.summary()
         except RunComplete as done:
             bar.stop()
-            console.print(str(done), highlight=False)
+            console.print(str(done), highlight=False, soft_wrap=True)
             return
     console.print(per_kind_table(result))
     console.print(per_group_table(result))
