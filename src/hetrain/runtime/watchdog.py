@@ -45,10 +45,13 @@ def supervised_worker(job: Job, rank: int, world: int, parent_pid: int) -> None:
         timeout = timedelta(seconds=job.config.op_timeout_s)
         store = dist.TCPStore(job.master_addr, job.master_port, world, is_master=False,
                               timeout=timeout)
-        _start_heartbeat(job, rank, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timeout)
-        run_worker(job, rank, world)
+        heartbeat = Heartbeat(job, rank, world)
+        try:
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                    timeout=timeout)
+            run_worker(job, rank, world)
+        finally:
+            heartbeat.stop()  # before the interpreter exits: no store call left in flight
     except BaseException as err:  # noqa: BLE001 - the report file holds the traceback
         report = Path(job.out_dir) / f"error{rank}.txt"
         if not report.exists():
@@ -93,16 +96,25 @@ def _interfaces() -> list[tuple[int, str]]:
         return []
 
 
-def _start_heartbeat(job: Job, rank: int, world: int) -> None:
-    # Its own connection: a store client is not shared between threads.
-    store = dist.TCPStore(job.master_addr, job.master_port, world, is_master=False,
-                          timeout=timedelta(seconds=job.config.op_timeout_s))
+class Heartbeat:
+    """A thread adding 1 to this rank's counter in the launcher's store every BEAT_S."""
 
-    def beat() -> None:
-        while True:
+    def __init__(self, job: Job, rank: int, world: int):
+        # Its own connection: a store client is not shared between threads.
+        self.store = dist.TCPStore(job.master_addr, job.master_port, world, is_master=False,
+                                   timeout=timedelta(seconds=job.config.op_timeout_s))
+        self.key = beat_key(rank)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="hetrain-heartbeat")
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stopping.is_set():
             # A store error: the launcher is going, and the parent watch ends this process.
             with contextlib.suppress(Exception):
-                store.add(beat_key(rank), 1)
-            time.sleep(BEAT_S)
+                self.store.add(self.key, 1)
+            self.stopping.wait(BEAT_S)
 
-    threading.Thread(target=beat, daemon=True, name="hetrain-heartbeat").start()
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
