@@ -241,9 +241,10 @@ def _failure_message(job: Job, failed: list[int], codes: list[int | None]) -> st
             lines = err.read_text().splitlines()
             first[r] = lines[0] if lines else "no message"
     if first:
-        causes = {line.split(": ", 1)[-1] for line in first.values()}
-        if len(causes) == 1:
-            return causes.pop()
+        if len(set(first.values())) == 1:  # every reporting worker saw the same thing
+            kind, _, message = next(iter(first.values())).partition(": ")
+            return message if kind in _HETRAIN_ERRORS and message else \
+                f"{next(iter(first.values()))} (in every worker that reported)"
         ours = [r for r, line in first.items() if line.split(":", 1)[0] in _HETRAIN_ERRORS]
         r = (ours or sorted(first))[0]
         return f"worker {r} ({job.rank_devices[r]}) failed: {first[r]}"
