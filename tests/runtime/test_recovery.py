@@ -3,6 +3,7 @@ kinds, resumes from the last good checkpoint and ends where an uninterrupted run
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from types import SimpleNamespace
@@ -62,6 +63,13 @@ def test_killed_worker_replanned_on_survivors_equals_straight_run(three_kinds, t
     assert set(out.plan.kinds()) <= {"A100-80GB", "H100"}
     assert out.plan.global_batch == plan.global_batch
     assert len(out.losses) == 12 and not out.stopped
+    # --json: every step's loss of every attempt, and the recovery.
+    summary = json.loads(json.dumps(out.summary()))
+    first, second = summary["attempts"]
+    assert (first["first_step"], len(first["losses"])) == (0, 7)  # steps 0-6, then the loss
+    assert (second["first_step"], len(second["losses"])) == (6, 6)  # resumed at 6: 6-11
+    assert second["losses"][1:] == summary["losses"][7:] and "br104:0" not in second["devices"]
+    assert [r["lost_devices"] for r in summary["recoveries"]] == [["br104:0"]]
     for name, want in straight.params.items():
         torch.testing.assert_close(out.params[name], want, rtol=1e-5, atol=1e-7,
                                    msg=lambda m, n=name: f"{n}: {m}")

@@ -40,7 +40,7 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
                              f"{len(plan.devices()) - 1}")
     config = TrainConfig(model=model, steps=steps, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, fail_at_step=fail_at_step,
-                         fail_rank=fail_rank, op_timeout_s=60, run_timeout_s=600)
+                         fail_rank=fail_rank, op_timeout_s=60, run_timeout_s=600, fresh=True)
     corpus = load_corpus(None, config.seed)
     emulated = bool(emulated_kinds(plan, cluster))
     scale = time_scale or (calibrate_time_scale(plan, cost, corpus, config, None)

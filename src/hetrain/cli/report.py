@@ -26,6 +26,7 @@ def train_progress(console: Console, total: int, emulated: bool) -> Progress:
         TextColumn("step {task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[tps]:,.0f} tokens/s"), TimeElapsedColumn(),
+        TextColumn("[yellow]{task.fields[note]}"),  # a suspect worker, while one is late
         console=console, transient=False)
 
 

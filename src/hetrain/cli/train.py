@@ -20,15 +20,18 @@ from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
+from hetrain.runtime.failure import Suspect
 from hetrain.runtime.launch import check_plan, plan_spec, torchrun_main
 from hetrain.runtime.launch import train as run_train
 from hetrain.runtime.recovery import train_resilient
+from hetrain.runtime.runlock import RunComplete, run_folder
 from hetrain.trace import TraceEvent, write_chrome_trace
 
 
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     cluster: Path = typer.Option(..., help="cluster YAML"),
     plan: Path | None = typer.Option(None, help="plan JSON/YAML; default: data parallelism "
                                      "with speed-proportional shares"),
@@ -44,7 +47,13 @@ def train(
     trace: Path | None = typer.Option(None, help="write a Chrome trace of the measured steps"),
     checkpoint_dir: str | None = typer.Option(None, help="folder for checkpoints"),
     checkpoint_every: int = typer.Option(0, min=0, help="checkpoint every N steps"),
-    resume: bool = typer.Option(False, help="continue from the latest good checkpoint"),
+    resume: bool = typer.Option(True, help="continue the checkpoint folder's run (the "
+                                "default); --no-resume refuses a folder holding checkpoints"),
+    fresh: bool = typer.Option(False, help="start over in a checkpoint folder holding a run: "
+                               "its checkpoints are moved aside"),
+    hang_timeout: float | None = typer.Option(None, min=0.1, help="seconds without a heartbeat "
+                                              "before a worker is lost; default: a few steps, "
+                                              ">= 20"),
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports here"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
@@ -52,7 +61,7 @@ def train(
     config = TrainConfig(model=model, steps=steps, seed=seed, lr=lr, data=data,
                          time_scale=time_scale, trace=trace is not None,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                         resume=resume)
+                         resume=resume, fresh=fresh, hang_timeout_s=hang_timeout)
     if plan is not None:
         p = load_plan(plan, c)
         config = config.model_copy(update={"model": p.model})
@@ -64,6 +73,13 @@ def train(
         return
     # Refuse a bad plan before any output: one line, exit 2.
     check_plan(p, c, plan_spec(p, None))
+    # Own the checkpoint folder before any output (taken: one line, exit 2); the command's
+    # click context releases it when the command ends.
+    try:
+        config = ctx.with_resource(run_folder(config, p))
+    except RunComplete as done:
+        Console().print(str(done), highlight=False, soft_wrap=True)
+        return
     console = Console()
     emulated_set = emulated_kinds(p, c)  # a `mode: real` kind that cannot run stops here
     emulated = bool(emulated_set)
@@ -75,28 +91,39 @@ def train(
                       highlight=False)
     bar = train_progress(console, steps, emulated)
     with bar:
-        task = bar.add_task("train", total=steps, loss=float("nan"), tps=0.0)
+        task = bar.add_task("train", total=steps, loss=float("nan"), tps=0.0, note="")
         tokens = p.global_batch * p.seq_len
+
+        def on_suspect(rec: Suspect) -> None:  # the bar names the worker the others wait on
+            bar.update(task, note=rec.describe())
 
         def on_step(rec: dict) -> None:
             bar.update(task, completed=rec["step"] + 1, loss=rec["loss"],
-                       tps=tokens / rec["step_s"])
+                       tps=tokens / rec["step_s"], note="")
 
-        if checkpoint_dir:
-            # With checkpoints on, a lost or hung worker is survived: re-plan, resume.
-            resilient = train_resilient(c, p, config, replan=data_parallel_replan(),
-                                        out_dir=out_dir, progress=on_step)
-            result = resilient.result
-            for rec in resilient.recoveries:
-                console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)
-        else:
-            result = run_train(c, p, config, out_dir=out_dir, progress=on_step)
+        try:
+            if checkpoint_dir:
+                # With checkpoints on, a lost or hung worker is survived: re-plan, resume.
+                resilient = train_resilient(c, p, config, replan=data_parallel_replan(),
+                                            out_dir=out_dir, progress=on_step,
+                                            on_suspect=on_suspect)
+                result, summary = resilient.result, resilient.summary()
+                for rec in resilient.recoveries:
+                    console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)
+            else:
+                result = run_train(c, p, config, out_dir=out_dir, progress=on_step,
+                                   on_suspect=on_suspect)
+                summary = result.summary()
+        except RunComplete as done:
+            bar.stop()
+            console.print(str(done), highlight=False, soft_wrap=True)
+            return
     console.print(per_kind_table(result))
     console.print(per_group_table(result))
     tag = " (emulated)" if result.is_emulated else ""
     console.print(f"loss {result.losses[0]:.4f} -> {result.final_loss:.4f}; "
                   f"{result.tokens_per_s:,.0f} tokens/s{tag}", highlight=False)
-    write_json(json_path, result.summary())
+    write_json(json_path, summary)
     if trace is not None:
         if not result.events:
             raise PlanError("no trace events were recorded")

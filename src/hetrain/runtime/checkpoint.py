@@ -6,9 +6,10 @@ A checkpoint folder (`checkpoint_dir`):
     step-000006/             one committed checkpoint
         .metadata            torch.distributed.checkpoint (DCP) index of every tensor
         __<rank>_0.distcp    DCP data, one file per writing rank
-        meta.json            step, model, seed, precision, and the plan it was taken under
+        meta.json            step, model, seed, precision, run id, and the plan it was taken under
         manifest.json        size and SHA-256 of every other file; written last
     step-000009.tmp/         being written, or left by a crash: never read
+    run.json, .lock          the folder's run and its owner (runtime/runlock.py)
 
 Why this layout:
 
@@ -28,6 +29,9 @@ Why this layout:
   commit), then `latest` is replaced. A checkpoint whose manifest is missing, or whose files
   differ from it in size or checksum, is refused with a CheckpointError that names the file,
   and the next older one is used.
+- DCP pickles `.metadata`: it is read by a restricted unpickler (runtime/safe_load.py), so a
+  crafted checkpoint is refused by name instead of running code. Only checkpoints of the
+  folder's run (run.json) are candidates: a folder never mixes runs.
 - The data position is the step: the batch of step k is a pure function of (seed, k).
   Training draws no random numbers after the seeded init; rank 0's CPU RNG state is still
   stored and restored on every rank, for user models that do (dropout).
@@ -35,6 +39,7 @@ Why this layout:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -49,9 +54,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from hetrain.errors import CheckpointError
 from hetrain.plan.io import atomic_write_text
+from hetrain.runtime.safe_load import SafeReader
 from hetrain.runtime.stage import full_tensor
 
 if TYPE_CHECKING:
@@ -76,6 +83,26 @@ def committed_steps(root: str | Path) -> list[int]:
         if path.is_dir() and digits.isdigit():
             steps.append(int(digits))
     return sorted(steps, reverse=True)
+
+
+def run_steps(root: str | Path) -> list[int]:
+    """Committed steps of the folder's own run (run.json), newest first: a checkpoint whose
+    meta.json names another run is never a candidate (an unreadable one is left to the
+    checksums to refuse)."""
+    from hetrain.runtime.runlock import run_id_of
+
+    root = Path(root)
+    run_id = run_id_of(root) if root.is_dir() else None
+    if run_id is None:
+        return committed_steps(root)
+    return [s for s in committed_steps(root) if _run_of(step_dir(root, s)) in (run_id, None)]
+
+
+def _run_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / META).read_text()).get("run_id", "legacy")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # --- verification ----------------------------------------------------------------------------
@@ -134,7 +161,7 @@ def find_latest(root: str | Path) -> Found | None:
     """The newest checkpoint under `root` that verifies (whole, in this process); None when
     there is none at all; CheckpointError when every one is damaged."""
     refused = []
-    for step in committed_steps(root):
+    for step in run_steps(root):
         try:
             verify_checkpoint(step_dir(root, step))
         except CheckpointError as err:
@@ -175,14 +202,47 @@ def save_checkpoint(worker: Worker, root: str | Path, step: int) -> None:
         tmp.mkdir(parents=True)
     dist.barrier()
     state = _state_to_save(worker)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-    _fault_while_writing(worker, step, tmp)
-    dist.barrier()  # every rank's data is on disk
-    if worker.rank == 0:
-        _commit(worker, root, tmp, final, step)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, storage_writer=_writer(worker, tmp, step))
+        _fault_while_writing(worker, step, tmp)
+        dist.barrier()  # every rank's data is on disk
+        if worker.rank == 0:
+            _commit(worker, root, tmp, final, step)
+    except (OSError, CheckpointException) as err:
+        raise _write_error(worker, err, root, step) from None
     dist.barrier()  # nobody runs on (or dies) before the commit
+
+
+def _writer(worker: Worker, tmp: Path, step: int) -> dcp.FileSystemWriter:
+    cfg = worker.job.config
+    if cfg.fail_mode == "nospace" and cfg.fail_at_step == step and worker.rank == cfg.fail_rank:
+        return _FullDiskWriter(tmp, sync_files=True)
+    return dcp.FileSystemWriter(tmp, sync_files=True)
+
+
+class _FullDiskWriter(dcp.FileSystemWriter):
+    """Fault injection (tests): this rank's disk is full."""
+
+    def write_data(self, plan, planner):  # noqa: ANN001, ANN201 - DCP's signature
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+
+def _write_error(worker: Worker, err: BaseException, root: Path, step: int) -> CheckpointError:
+    """One line for a failed checkpoint write: the cause, the device, the folder. DCP wraps
+    each rank's error; the rank that failed is named, not the one reporting."""
+    failures = getattr(err, "failures", None) or {worker.rank: (err, None)}
+    rank, (cause, _) = next(iter(sorted(failures.items())))
+    device = worker.job.rank_devices[rank]
+    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+        what = "no space left on device"
+    elif isinstance(cause, OSError) and cause.strerror:
+        what = cause.strerror[0].lower() + cause.strerror[1:]
+    else:
+        what = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+    return CheckpointError(f"{what} writing checkpoint step {step} in {root} (worker {rank}, "
+                           f"{device})")
 
 
 def _writer_of(worker: Worker, layer: int) -> str:
@@ -215,6 +275,7 @@ def _commit(worker: Worker, root: Path, tmp: Path, final: Path, step: int) -> No
     job = worker.job
     meta = {"format": FORMAT, "step": step, "model": job.plan.model, "seed": job.config.seed,
             "precision": job.config.precision, "saved_at": time.time(),
+            "run_id": job.config.run_id or "legacy",
             "plan": job.plan.model_dump(mode="json")}
     _write_synced(tmp / META, json.dumps(meta, indent=1))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -283,7 +344,7 @@ def load_latest(worker: Worker, root: str | Path) -> int:
     if meta["model"] != worker.job.plan.model:
         raise CheckpointError(f"checkpoint {found.path} holds model {meta['model']!r}, the plan "
                               f"trains {worker.job.plan.model!r}")
-    reader = dcp.FileSystemReader(found.path)
+    reader = SafeReader(found.path)
     stored = set(reader.read_metadata().state_dict_metadata)
     zero_state: dict[int, dict[str, torch.Tensor]] = {}
     state = _state_to_load(worker, stored, zero_state)
@@ -303,7 +364,7 @@ def load_latest(worker: Worker, root: str | Path) -> int:
 def _agree_on_checkpoint(worker: Worker, root: Path) -> Found | None:
     """Newest checkpoint all ranks verified: rank 0 lists, every rank hashes a share."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    listing = [committed_steps(root) if rank == 0 else None]
+    listing = [run_steps(root) if rank == 0 else None]
     dist.broadcast_object_list(listing, src=0)
     refused = []
     for step in listing[0]:
@@ -363,7 +424,7 @@ def _scalar_dtype() -> torch.dtype:
 def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Full parameters by canonical name, and meta.json, of a verified checkpoint folder."""
     path = Path(path)
-    reader = dcp.FileSystemReader(path)
+    reader = SafeReader(path)
     stored = reader.read_metadata().state_dict_metadata
     state = {key: torch.empty(md.size, dtype=md.properties.dtype)
              for key, md in stored.items() if key.startswith("model/")}

@@ -22,14 +22,24 @@ class TrainConfig(BaseModel):
     time_scale: float | None = Field(
         default=None, gt=0, description="emulation stretch; None: calibrated at start")
     op_timeout_s: float = Field(default=120.0, gt=0, description="per collective / receive")
-    run_timeout_s: float = Field(default=1800.0, gt=0, description="whole run watchdog")
+    hang_timeout_s: float | None = Field(
+        default=None, gt=0, description="a worker silent (no heartbeat) this long is lost; "
+        "None: a few of the slowest steps, at least 20 s")
+    run_timeout_s: float | None = Field(
+        default=None, gt=0, description="testing: a whole-run limit; None (runs of any length)")
     trace: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(default=0, ge=0)
-    resume: bool = False
+    resume: bool = Field(
+        default=True, description="continue the checkpoint folder's run when it holds one of "
+        "this model and shape; False: refuse a folder holding checkpoints")
+    fresh: bool = Field(
+        default=False, description="start over: move the folder's checkpoints aside")
+    run_id: str | None = Field(default=None, description="set by the launcher (run.json)")
     fail_at_step: int | None = Field(
         default=None, description="testing: one worker exits at this step (fault injection)")
     fail_rank: int = 0
-    fail_mode: Literal["exit", "hang", "checkpoint"] = Field(
+    fail_mode: Literal["exit", "hang", "checkpoint", "nan", "nospace"] = Field(
         default="exit", description="testing: the failing worker exits at the start of step "
-        "fail_at_step, hangs there, or dies while writing the checkpoint of step fail_at_step")
+        "fail_at_step, hangs there, dies while writing the checkpoint of step fail_at_step, "
+        "gets NaN weights at that step, or finds its disk full writing that checkpoint")

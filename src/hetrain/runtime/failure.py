@@ -13,6 +13,7 @@ device is blamed.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -57,3 +58,68 @@ def _device_fault(report: Path) -> bool:
     except OSError:
         return False
     return any(fault in first for fault in _DEVICE_FAULTS)
+
+
+# --- heartbeats: a silent worker is declared lost while its peers still wait ----------------
+HANG_FLOOR_S = 20.0  # default hang timeout: at least this, or a few of the slowest steps
+HANG_STEPS = 5
+STARTUP_S = 120.0  # before its first beat a worker may import, build and load for this long
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """A progress record: worker `rank` has sent no heartbeat for `silent_s` seconds."""
+
+    rank: int
+    device: str
+    silent_s: float
+
+    def describe(self) -> str:
+        return f"waiting on worker {self.rank} ({self.device}): silent {self.silent_s:.0f} s"
+
+
+class Heartbeats:
+    """Watches the workers' heartbeat counters (see runtime/watchdog.py) in `store`."""
+
+    def __init__(self, store, key_of, world: int, hang_timeout_s: float | None):
+        self.store, self.key_of, self.world = store, key_of, world
+        self.fixed_timeout_s = hang_timeout_s
+        self.slowest_step_s = 0.0
+        now = time.monotonic()
+        self.count = [0] * world
+        self.changed_at = [now] * world
+        self.polled_at = now
+
+    def note_step(self, step_s: float) -> None:
+        self.slowest_step_s = max(self.slowest_step_s, step_s)
+
+    @property
+    def timeout_s(self) -> float:
+        if self.fixed_timeout_s is not None:
+            return self.fixed_timeout_s
+        return max(HANG_FLOOR_S, HANG_STEPS * self.slowest_step_s)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now - self.polled_at > 2.0:  # the launcher itself stalled: no one can be judged
+            self.changed_at = [now] * self.world
+        self.polled_at = now
+        for r in range(self.world):
+            count = self.store.counter(self.key_of(r))
+            if count != self.count[r]:
+                self.count[r], self.changed_at[r] = count, now
+
+    def silent_s(self, rank: int) -> float:
+        return time.monotonic() - self.changed_at[rank]
+
+    def allowed_s(self, rank: int) -> float:
+        return self.timeout_s if self.count[rank] else max(STARTUP_S, self.timeout_s)
+
+    def hung(self, alive: list[int]) -> list[int]:
+        """Live workers silent past their allowance."""
+        return [r for r in alive if self.silent_s(r) > self.allowed_s(r)]
+
+    def suspect(self, alive: list[int]) -> int | None:
+        """The live worker silent longest, once it is late (beats come every 0.5 s)."""
+        late = [r for r in alive if self.count[r] and self.silent_s(r) > 2.0]
+        return max(late, key=self.silent_s) if late else None

@@ -1,5 +1,7 @@
-"""Start the workers of a plan: spawned locally on free ports, or under torchrun; gather
-their reports into a RunResult. Workers that die or hang stop the whole job cleanly."""
+"""Start the workers of a plan: spawned locally (a loopback rendezvous store hosted here,
+workers that die with this process), or under torchrun; gather their reports into a
+RunResult. Workers that die, fall silent (heartbeats) or fail stop the whole job cleanly, with
+one line naming the cause; their tracebacks go to a log file in the run folder."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from hetrain.cluster.devices import bind_process
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
-from hetrain.errors import RuntimeFailure
+from hetrain.errors import HetrainError, RuntimeFailure
 from hetrain.model.adapters import module_spec
 from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
@@ -36,18 +37,17 @@ from hetrain.runtime.emulation import (
     real_devices_by_kind,
     seconds_per_sample,
 )
-from hetrain.runtime.failure import lost_message, lost_ranks
+from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
+from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
+from hetrain.runtime.runlock import RunComplete, run_folder
 from hetrain.runtime.stage import WholeModel
+from hetrain.runtime.watchdog import beat_key, supervised_worker
 from hetrain.runtime.worker import Job, run_worker
 
-ProgressFn = Callable[[dict], None]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ProgressFn = Callable[[dict], None]  # rank 0's record of each step
+SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
+WORKER_LOG = "workers.log"
 
 
 def plan_spec(plan: Plan, user_model: nn.Module | None) -> ModelSpec:
@@ -94,10 +94,21 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
 def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
           user_model: nn.Module | None = None, corpus: Corpus | None = None,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-          time_scale: float | None = None) -> RunResult:
-    """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters."""
+          time_scale: float | None = None, on_suspect: SuspectFn | None = None) -> RunResult:
+    """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters.
+    With `config.checkpoint_dir`, this process owns the folder for the run and continues the
+    folder's run by default (runtime/runlock.py); RunComplete when it is already done."""
     spec = plan_spec(plan, user_model)
     estimated = check_plan(plan, cluster, spec)
+    with run_folder(config, plan) as config:
+        return _train(cluster, plan, config, spec, estimated, user_model, corpus, out_dir,
+                      progress, time_scale, on_suspect)
+
+
+def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
+           estimated: dict[str, float], user_model: nn.Module | None, corpus: Corpus | None,
+           out_dir: str | Path | None, progress: ProgressFn | None,
+           time_scale: float | None, on_suspect: SuspectFn | None) -> RunResult:
     corpus = corpus or load_corpus(config.data, config.seed)
     real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
     emulated = set(plan.kinds()) - set(real)
@@ -111,16 +122,45 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     for stale in list(out.glob("rank*.pt")) + list(out.glob("error*.txt")):
         stale.unlink()
     ctx = mp.get_context("spawn")
+    store = LoopbackStore(len(plan.devices()), config.op_timeout_s)
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=str(out), time_scale=scale,
               emulated=emulated, torch_device_of=_real_devices(plan, real),
-              user_model=user_model, corpus=corpus, master_port=free_port(),
-              progress=ctx.Queue() if progress else None)
+              user_model=user_model, corpus=corpus, master_addr=LOOPBACK,
+              master_port=store.port, progress=ctx.Queue())
     try:
-        _spawn_and_wait(job, ctx, progress)
-        return gather_result(job, out, estimated)
+        _spawn_and_wait(job, ctx, progress, store, on_suspect)
+        result = gather_result(job, out, estimated)
+    except RuntimeFailure as err:
+        log = _keep_worker_log(out, config, keep)
+        raise type(err)(f"{err}; worker tracebacks: {log}" if log else str(err),
+                        lost_devices=err.lost_devices) from None
     finally:
+        store.close()
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
+    if not result.losses:  # resumed at a checkpoint at or past `steps`
+        raise RunComplete(f"the run is already at step {config.steps} or past it; nothing to "
+                          "do", config.steps)
+    return result
+
+
+def _keep_worker_log(out: Path, config: TrainConfig, keep: bool) -> Path | None:
+    """The workers' error reports (tracebacks), gathered into the run folder's log."""
+    reports = sorted(out.glob("error*.txt"), key=lambda p: int(p.stem.removeprefix("error")))
+    if not reports:
+        return None
+    folder = Path(config.checkpoint_dir) if config.checkpoint_dir else \
+        out if keep else Path(tempfile.gettempdir())
+    log = folder / (WORKER_LOG if folder != Path(tempfile.gettempdir()) else
+                    f"hetrain-{os.getpid()}-{WORKER_LOG}")
+    try:
+        with open(log, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
+            for report in reports:
+                f.write(f"[{report.stem.replace('error', 'worker ')}] {report.read_text()}\n")
+    except OSError:
+        return None
+    return log
 
 
 def _real_devices(plan: Plan, real: dict[str, list[str]]) -> dict[str, str]:
@@ -134,23 +174,26 @@ def _real_devices(plan: Plan, real: dict[str, list[str]]) -> dict[str, str]:
 
 
 def _worker_entry(job: Job, rank: int, world: int, init_method: str | None = None) -> None:
-    """Spawned process: bind to its real device (importing the kind's plugin) first."""
+    """A torchrun rank: bind to its real device (importing the kind's plugin) first."""
     device_id = job.rank_devices[rank]
     if device_id in job.torch_device_of:
         bind_process(job.cluster.kind_of(device_id), job.torch_device_of[device_id])
     run_worker(job, rank, world, init_method)
 
 
-def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None) -> None:
+def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackStore,
+                    on_suspect: SuspectFn | None) -> None:
     world = len(job.rank_devices)
-    procs = [ctx.Process(target=_worker_entry, args=(job, r, world), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=supervised_worker, args=(job, r, world, os.getpid()),
+                         daemon=True, name=f"hetrain-worker-{r}") for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + job.config.run_timeout_s
+    beats = Heartbeats(store, beat_key, world, job.config.hang_timeout_s)
+    deadline = time.monotonic() + (job.config.run_timeout_s or float("inf"))
+    next_beat_check = 0.0
     try:
         while True:
-            _drain(job, progress)
+            _drain(job, progress, beats)
             codes = [p.exitcode for p in procs]
             if all(c == 0 for c in codes):
                 break
@@ -158,16 +201,19 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None) -> None:
             if failed:
                 grace_s = job.config.op_timeout_s + 2.0
                 lost = lost_ranks(procs, job.out_dir, grace_s)
-                _drain(job, progress)
+                _drain(job, progress, beats)
                 raise RuntimeFailure(
                     lost_message(job.rank_devices, lost, procs, grace_s) if lost else
                     _failure_message(job, failed, codes),
                     lost_devices=[job.rank_devices[r] for r in lost])
+            if time.monotonic() >= next_beat_check:
+                next_beat_check = time.monotonic() + 0.25
+                _check_heartbeats(job, beats, codes, on_suspect)
             if time.monotonic() > deadline:
                 raise RuntimeFailure(f"the run did not finish within {job.config.run_timeout_s:.0f}"
-                                     " s (run_timeout_s); a worker hung")
+                                     " s (run_timeout_s)")
             procs[0].join(0.05)
-        _drain(job, progress)
+        _drain(job, progress, beats)
     finally:
         for p in procs:
             if p.is_alive():
@@ -176,26 +222,66 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None) -> None:
             p.join(5)
 
 
-def _drain(job: Job, progress: ProgressFn | None) -> None:
-    if job.progress is None or progress is None:
-        return
+def _check_heartbeats(job: Job, beats: Heartbeats, codes: list[int | None],
+                      on_suspect: SuspectFn | None) -> None:
+    """A live worker silent past the hang timeout is lost (its peers, waiting on it, still
+    beat); one merely late is named to the progress hook as the suspect."""
+    beats.poll()
+    out = Path(job.out_dir)
+    # A worker that wrote its report or its error is exiting: its silence means nothing.
+    alive = [r for r, c in enumerate(codes) if c is None and not (out / f"rank{r}.pt").exists()
+             and not (out / f"error{r}.txt").exists()]
+    hung = beats.hung(alive)
+    if hung:
+        parts = [f"worker {r} ({job.rank_devices[r]}) sent no heartbeat for "
+                 f"{beats.silent_s(r):.0f} s (hang timeout {beats.allowed_s(r):.0f} s): stopped "
+                 "or hung" for r in hung]
+        raise RuntimeFailure("; ".join(parts) + "; the other workers were stopped",
+                             lost_devices=[job.rank_devices[r] for r in hung])
+    suspect = beats.suspect(alive)
+    if suspect is not None and on_suspect is not None:
+        on_suspect(Suspect(suspect, job.rank_devices[suspect], beats.silent_s(suspect)))
+
+
+def _drain(job: Job, progress: ProgressFn | None, beats: Heartbeats) -> None:
     while True:
         try:
-            progress(job.progress.get_nowait())
+            record = job.progress.get_nowait()
         except queue_mod.Empty:
             return
+        beats.note_step(record["step_s"])
+        if progress is not None:
+            progress(record)
 
 
 def _failure_message(job: Job, failed: list[int], codes: list[int | None]) -> str:
+    """One line: a cause every reporting worker shares (a collective saw it alike), else the
+    first user-facing (hetrain) error, else the first report."""
     out = Path(job.out_dir)
-    for r in failed:
+    first: dict[int, str] = {}
+    for r in range(len(job.rank_devices)):
         err = out / f"error{r}.txt"
         if err.exists():
-            first = err.read_text().splitlines()[0]
-            return f"worker {r} ({job.rank_devices[r]}) failed: {first}"
+            lines = err.read_text().splitlines()
+            first[r] = lines[0] if lines else "no message"
+    if first:
+        if len(set(first.values())) == 1:  # every reporting worker saw the same thing
+            kind, _, message = next(iter(first.values())).partition(": ")
+            return message if kind in _HETRAIN_ERRORS and message else \
+                f"{next(iter(first.values()))} (in every worker that reported)"
+        ours = [r for r, line in first.items() if line.split(":", 1)[0] in _HETRAIN_ERRORS]
+        r = (ours or sorted(first))[0]
+        return f"worker {r} ({job.rank_devices[r]}) failed: {first[r]}"
     r = failed[0]
     return (f"worker {r} ({job.rank_devices[r]}) died with exit code {codes[r]}; "
             "the other workers were stopped")
+
+
+def _error_names(cls: type) -> set[str]:
+    return {cls.__name__} | {n for sub in cls.__subclasses__() for n in _error_names(sub)}
+
+
+_HETRAIN_ERRORS = _error_names(HetrainError) | {"TrainingDiverged"}
 
 
 def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str) -> None:

@@ -35,8 +35,9 @@ from hetrain.data.corpus import Corpus
 from hetrain.errors import RuntimeFailure
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
-from hetrain.runtime.launch import ProgressFn, train
+from hetrain.runtime.launch import ProgressFn, SuspectFn, check_plan, plan_spec, train
 from hetrain.runtime.results import RunResult
+from hetrain.runtime.runlock import run_folder
 
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]
 
@@ -76,11 +77,32 @@ class Recovery:
 
 
 @dataclass
+class Attempt:
+    """One launch of the workers: the step it started at and every step's loss."""
+
+    first_step: int
+    losses: list[float] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"first_step": self.first_step, "losses": self.losses, "devices": self.devices}
+
+
+@dataclass
 class ResilientResult:
     result: RunResult  # of the last attempt (its losses start at the resumed step)
     losses: list[float]  # by step, of the steps run here (a redone step: its last loss)
     recoveries: list[Recovery] = field(default_factory=list)
     stopped: bool = False  # SIGTERM: checkpointed and stopped before config.steps
+    attempts: list[Attempt] = field(default_factory=list)
+    first_step: int = 0  # the step this run started at (> 0: it continued a checkpoint)
+
+    def summary(self) -> dict:
+        """The --json figures: the last attempt's, with the loss of every step of every
+        attempt and the recoveries."""
+        return {**self.result.summary(), "losses": self.losses, "first_step": self.first_step,
+                "attempts": [a.summary() for a in self.attempts],
+                "recoveries": [r.summary() for r in self.recoveries], "stopped": self.stopped}
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -98,10 +120,18 @@ class _Steps:
         self.forward = forward
         self.loss: dict[int, float] = {}
         self.attempt: list[tuple[int, float]] = []  # (step, completed at) in this attempt
+        self.attempts: list[Attempt] = []
+
+    def start(self, plan: Plan) -> None:
+        self.attempt = []
+        self.attempts.append(Attempt(-1, devices=plan.devices()))
 
     def __call__(self, record: dict) -> None:
         self.loss[record["step"]] = record["loss"]
         self.attempt.append((record["step"], time.time()))
+        if self.attempts[-1].first_step < 0:
+            self.attempts[-1].first_step = record["step"]
+        self.attempts[-1].losses.append(record["loss"])
         if self.forward is not None:
             self.forward(record)
 
@@ -110,7 +140,8 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
                     replan: ReplanFn, max_recoveries: int = 3,
                     user_model: nn.Module | None = None, corpus: Corpus | None = None,
                     out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-                    time_scale: float | None = None) -> ResilientResult:
+                    time_scale: float | None = None, on_suspect: SuspectFn | None = None
+                    ) -> ResilientResult:
     """`train`, surviving up to `max_recoveries` lost devices; `replan` makes the survivors'
     plan (e.g. planner.replan.data_parallel_replan: the runtime does not import the planner).
     Checkpoints go to `config.checkpoint_dir` (a temporary folder when unset) every
@@ -119,40 +150,52 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     if not config.checkpoint_dir:
         scratch = tempfile.mkdtemp(prefix="hetrain-ckpt-")
         config = config.model_copy(update={"checkpoint_dir": scratch})
-    steps = _Steps(progress)
-    recoveries: list[Recovery] = []
-    attempt_config, started = config, time.time()
+    check_plan(plan, cluster, plan_spec(plan, user_model))  # before the folder is claimed
     try:
-        with _forward_sigterm() as stopping:
-            while True:
-                steps.attempt = []
-                try:
-                    result = train(cluster, plan, attempt_config, user_model=user_model,
-                                   corpus=corpus, out_dir=out_dir, progress=steps,
-                                   time_scale=time_scale)
-                except RuntimeFailure as err:
-                    _note_resume(recoveries, steps)
-                    if stopping.is_set() or not err.lost_devices or \
-                            len(recoveries) >= max_recoveries:
-                        raise
-                    last = steps.attempt[-1] if steps.attempt else None
-                    recoveries.append(_recover(err, cluster, plan, config, replan, last,
-                                               started))
-                    cluster = cluster.without(set(err.lost_devices))
-                    plan = recoveries[-1].plan
-                    # The fault injected for tests struck once; the survivors run clean.
-                    attempt_config = config.model_copy(update={"resume": True,
-                                                               "fail_at_step": None})
-                    started = time.time()
-                    continue
-                _note_resume(recoveries, steps)
-                losses = [steps.loss[s] for s in sorted(steps.loss)]
-                short = bool(steps.loss) and max(steps.loss) + 1 < config.steps
-                return ResilientResult(result, losses, recoveries,
-                                       stopped=stopping.is_set() or short)
+        with run_folder(config, plan) as config:  # owned for every attempt
+            return _supervise(cluster, plan, config, replan, max_recoveries, user_model,
+                              corpus, out_dir, progress, time_scale, on_suspect)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanFn,
+               max_recoveries: int, user_model: nn.Module | None, corpus: Corpus | None,
+               out_dir: str | Path | None, progress: ProgressFn | None,
+               time_scale: float | None, on_suspect: SuspectFn | None) -> ResilientResult:
+    steps = _Steps(progress)
+    recoveries: list[Recovery] = []
+    attempt_config, started = config, time.time()
+    with _forward_sigterm() as stopping:
+        while True:
+            steps.start(plan)
+            try:
+                result = train(cluster, plan, attempt_config, user_model=user_model,
+                               corpus=corpus, out_dir=out_dir, progress=steps,
+                               time_scale=time_scale, on_suspect=on_suspect)
+            except RuntimeFailure as err:
+                _note_resume(recoveries, steps)
+                if stopping.is_set() or not err.lost_devices or \
+                        len(recoveries) >= max_recoveries:
+                    raise
+                last = steps.attempt[-1] if steps.attempt else None
+                recoveries.append(_recover(err, cluster, plan, config, replan, last,
+                                           started))
+                cluster = cluster.without(set(err.lost_devices))
+                plan = recoveries[-1].plan
+                # The fault injected for tests struck once; the survivors run clean.
+                attempt_config = config.model_copy(update={"resume": True,
+                                                           "fail_at_step": None})
+                started = time.time()
+                continue
+            _note_resume(recoveries, steps)
+            losses = [steps.loss[s] for s in sorted(steps.loss)]
+            short = bool(steps.loss) and max(steps.loss) + 1 < config.steps
+            attempts = [a for a in steps.attempts if a.first_step >= 0]
+            return ResilientResult(result, losses, recoveries,
+                                   stopped=stopping.is_set() or short, attempts=attempts,
+                                   first_step=min(steps.loss, default=0))
 
 
 def _note_resume(recoveries: list[Recovery], steps: _Steps) -> None:

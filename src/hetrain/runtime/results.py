@@ -60,7 +60,7 @@ def steady_step_s(step_s: list[float]) -> float:
 
 def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResult:
     plan = job.plan
-    reports = [torch.load(out / f"rank{r}.pt", weights_only=False)
+    reports = [torch.load(out / f"rank{r}.pt", weights_only=True)
                for r in range(len(job.rank_devices))]
     steps0 = reports[0]["steps"]
     step_s = [max(rep["steps"][i]["step_s"] for rep in reports) for i in range(len(steps0))]
