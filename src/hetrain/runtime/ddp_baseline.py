@@ -21,14 +21,15 @@ from hetrain.errors import RuntimeFailure
 from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 
 
 def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: Corpus,
                 global_batch: int, seq_len: int, queue) -> None:
     torch.set_num_threads(1)  # as hetrain's workers
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=timedelta(seconds=config.op_timeout_s))
+    timeout = timedelta(seconds=config.op_timeout_s)
+    store = dist.TCPStore(LOOPBACK, port, world, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         model = build_decoder(model_config(config.model), config.seed)
         model.to(getattr(torch, config.precision))
@@ -61,27 +62,27 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: C
 def ddp_run(config: TrainConfig, corpus: Corpus, global_batch: int, seq_len: int,
             world: int = 2) -> tuple[list[float], list[float]]:
     """Per-step seconds (slowest rank) and losses of plain DDP over `world` CPU processes."""
-    from hetrain.runtime.launch import free_port
-
     if global_batch % world:
         raise RuntimeFailure(f"global batch {global_batch} does not split evenly over {world} "
                              "DDP workers; use a multiple")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    store = LoopbackStore(world, config.op_timeout_s)  # as hetrain's: 127.0.0.1 only
     procs = [ctx.Process(target=_ddp_worker, daemon=True,
-                         args=(r, world, port, config, corpus, global_batch, seq_len, queue))
+                         args=(r, world, store.port, config, corpus, global_batch, seq_len,
+                               queue))
              for r in range(world)]
     for p in procs:
         p.start()
     try:
-        results = _collect(procs, queue, config.run_timeout_s)
+        results = _collect(procs, queue, config.run_timeout_s or 3600.0)
     finally:
         for p in procs:
             p.join(5)
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        store.close()
     by_rank = {r: (s, losses) for r, s, losses in results}
     step_s = [max(by_rank[r][0][i] for r in by_rank) for i in range(config.steps)]
     return step_s, by_rank[0][1]
