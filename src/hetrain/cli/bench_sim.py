@@ -1,6 +1,8 @@
 """`hetrain bench sim`: the simulator's accuracy, as a figure. A set of small plans (data
-parallel, a mixed pipeline, uneven pipelines, tensor parallel, pipelines side by side) runs
-for real (emulated kinds paced); the same plans are then simulated with the runs' measured
+parallel, a mixed pipeline, uneven pipelines, tensor parallel, pipelines side by side, a
+zero-bubble pipeline, and pipelines of three shapes whose gradient sync is fragmented into
+many buckets summed under backward, with a sharded optimizer) runs for real (emulated kinds
+paced); the same plans are then simulated with the runs' measured
 stage, transfer, all-reduce and optimizer times as the cost model. Reported per plan: the
 measured and predicted step and their error; over all plans the largest error."""
 
@@ -43,7 +45,7 @@ DEFAULT_CLUSTER = {"name": "test-mixed", "nodes": [
 STEPS = 6  # per run; the first (warm-up) is left out of the figures
 STRETCH = 2.0  # time scale over the calibrated one
 PLAN_NAMES = ("data-parallel", "pipeline-3-kinds", "uneven-pipelines", "tensor-parallel",
-              "pipelines-x2")
+              "pipelines-x2", "zero-bubble", "overlapped-sync")
 
 
 def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
@@ -98,8 +100,21 @@ def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
         "pipelines-x2": lambda: pipelines(
             (4, [(a, 1, 0, half), (b, 1, half, n)]),
             (4, [(a, 1, 0, half), (b, 1, half, n)])),
+        "zero-bubble": lambda: with_schedule(pipelines(
+            (6, [(a, 1, 0, third), (c, 1, third, two_thirds), (b, 1, two_thirds, n)]))),
+        # three shapes: every layer range has its own holders, so sync is many small sums
+        "overlapped-sync": lambda: with_schedule(pipelines(
+            (3, [(a, 1, 0, third), (c, 1, third, two_thirds), (b, 1, two_thirds, n)]),
+            (3, [(a, 1, 0, half), (b, 1, half, n)]),
+            (3, [(a, 1, 0, two_thirds), (b, 1, two_thirds, n)])), sharded_optimizer=True),
     }
     return {name: build[name]() for name in names}
+
+
+def with_schedule(plan: Plan, sharded_optimizer: bool = False) -> Plan:
+    """The plan under the zero-bubble schedule (split backward), optionally with ZeRO-1."""
+    return Plan.model_validate({**plan.model_dump(), "schedule": "zero_bubble",
+                                "sharded_optimizer": sharded_optimizer})
 
 
 def measure_plans(cluster: Cluster, plans: dict[str, Plan], config: TrainConfig,
