@@ -62,6 +62,12 @@ def spread_by_key(out: dict, name: str, values: list[dict[str, float]]) -> None:
         out[name + suffix] = {k: d["v" + suffix] for k, d in per_key.items()}
 
 
+def late_s_max(runs: list[dict[str, RunResult]]) -> dict[str, float]:
+    """Per variant, the most emulated work that overran its paced duration in any round: near
+    zero when the emulation held the kinds' speeds."""
+    return {name: max(rnd[name].late_s for rnd in runs) for name in runs[0]}
+
+
 def _print(console: Console, title: str, rows: dict[str, tuple[float, float, float]],
            emulated: bool) -> None:
     table = Table(title=title + emulated_tag(emulated))
@@ -105,9 +111,9 @@ def bench_dp(cluster: Cluster, model: str, global_batch: int, seq_len: int, step
     spread(out, "hetrain_tokens_per_s", ours)
     spread(out, "efficiency", [o / sum(a.values()) for o, a in zip(ours, alone, strict=True)])
     spread(out, "speedup_vs_even", [o / e for o, e in zip(ours, even, strict=True)])
-    spread(out, "hetrain_late_s", [rnd["hetrain"].late_s for rnd in runs])
     final = runs[-1]["hetrain"]
     return out | {
+        "late_s_max": late_s_max(runs),
         "shares": {g.devices[0]: hetero.samples_of(g.name) for g in hetero.stage_groups},
         "hetrain_final_loss": final.final_loss,
         "emulated": any(r.is_emulated for rnd in runs for r in rnd.values()),
@@ -154,6 +160,7 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
     spread(out, "balanced_tokens_per_s", r_bal)
     spread(out, "speedup", [b / e for b, e in zip(r_bal, r_even, strict=True)])
     return out | {
+        "late_s_max": late_s_max(runs),
         "emulated": any(r.is_emulated for rnd in runs for r in rnd.values()),
         "rounds": rounds, "time_scale": scale, "model": model, "micro_batches": micro_batches,
         "micro_batch_size": micro_batch_size, "seq_len": seq_len, "steps": steps,
