@@ -9,7 +9,7 @@ import pytest
 
 from hetrain.cluster import cluster_from_dict
 from hetrain.cost import CostModel, Profile, ring_allreduce_s
-from hetrain.cost.profile import KindProfile
+from hetrain.cost.profile import KindProfile, ProfileEntry
 from hetrain.cost.tables import TableCache
 from hetrain.model import model_config, model_spec
 from hetrain.plan import StageGroup
@@ -49,9 +49,10 @@ def test_tables_match_cost_model(model, kind, tp, dtype, mbs):
 def test_tables_follow_a_profile():
     spec = model_spec(model_config("tiny"), 64)
     n = spec.n_layers
-    prof = Profile(model="tiny", seq_len=64, micro_batch_size=1, kinds={"cpu": KindProfile(
-        device="cpu", dtype="fp32", forward_s_per_token=[1e-6 * (i + 1) for i in range(n)],
-        backward_s_per_token=[2e-6 * (i + 1) for i in range(n)])})
+    prof = Profile(model="tiny", seq_len=64, kinds={"cpu": KindProfile(
+        device="cpu", dtype="fp32", entries=[ProfileEntry(
+            forward_s_per_token=[1e-6 * (i + 1) for i in range(n)],
+            backward_s_per_token=[2e-6 * (i + 1) for i in range(n)])])})
     cost = CostModel(CLUSTER, spec, prof)
     tables = TableCache(cost).get("cpu", 1, "fp32", 2)
     g = group("cpu", 1, (1, 4), "fp32", False)

@@ -1,9 +1,12 @@
 """`hetrain bench dp|pp|sim`: measured figures written as JSON. Every run of a bench shares one
-emulation time scale, so the runs compare."""
+emulation time scale, and variants run interleaved in rounds (median, min, max), so the runs
+compare on a machine whose load changes."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -31,44 +34,90 @@ def _measure(cluster: Cluster, plan: Plan, config: TrainConfig, scale: float,
     return train(cluster, plan, config, corpus=corpus, time_scale=scale)
 
 
-def _print(console: Console, title: str, rows: dict[str, float], emulated: bool) -> None:
+def interleaved_runs(run: Callable[[str], RunResult], names: list[str],
+                     rounds: int) -> list[dict[str, RunResult]]:
+    """Every variant once per round, the order rotated each round: a load that comes and goes
+    on the machine then weighs on all variants alike, and figures compare within a round."""
+    out = []
+    for r in range(rounds):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]
+        out.append({name: run(name) for name in order})
+    return out
+
+
+def spread(out: dict, name: str, values: list[float]) -> None:
+    """`name`: the median of the rounds' values; `name_min`, `name_max`: their range."""
+    out[name] = statistics.median(values)
+    out[f"{name}_min"] = min(values)
+    out[f"{name}_max"] = max(values)
+
+
+def spread_by_key(out: dict, name: str, values: list[dict[str, float]]) -> None:
+    """spread() of each key of per-round dicts, as three dicts `name`, `name_min`, `name_max`."""
+    per_key: dict[str, dict] = {}
+    for key in values[0]:
+        spread(per_key.setdefault(key, {}), "v", [v[key] for v in values])
+    for suffix in ("", "_min", "_max"):
+        out[name + suffix] = {k: d["v" + suffix] for k, d in per_key.items()}
+
+
+def late_s_max(runs: list[dict[str, RunResult]]) -> dict[str, float]:
+    """Per variant, the most emulated work that overran its paced duration in any round: near
+    zero when the emulation held the kinds' speeds."""
+    return {name: max(rnd[name].late_s for rnd in runs) for name in runs[0]}
+
+
+def _print(console: Console, title: str, rows: dict[str, tuple[float, float, float]],
+           emulated: bool) -> None:
     table = Table(title=title + emulated_tag(emulated))
     table.add_column("run")
-    table.add_column("tokens/s" + emulated_tag(emulated), justify="right")
-    for name, value in rows.items():
-        table.add_row(name, f"{value:,.0f}")
+    for col in ("tokens/s median", "min", "max"):
+        table.add_column(col + emulated_tag(emulated), justify="right")
+    for name, values in rows.items():
+        table.add_row(name, *(f"{v:,.0f}" for v in values))
     console.print(table)
 
 
+def _row(out: dict, name: str, key: str | None = None) -> tuple[float, float, float]:
+    if key is None:
+        return out[name], out[f"{name}_min"], out[f"{name}_max"]
+    return out[name][key], out[f"{name}_min"][key], out[f"{name}_max"][key]
+
+
 def bench_dp(cluster: Cluster, model: str, global_batch: int, seq_len: int, steps: int,
-             time_scale: float | None = None) -> dict:
-    """Each kind alone, all kinds with an even split (plain DDP), all with hetrain's split."""
+             time_scale: float | None = None, rounds: int = 3) -> dict:
+    """Each kind alone, all kinds with an even split (plain DDP), all with hetrain's split,
+    interleaved in `rounds` rounds. Efficiency and speedup are taken within each round."""
     spec = model_spec(model_config(model), seq_len)
     cost = CostModel(cluster, spec)
     config = TrainConfig(model=model, steps=steps)
     hetero = data_parallel_plan(cluster, cost, global_batch)
     corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
     scale = time_scale or calibrate_time_scale(hetero, cost, corpus, config, None)
-    standalone = {}
-    emulated = False
-    for kind in cluster.kind_counts():
-        alone = _measure(cluster, data_parallel_plan(cluster, cost, global_batch, kinds=[kind]),
-                         config, scale, corpus)
-        standalone[kind] = alone.tokens_per_s
-        emulated |= alone.is_emulated
-    even = _measure(cluster, data_parallel_plan(cluster, cost, global_batch, even=True),
-                    config, scale, corpus)
-    ours = _measure(cluster, hetero, config, scale, corpus)
-    return {
-        "standalone_tokens_per_s": standalone,
-        "even_tokens_per_s": even.tokens_per_s,
-        "hetrain_tokens_per_s": ours.tokens_per_s,
-        "efficiency": ours.tokens_per_s / sum(standalone.values()),
-        "speedup_vs_even": ours.tokens_per_s / even.tokens_per_s,
+    kinds = list(cluster.kind_counts())
+    plans = {f"alone {k}": data_parallel_plan(cluster, cost, global_batch, kinds=[k])
+             for k in kinds}
+    plans |= {"even": data_parallel_plan(cluster, cost, global_batch, even=True),
+              "hetrain": hetero}
+    runs = interleaved_runs(lambda name: _measure(cluster, plans[name], config, scale, corpus),
+                            list(plans), rounds)
+    alone = [{k: rnd[f"alone {k}"].tokens_per_s for k in kinds} for rnd in runs]
+    ours = [rnd["hetrain"].tokens_per_s for rnd in runs]
+    even = [rnd["even"].tokens_per_s for rnd in runs]
+    out: dict = {}
+    spread_by_key(out, "standalone_tokens_per_s", alone)
+    spread(out, "even_tokens_per_s", even)
+    spread(out, "hetrain_tokens_per_s", ours)
+    spread(out, "efficiency", [o / sum(a.values()) for o, a in zip(ours, alone, strict=True)])
+    spread(out, "speedup_vs_even", [o / e for o, e in zip(ours, even, strict=True)])
+    final = runs[-1]["hetrain"]
+    return out | {
+        "late_s_max": late_s_max(runs),
         "shares": {g.devices[0]: hetero.samples_of(g.name) for g in hetero.stage_groups},
-        "hetrain_final_loss": ours.final_loss,
-        "emulated": emulated or ours.is_emulated,
-        "time_scale": scale, "model": model, "global_batch": global_batch,
+        "hetrain_final_loss": final.final_loss,
+        "emulated": any(r.is_emulated for rnd in runs for r in rnd.values()),
+        "rounds": rounds, "time_scale": scale, "model": model, "global_batch": global_batch,
         "seq_len": seq_len, "steps": steps,
     }
 
@@ -86,9 +135,10 @@ def pipeline_plan(cluster: Cluster, cost: CostModel, kinds: list[str],
 
 
 def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size: int,
-             seq_len: int, steps: int, time_scale: float | None = None) -> dict:
+             seq_len: int, steps: int, time_scale: float | None = None, rounds: int = 3
+             ) -> dict:
     """One pipeline over one device of each kind (fastest first): even layer split against
-    the split balanced by kind speed."""
+    the split balanced by kind speed, interleaved in `rounds` rounds."""
     spec = model_spec(model_config(model), seq_len)
     cost = CostModel(cluster, spec)
     kinds = sorted(cluster.kind_counts(), key=lambda k: -cost.tokens_per_s(k, "fp32"))
@@ -100,16 +150,19 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
                              micro_batch_size)
     corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
     scale = time_scale or calibrate_time_scale(balanced, cost, corpus, config, None)
-    r_even = _measure(cluster, even, config, scale, corpus)
-    r_bal = _measure(cluster, balanced, config, scale, corpus)
-    return {
-        "kinds": kinds,
-        "even_layers": even_layers, "balanced_layers": balanced_layers,
-        "even_tokens_per_s": r_even.tokens_per_s,
-        "balanced_tokens_per_s": r_bal.tokens_per_s,
-        "speedup": r_bal.tokens_per_s / r_even.tokens_per_s,
-        "emulated": r_even.is_emulated or r_bal.is_emulated,
-        "time_scale": scale, "model": model, "micro_batches": micro_batches,
+    plans = {"even": even, "balanced": balanced}
+    runs = interleaved_runs(lambda name: _measure(cluster, plans[name], config, scale, corpus),
+                            list(plans), rounds)
+    r_even = [rnd["even"].tokens_per_s for rnd in runs]
+    r_bal = [rnd["balanced"].tokens_per_s for rnd in runs]
+    out: dict = {"kinds": kinds, "even_layers": even_layers, "balanced_layers": balanced_layers}
+    spread(out, "even_tokens_per_s", r_even)
+    spread(out, "balanced_tokens_per_s", r_bal)
+    spread(out, "speedup", [b / e for b, e in zip(r_bal, r_even, strict=True)])
+    return out | {
+        "late_s_max": late_s_max(runs),
+        "emulated": any(r.is_emulated for rnd in runs for r in rnd.values()),
+        "rounds": rounds, "time_scale": scale, "model": model, "micro_batches": micro_batches,
         "micro_batch_size": micro_batch_size, "seq_len": seq_len, "steps": steps,
     }
 
@@ -123,17 +176,21 @@ def dp(
     seq_len: int = typer.Option(64, min=2),
     steps: int = typer.Option(6, min=2),
     time_scale: float | None = typer.Option(None, help="emulation stretch; default calibrated"),
+    rounds: int = typer.Option(3, min=1, help="rounds of interleaved runs (median, min, max)"),
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
 ) -> None:
     """Data parallelism: each kind alone, an even split, and hetrain's speed-aware split."""
     console = Console()
     t0 = time.perf_counter()
-    out = bench_dp(load_cluster(cluster), model, global_batch, seq_len, steps, time_scale)
-    rows = {f"{k} alone": v for k, v in out["standalone_tokens_per_s"].items()}
-    rows |= {"all kinds, even split (DDP)": out["even_tokens_per_s"],
-             "all kinds, hetrain split": out["hetrain_tokens_per_s"]}
-    _print(console, "bench dp", rows, out["emulated"])
-    console.print(f"efficiency {out['efficiency']:.3f} of the sum of standalone; "
+    out = bench_dp(load_cluster(cluster), model, global_batch, seq_len, steps, time_scale,
+                   rounds)
+    rows = {f"{k} alone": _row(out, "standalone_tokens_per_s", k)
+            for k in out["standalone_tokens_per_s"]}
+    rows |= {"all kinds, even split (DDP)": _row(out, "even_tokens_per_s"),
+             "all kinds, hetrain split": _row(out, "hetrain_tokens_per_s")}
+    _print(console, f"bench dp, {rounds} rounds", rows, out["emulated"])
+    console.print(f"efficiency {out['efficiency']:.3f} (min {out['efficiency_min']:.3f}, max "
+                  f"{out['efficiency_max']:.3f}) of the sum of standalone; "
                   f"{out['speedup_vs_even']:.2f}x the even split"
                   f"{emulated_tag(out['emulated'])}; {time.perf_counter() - t0:.0f} s",
                   highlight=False)
@@ -150,15 +207,18 @@ def pp(
     seq_len: int = typer.Option(64, min=2),
     steps: int = typer.Option(4, min=2),
     time_scale: float | None = typer.Option(None, help="emulation stretch; default calibrated"),
+    rounds: int = typer.Option(3, min=1, help="rounds of interleaved runs (median, min, max)"),
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
 ) -> None:
     """A mixed-kind pipeline: even layer split against layers split by kind speed."""
     console = Console()
     out = bench_pp(load_cluster(cluster), model, micro_batches, micro_batch_size, seq_len,
-                   steps, time_scale)
-    _print(console, "bench pp", {f"even layers {out['even_layers']}": out["even_tokens_per_s"],
-                                 f"balanced layers {out['balanced_layers']}":
-                                     out["balanced_tokens_per_s"]}, out["emulated"])
-    console.print(f"balanced split: {out['speedup']:.2f}x the even split"
+                   steps, time_scale, rounds)
+    _print(console, f"bench pp, {rounds} rounds",
+           {f"even layers {out['even_layers']}": _row(out, "even_tokens_per_s"),
+            f"balanced layers {out['balanced_layers']}": _row(out, "balanced_tokens_per_s")},
+           out["emulated"])
+    console.print(f"balanced split: {out['speedup']:.2f}x the even split (min "
+                  f"{out['speedup_min']:.2f}, max {out['speedup_max']:.2f})"
                   f"{emulated_tag(out['emulated'])}", highlight=False)
     write_json(json_path, out)

@@ -20,9 +20,20 @@ _TABLE_DEVICES = 32  # above this, the table shows one row per kind
 _GANTT_DEVICES = 64  # above this, the Gantt chart shows one device per distinct stage
 
 
+def _cost(cluster: Cluster, spec, profile_path: Path | None) -> CostModel:
+    """The catalog's roofline, or the measured figures of a profile where it has the kind."""
+    prof = None
+    if profile_path is not None:
+        from hetrain.cost.profile import Profile
+
+        prof = Profile.load(profile_path)
+        prof.check_layers(spec.n_layers, spec.name)
+    return CostModel(cluster, spec, prof)
+
+
 def _load(cluster_path: Path, plan_path: Path | None, model: str | None,
-          global_batch: int | None, seq_len: int | None, dtype: str
-          ) -> tuple[Cluster, Plan, CostModel]:
+          global_batch: int | None, seq_len: int | None, dtype: str,
+          profile_path: Path | None = None) -> tuple[Cluster, Plan, CostModel]:
     from hetrain.cluster.loading import load_cluster
     from hetrain.model.config import model_config
     from hetrain.model.spec import model_spec
@@ -33,14 +44,14 @@ def _load(cluster_path: Path, plan_path: Path | None, model: str | None,
 
         plan = load_plan(plan_path, cluster)
         spec = model_spec(model_config(plan.model), plan.seq_len)
-        return cluster, plan, CostModel(cluster, spec)
+        return cluster, plan, _cost(cluster, spec, profile_path)
     if model is None or global_batch is None:
         raise SimError("give --plan, or --model and --global-batch to simulate the "
                        "speed-proportional data-parallel plan")
     from hetrain.planner import data_parallel_plan
 
     cfg = model_config(model)
-    cost = CostModel(cluster, model_spec(cfg, seq_len or cfg.max_seq_len))
+    cost = _cost(cluster, model_spec(cfg, seq_len or cfg.max_seq_len), profile_path)
     return cluster, data_parallel_plan(cluster, cost, global_batch, dtype=dtype), cost
 
 
@@ -103,12 +114,13 @@ def simulate(
     trace: Path | None = typer.Option(None, help="write a Chrome trace (Perfetto)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the figures as JSON"),
     memory_check: bool = typer.Option(True, help="refuse plans over a device's memory"),
+    profile: Path | None = typer.Option(None, help="measured costs from 'hetrain profile'"),
 ) -> None:
     """Predict one training step of a plan: step time, tokens/s, busy/bubble/comm per device."""
     from hetrain.plan.io import atomic_write_text
     from hetrain.sim.simulate import simulate_plan
 
-    c, p, cost = _load(cluster, plan, model, global_batch, seq_len, dtype)
+    c, p, cost = _load(cluster, plan, model, global_batch, seq_len, dtype, profile)
     schedule = _check(p, c, cost, memory_check)
     result = simulate_plan(p, c, cost, schedule=schedule)
     Console().print(_table(result))

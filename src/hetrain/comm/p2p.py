@@ -2,42 +2,87 @@
 
 batch_isend_irecv over gloo has hung under pipelining (PiPPy #1130, pytorch #132644), so
 sends are plain isend of CPU tensors, receives wait with a timeout, and each message is
-tagged by micro-batch and direction.
+tagged by micro-batch and direction. Each message carries its send time (an 8-byte header),
+so that a receive over an emulated link can be held to the link's modelled duration.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from hetrain.comm.pacing import LinkPacer
 from hetrain.errors import RuntimeFailure
+
+HEADER_BYTES = 8  # the send's wall-clock time, one float64
 
 
 def tag_of(micro_batch: int, backward: bool) -> int:
     return 2 * micro_batch + int(backward)
 
 
+def pack(host: torch.Tensor, sent_wall: float) -> torch.Tensor:
+    """Header (send time) then the tensor's bytes, as one uint8 buffer."""
+    payload = host.reshape(-1).view(torch.uint8)
+    buf = torch.empty(HEADER_BYTES + payload.numel(), dtype=torch.uint8)
+    buf[:HEADER_BYTES] = torch.tensor([sent_wall], dtype=torch.float64).view(torch.uint8)
+    buf[HEADER_BYTES:] = payload
+    return buf
+
+
+def unpack(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+           ) -> tuple[torch.Tensor, float]:
+    sent_wall = float(buf[:HEADER_BYTES].view(torch.float64)[0])
+    return buf[HEADER_BYTES:].view(dtype).reshape(shape), sent_wall
+
+
 class P2P:
-    def __init__(self, timeout_s: float):
+    """`pacer` and `devices` (device id of each rank) hold receives over emulated links to the
+    link's duration; without them receives return when the bytes are there."""
+
+    def __init__(self, timeout_s: float, pacer: LinkPacer | None = None,
+                 devices: list[str] | None = None, rank: int | None = None):
         self.timeout = timedelta(seconds=timeout_s)
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.pacer = pacer
+        self.devices = devices
+        self.rank = dist.get_rank() if rank is None and pacer is not None else rank
+        self.held_s = 0.0  # time receives were held past their real arrival
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         host = tensor.detach().to("cpu").contiguous()
-        self.pending.append((dist.isend(host, dst, tag=tag), host))
+        buf = pack(host, time.time())
+        self.pending.append((dist.isend(buf, dst, tag=tag), buf))
 
     def recv(self, shape: tuple[int, ...], src: int, tag: int, device: torch.device,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        host = torch.empty(shape, dtype=dtype)
-        work = dist.irecv(host, src, tag=tag)
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
+        posted_wall = time.time()
+        work = dist.irecv(buf, src, tag=tag)
         try:
             work.wait(self.timeout)
         except RuntimeError as err:
             raise RuntimeFailure(f"receive from rank {src} (tag {tag}) failed or timed out "
                                  f"after {self.timeout.total_seconds():.0f} s: {err}") from err
-        return host.to(device)
+        host, sent_wall = unpack(buf, shape, dtype)
+        self._hold(src, nbytes, sent_wall, posted_wall)
+        # A private tensor, not a view into the receive buffer with its header.
+        return host.to(device, copy=True)
+
+    def _hold(self, src: int, nbytes: int, sent_wall: float, posted_wall: float) -> None:
+        """Sleep until the emulated link would have delivered the bytes."""
+        if self.pacer is None or self.devices is None or self.rank is None:
+            return
+        release = self.pacer.p2p_release_s(self.devices[src], self.devices[self.rank], nbytes,
+                                           sent_wall, posted_wall)
+        remaining = release - time.time()
+        if remaining > 0:
+            time.sleep(remaining)
+            self.held_s += remaining
 
     def wait_sends(self) -> None:
         for work, _ in self.pending:

@@ -41,7 +41,8 @@ class CostModel:
     def __init__(self, cluster: Cluster, spec: ModelSpec, profile: Any | None = None):
         self.cluster = cluster
         self.spec = spec
-        self.profile = profile  # cost.profile.Profile: measured seconds per token per layer
+        # cost.profile.Profile: measured seconds per token per layer, per (tp, micro-batch)
+        self.profile = profile
 
     # --- compute -----------------------------------------------------------------------------
     def layers_compute_s(self, kind: str, layers: tuple[int, int], tokens: float, op: Op,
@@ -50,19 +51,21 @@ class CostModel:
         if kind not in self.cluster.kinds:
             raise CostError(f"unknown kind {kind!r}")
         start, end = layers
+        comm = self.tp_comm_s(kind, layers, tokens, dtype, tp)
         if self.profile is not None and self.profile.has(kind):
-            fwd = self.profile.forward_s(kind, start, end, tokens) / tp
-            bwd = self.profile.backward_s(kind, start, end, tokens) / tp
+            fwd = self.profile.forward_s(kind, start, end, tokens, tp)
+            bwd = self.profile.backward_s(kind, start, end, tokens, tp)
+            if self.profile.measured_tp(kind, tp):
+                comm = 0.0  # measured on a tp-way group: its all-reduces are in the figures
         else:
             fwd, bwd = self._roofline_s(kind, start, end, tokens, dtype, tp)
         if op == "forward":
-            return fwd + self.tp_comm_s(kind, layers, tokens, dtype, tp)
+            return fwd + comm
         compute = bwd * SPLIT_BACKWARD[op]
         if op == "backward_weight":  # no activation gradient crosses the TP group
             return compute
         # recomputation rebuilds the activations before the input gradient
-        return compute + (fwd if recompute else 0.0) + self.tp_comm_s(kind, layers, tokens,
-                                                                      dtype, tp)
+        return compute + (fwd if recompute else 0.0) + comm
 
     def _roofline_s(self, kind_name: str, start: int, end: int, tokens: float, dtype: str,
                     tp: int) -> tuple[float, float]:

@@ -91,6 +91,9 @@ class TableCache:
         tokens = float(mbs * spec.seq_len)
         fwd, bwd = self._compute(kind_name, tp, dtype, tokens)
         comm = self._tp_comm(kind_name, tp, dtype, tokens)
+        if cost.profile is not None and cost.profile.has(kind_name) and \
+                cost.profile.measured_tp(kind_name, tp):
+            comm = 0.0  # as CostModel.layers_compute_s: measured TP includes its all-reduces
         with np.errstate(invalid="ignore"):
             plain = np.where(self.valid, (fwd + comm) + (bwd + comm), np.inf)
             recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + comm), np.inf)
@@ -114,9 +117,8 @@ class TableCache:
         cost = self.cost
         profile = cost.profile
         if profile is not None and profile.has(kind_name):
-            fwd = range_sums(profile.layer_seconds_per_token(kind_name, "forward")) * tokens / tp
-            bwd = range_sums(profile.layer_seconds_per_token(kind_name, "backward")) * tokens / tp
-            return fwd, bwd
+            return tuple(range_sums(profile.layer_seconds_per_token(kind_name, op, tp, tokens))
+                         * tokens for op in ("forward", "backward"))
         kind = cost.cluster.kinds[kind_name]
         if not kind.supports(dtype) and not (dtype == "fp32" and "tf32" in kind.flops):
             raise CostError(f"{kind_name} does not compute in {dtype}")

@@ -24,6 +24,7 @@ from torch.distributed.pipelining._backward import stage_backward_input, stage_b
 from hetrain.cluster.topology import Cluster
 from hetrain.comm.groups import GroupCache, torch_backend
 from hetrain.comm.p2p import P2P, tag_of
+from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.model.adapters import module_spec
@@ -80,7 +81,6 @@ class Worker:
         self.device = torch.device(job.torch_device_of.get(self.device_id, "cpu"))
         cfg = job.config
         self.cache = GroupCache(cfg.op_timeout_s)
-        self.p2p = P2P(cfg.op_timeout_s)
         kinds = cluster.kinds
         self.kind_of_rank = {r: cluster.device_by_id[d].kind for d, r in self.rank_of.items()}
         self.backend_of = {
@@ -93,6 +93,9 @@ class Worker:
         self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self._build_model()
         self.cost = CostModel(cluster, self.spec)
+        # Transfers over emulated links last what the cost model gives them, as compute does.
+        self.p2p = P2P(cfg.op_timeout_s, LinkPacer(cluster, self.cost, job.time_scale,
+                                                   job.emulated), job.rank_devices, rank)
         self.schedule = build_schedule(plan, self.cost)
         self.actions: list[Action] = self.schedule.actions[self.group.name]
         self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
