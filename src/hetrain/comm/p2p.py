@@ -51,18 +51,29 @@ class P2P:
         self.devices = devices
         self.rank = dist.get_rank() if rank is None and pacer is not None else rank
         self.held_s = 0.0  # time receives were held past their real arrival
+        # receives posted ahead: (src, tag) -> (work, buffer, posted at, payload bytes)
+        self.posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor, float, int]] = {}
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         host = tensor.detach().to("cpu").contiguous()
         buf = pack(host, time.time())
         self.pending.append((dist.isend(buf, dst, tag=tag), buf))
 
-    def recv(self, shape: tuple[int, ...], src: int, tag: int, device: torch.device,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def post(self, shape: tuple[int, ...], src: int, tag: int,
+             dtype: torch.dtype = torch.float32) -> None:
+        """Post a receive ahead of its action (plan.schedule.RECV_AHEAD), so the handshake
+        and the bytes move while this rank computes."""
+        if (src, tag) in self.posted:
+            return
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
         posted_wall = time.time()
-        work = dist.irecv(buf, src, tag=tag)
+        self.posted[(src, tag)] = (dist.irecv(buf, src, tag=tag), buf, posted_wall, nbytes)
+
+    def recv(self, shape: tuple[int, ...], src: int, tag: int, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        self.post(shape, src, tag, dtype)
+        work, buf, posted_wall, nbytes = self.posted.pop((src, tag))
         try:
             work.wait(self.timeout)
         except RuntimeError as err:

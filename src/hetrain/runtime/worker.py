@@ -31,7 +31,7 @@ from hetrain.model.adapters import module_spec
 from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
 from hetrain.model.spec import model_spec
-from hetrain.plan.schedule import Action, build_schedule
+from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
 from hetrain.plan.sync import SyncBucket, ready_fraction
 from hetrain.plan.types import MicroBatch, Plan, StageGroup
 from hetrain.runtime.config import TrainConfig
@@ -171,7 +171,8 @@ class Worker:
         # Phase 2: this group's actions in schedule order. After its last weight-gradient
         # action every gradient of the stage is final: the sync of its buckets starts then.
         for i, action in enumerate(self.actions):
-            self._run_action(action, st, start_sync=i == self.last_weight_grad)
+            self._run_action(action, st, start_sync=i == self.last_weight_grad,
+                             ahead=self.actions[i + 1:i + 1 + RECV_AHEAD])
         self.p2p.wait_sends()
         # Phase 3: wait for the sums (exposed sync only), then the optimizer. Under ZeRO-1
         # shared weights were already stepped shard by shard on the comm thread.
@@ -192,10 +193,17 @@ class Worker:
                 "step_s": time.perf_counter() - t_step, "busy_s": st.busy_s,
                 "sync_s": t_opt - t_sync, "optimizer_s": t_end - t_opt}
 
-    def _run_action(self, action: Action, st: _StepState, start_sync: bool) -> None:
+    def _run_action(self, action: Action, st: _StepState, start_sync: bool,
+                    ahead: list[Action]) -> None:
         plan = self.job.plan
         mb = plan.micro_batches[action.micro_batch]
         received, t0 = self._receive(action, mb)
+        for nxt in ahead:  # their receives move while this action computes (as simulated)
+            if nxt.recv_from is not None:
+                size = plan.micro_batches[nxt.micro_batch].size
+                (src,) = self._peer_ranks(nxt.recv_from, receiving=True)
+                self.p2p.post((size, plan.seq_len, self.dim), src,
+                              tag_of(nxt.micro_batch, nxt.is_backward), self.dtype)
         result = _COMPUTE[action.op](self, mb, received, st)
         # An emulated kind has its result only once its paced compute is over: send after,
         # or the next stage would start before this one could have finished.
