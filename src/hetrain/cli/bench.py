@@ -27,6 +27,7 @@ from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.launch import calibrate_time_scale, train
 from hetrain.runtime.results import RunResult
+from hetrain.sim.simulate import simulate_plan
 
 
 def _measure(cluster: Cluster, plan: Plan, config: TrainConfig, scale: float,
@@ -138,7 +139,9 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
              seq_len: int, steps: int, time_scale: float | None = None, rounds: int = 3
              ) -> dict:
     """One pipeline over one device of each kind (fastest first): even layer split against
-    the split balanced by kind speed, interleaved in `rounds` rounds."""
+    the split balanced by kind speed, and that balanced split under the zero-bubble schedule
+    (split backward, in-flight scale 1.5) against it under 1F1B, interleaved in `rounds`
+    rounds."""
     spec = model_spec(model_config(model), seq_len)
     cost = CostModel(cluster, spec)
     kinds = sorted(cluster.kind_counts(), key=lambda k: -cost.tokens_per_s(k, "fp32"))
@@ -150,15 +153,26 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
                              micro_batch_size)
     corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
     scale = time_scale or calibrate_time_scale(balanced, cost, corpus, config, None)
-    plans = {"even": even, "balanced": balanced}
+    zero_bubble = Plan.model_validate({
+        **balanced.model_dump(), "schedule": "zero_bubble",
+        "stage_groups": [g.model_dump() | {"in_flight_scale": 1.5}
+                         for g in balanced.stage_groups]})
+    plans = {"even": even, "balanced": balanced, "zero-bubble": zero_bubble}
     runs = interleaved_runs(lambda name: _measure(cluster, plans[name], config, scale, corpus),
                             list(plans), rounds)
     r_even = [rnd["even"].tokens_per_s for rnd in runs]
     r_bal = [rnd["balanced"].tokens_per_s for rnd in runs]
+    r_zb = [rnd["zero-bubble"].tokens_per_s for rnd in runs]
     out: dict = {"kinds": kinds, "even_layers": even_layers, "balanced_layers": balanced_layers}
     spread(out, "even_tokens_per_s", r_even)
     spread(out, "balanced_tokens_per_s", r_bal)
+    spread(out, "zero_bubble_tokens_per_s", r_zb)
     spread(out, "speedup", [b / e for b, e in zip(r_bal, r_even, strict=True)])
+    # the same plan and layers: only the schedule differs
+    spread(out, "zero_bubble_speedup", [z / b for z, b in zip(r_zb, r_bal, strict=True)])
+    simulated = {name: simulate_plan(plans[name], cluster, cost, trace=False).step_s
+                 for name in ("balanced", "zero-bubble")}
+    out["zero_bubble_speedup_simulated"] = simulated["balanced"] / simulated["zero-bubble"]
     return out | {
         "late_s_max": late_s_max(runs),
         "emulated": any(r.is_emulated for rnd in runs for r in rnd.values()),
@@ -210,15 +224,21 @@ def pp(
     rounds: int = typer.Option(3, min=1, help="rounds of interleaved runs (median, min, max)"),
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
 ) -> None:
-    """A mixed-kind pipeline: even layer split against layers split by kind speed."""
+    """A mixed-kind pipeline: even layer split against layers split by kind speed, and the
+    zero-bubble schedule against 1F1B on the balanced split."""
     console = Console()
     out = bench_pp(load_cluster(cluster), model, micro_batches, micro_batch_size, seq_len,
                    steps, time_scale, rounds)
     _print(console, f"bench pp, {rounds} rounds",
            {f"even layers {out['even_layers']}": _row(out, "even_tokens_per_s"),
-            f"balanced layers {out['balanced_layers']}": _row(out, "balanced_tokens_per_s")},
+            f"balanced layers {out['balanced_layers']}": _row(out, "balanced_tokens_per_s"),
+            "balanced, zero-bubble": _row(out, "zero_bubble_tokens_per_s")},
            out["emulated"])
     console.print(f"balanced split: {out['speedup']:.2f}x the even split (min "
-                  f"{out['speedup_min']:.2f}, max {out['speedup_max']:.2f})"
+                  f"{out['speedup_min']:.2f}, max {out['speedup_max']:.2f}); zero-bubble "
+                  f"{out['zero_bubble_speedup']:.2f}x 1F1B (min "
+                  f"{out['zero_bubble_speedup_min']:.2f}, max "
+                  f"{out['zero_bubble_speedup_max']:.2f}; simulated "
+                  f"{out['zero_bubble_speedup_simulated']:.2f}x)"
                   f"{emulated_tag(out['emulated'])}", highlight=False)
     write_json(json_path, out)
