@@ -86,7 +86,8 @@ def _baselines(clus, cost, global_batch, options):
     from hetrain.planner.baselines import homogeneous_plan, single_kind_plans
 
     try:
-        homogeneous = homogeneous_plan(clus, cost, global_batch, options.tp_sizes)
+        homogeneous = homogeneous_plan(clus, cost, global_batch, options.tp_sizes,
+                                       options=options)
     except PlannerError as err:  # e.g. the kinds share no dtype
         from hetrain.planner.baselines import Baseline
 

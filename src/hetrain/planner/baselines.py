@@ -77,7 +77,7 @@ def layouts(cluster: Cluster, n_layers: int, global_batch: int, tp_sizes: Sequen
 
 
 def layout_plan(cluster: Cluster, cost: CostModel, global_batch: int, layout: Layout,
-                dtype: str) -> Plan:
+                dtype: str, schedule: str = "1f1b", sharded_optimizer: bool = False) -> Plan:
     """Megatron's rank order (tp fastest, then dp, then pp) over the cluster's devices."""
     spec = cost.spec
     ranges = even_layer_ranges(spec.n_layers, layout.pp)
@@ -95,7 +95,8 @@ def layout_plan(cluster: Cluster, cost: CostModel, global_batch: int, layout: La
         routes.append(Route(stages=names, micro_batches=m,
                             micro_batch_size=layout.micro_batch_size))
     return Plan(model=spec.name, seq_len=spec.seq_len, global_batch=global_batch,
-                stage_groups=groups, routes=routes)
+                stage_groups=groups, routes=routes, schedule=schedule,
+                sharded_optimizer=sharded_optimizer)
 
 
 def _stage_kinds(cluster: Cluster, layout: Layout) -> list[set[str]]:
@@ -107,7 +108,8 @@ def _stage_kinds(cluster: Cluster, layout: Layout) -> list[set[str]]:
 
 def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: str,
                     global_batch: int) -> float | None:
-    """None when a stage is over memory, else a lower bound on the step (compute only)."""
+    """None when a stage is over memory, else a lower bound on the step (compute only: m
+    slots of the slowest stage, which no schedule's fill can undercut)."""
     ranges = even_layer_ranges(cost.spec.n_layers, layout.pp)
     slot = 0.0
     for s, kinds in enumerate(_stage_kinds(cluster, layout)):
@@ -119,12 +121,16 @@ def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: st
                 return None
             slot = max(slot, stage_time_s(cost, group, layout.micro_batch_size, cost.spec.seq_len))
     m = global_batch // (layout.dp * layout.micro_batch_size)
-    return (m + layout.pp - 1) * slot
+    return m * slot
 
 
 def homogeneous_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                      tp_sizes: Sequence[int] = TP_SIZES,
-                     micro_batch_sizes: Sequence[int] = MICRO_BATCH_SIZES) -> Baseline:
+                     micro_batch_sizes: Sequence[int] = MICRO_BATCH_SIZES,
+                     options: SearchOptions | None = None) -> Baseline:
+    """The search's schedule and optimizer options apply here too (a fair yardstick), at
+    1F1B's in-flight memory."""
+    options = options or SearchOptions()
     kinds = list(cluster.kind_counts())
     dtype = common_dtype(cluster, kinds)
     bounded = []
@@ -136,7 +142,8 @@ def homogeneous_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     for bound, layout in sorted(bounded, key=lambda x: x[0]):
         if best is not None and bound >= best[0].step_s:
             break
-        plan = layout_plan(cluster, cost, global_batch, layout, dtype)
+        plan = layout_plan(cluster, cost, global_batch, layout, dtype, options.schedule,
+                           options.sharded_optimizer)
         est = estimate_step(plan, cost)
         if best is None or est.step_s < best[0].step_s:
             best = (est, plan, layout)
