@@ -74,18 +74,22 @@ class TableCache:
         self._recompute = range_sums(np.array([x.recompute_elems_per_token for x in layer]))
         self._acts_peak = range_maxima(np.array([x.activation_elems_per_token for x in layer]))
         self.valid = valid_ranges(self.n_layers)
-        self._cache: dict[tuple[str, int, str, int], StageTables] = {}
+        self._cache: dict[tuple[str, int, str, int, int], StageTables] = {}
 
     def params(self) -> np.ndarray:
         return self._params
 
-    def get(self, kind: str, tp: int, dtype: str, micro_batch_size: int) -> StageTables:
-        key = (kind, tp, dtype, micro_batch_size)
+    def get(self, kind: str, tp: int, dtype: str, micro_batch_size: int,
+            optimizer_shards: int = 1) -> StageTables:
+        """`optimizer_shards`: a sharded optimizer (ZeRO-1) splits the master weights and Adam
+        moments over at least this many holders of each layer."""
+        key = (kind, tp, dtype, micro_batch_size, optimizer_shards)
         if key not in self._cache:
             self._cache[key] = self._build(*key)
         return self._cache[key]
 
-    def _build(self, kind_name: str, tp: int, dtype: str, mbs: int) -> StageTables:
+    def _build(self, kind_name: str, tp: int, dtype: str, mbs: int,
+               optimizer_shards: int) -> StageTables:
         cost, spec = self.cost, self.cost.spec
         kind = cost.cluster.kinds[kind_name]
         tokens = float(mbs * spec.seq_len)
@@ -99,7 +103,7 @@ class TableCache:
             recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + comm), np.inf)
         wbytes = DTYPE_BYTES[dtype]
         master = 4 if wbytes < 4 else 0
-        states = self._params / tp * (wbytes + wbytes + master + 8)
+        states = self._params / tp * (wbytes + wbytes + (master + 8) / optimizer_shards)
         scale = tokens * wbytes / tp
         fixed_plain = states
         fixed_rc = states + self._acts_peak * scale

@@ -28,6 +28,7 @@ class StepEstimate:
     group_sync_s: dict[str, float] = field(default_factory=dict)
     group_optimizer_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
+    peak_in_flight: dict[str, int] = field(default_factory=dict)  # per group, for memory
     bubble_share: float = 0.0  # mean over devices of idle time not waiting on communication
     # (the simulator's definition: sim.result.DeviceTime.bubble_share)
     exposed_sync_s: float = 0.0  # how much longer the step is than with free gradient sync
@@ -123,6 +124,7 @@ class GroupTimes:
     last_end_s: float
     busy_s: float  # compute
     comm_wait_s: float  # waiting for transfers
+    peak_in_flight: int  # micro-batches holding activations at once
 
 
 def _times_of(schedule: Schedule, g: str) -> GroupTimes:
@@ -130,7 +132,8 @@ def _times_of(schedule: Schedule, g: str) -> GroupTimes:
     i = schedule.last_weight_grad(g)
     busy = sum(schedule.end_s[(g, k)] - schedule.start_s[(g, k)] for k in range(n))
     return GroupTimes((schedule.start_s[(g, i)], schedule.end_s[(g, i)]),
-                      schedule.end_s[(g, n - 1)], busy, schedule.comm_wait_s[g])
+                      schedule.end_s[(g, n - 1)], busy, schedule.comm_wait_s[g],
+                      schedule.peak_in_flight[g])
 
 
 def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
@@ -198,6 +201,7 @@ def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
                         route_s=[route_time_s(plan, route, cost) for route in plan.routes],
                         group_sync_s=sync, group_optimizer_s=dict(tail.group_optimizer_s),
                         tokens_per_s=plan.global_batch * plan.seq_len / step,
+                        peak_in_flight={g: t.peak_in_flight for g, t in times.items()},
                         bubble_share=bubble_share, exposed_sync_s=step - bare.step_s)
 
 

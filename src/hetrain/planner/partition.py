@@ -59,8 +59,9 @@ class Partitioner:
     """Best partitions of one micro-batch size's pipelines, memoised by suffix."""
 
     def __init__(self, tables: TableCache, dtypes: dict[str, str], micro_batch_size: int,
-                 comm: BoundaryComm, allow_recompute: bool = True):
+                 comm: BoundaryComm, allow_recompute: bool = True, optimizer_shards: int = 1):
         self.tables = tables
+        self.optimizer_shards = optimizer_shards  # memory: ZeRO-1 over at least this many
         self.comm = comm
         self.dtypes = dtypes
         self.micro_batch_size = micro_batch_size
@@ -74,7 +75,8 @@ class Partitioner:
         self._costs: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def stage_tables(self, kind: str, tp: int) -> StageTables:
-        return self.tables.get(kind, tp, self.dtypes[kind], self.micro_batch_size)
+        return self.tables.get(kind, tp, self.dtypes[kind], self.micro_batch_size,
+                               self.optimizer_shards)
 
     def stage_costs(self, kind: str, tp: int, in_flight: int) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per range for this stage (inf where it does not fit) and where it recomputes."""

@@ -26,11 +26,12 @@ from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.errors import PlannerError
 from hetrain.plan.types import Plan, ScheduleKind
+from hetrain.plan.validate import plan_memory_fn
 from hetrain.planner.counts import CountSolution, best_single, capacities, choose_counts
 from hetrain.planner.estimate import StepEstimate, estimate_step
 from hetrain.planner.feasibility import explain_infeasible
 from hetrain.planner.links import BoundaryComm, LinkModel
-from hetrain.planner.partition import Partitioner
+from hetrain.planner.partition import MEMORY_SLACK, Partitioner
 from hetrain.planner.placement import place_plan
 from hetrain.planner.screening import CoverLP, screen_templates
 from hetrain.planner.templates import (
@@ -63,6 +64,9 @@ class SearchOptions:
     schedule: ScheduleKind = "zero_bubble"
     in_flight_scales: Sequence[float] = (1.0, 1.5)  # zero-bubble: tried per template
     sharded_optimizer: bool = True
+    # with a sharded optimizer, partitions are also tried assuming each layer's optimizer state
+    # spread over this many holders (kept only where the placed plan then fits)
+    optimizer_shards: Sequence[int] = (1, 4)
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ def plan_kinds(cluster: Cluster, options: SearchOptions) -> dict[str, int]:
 
 def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, global_batch: int,
                      micro_batch_size: int, options: SearchOptions,
-                     beat_s: float = np.inf) -> Candidates:
+                     beat_s: float = np.inf, optimizer_shards: int = 1) -> Candidates:
     """Templates for one micro-batch size. Every shape when there are few, else single-kind
     shapes and proportional mixed ones. Unless the search is exhaustive, only the templates
     that screening keeps are completed, and none when not even the LP relaxation finishes
@@ -126,7 +130,7 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     links = LinkModel(cluster)
     partitioner = Partitioner(tables, dtypes, micro_batch_size,
                               BoundaryComm(cost, links, dtypes, micro_batch_size),
-                              options.allow_recompute)
+                              options.allow_recompute, optimizer_shards)
     max_shapes = min(sum(counts.values()), options.max_shapes)
     every_shape = all_shapes_count(counts, tps, n_layers) <= options.shape_budget
     exhaustive = every_shape and max_shapes == sum(counts.values())
@@ -183,36 +187,61 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     options = options or SearchOptions()
     start = time.perf_counter()
     tables = TableCache(cost)
-    best: tuple[CountSolution, Candidates] | None = None
+    shard_options = options.optimizer_shards if options.sharded_optimizer else (1,)
+    priced: list[tuple[StepEstimate, Plan, CountSolution, Candidates]] = []
     exhaustive, built = True, 0
-    for mbs in options.micro_batch_sizes:
-        if global_batch % mbs:
-            continue
-        beat_s = np.inf if best is None else best[0].step_s
-        cands = build_candidates(cluster, cost, tables, global_batch, mbs, options, beat_s)
-        built += len(cands.templates)
-        exhaustive &= cands.exhaustive
-        if best is not None and cands.pipeline_bound_s >= best[0].step_s:
-            continue
-        sol = choose_counts(cands.templates, cands.micro_batches, cands.capacity,
-                            cands.max_shapes, cands.pipeline_bound_s,
-                            None if cands.exhaustive else options.program_budget)
-        if sol is not None and (best is None or sol.step_s < best[0].step_s):
-            best = (sol, cands)
-    if best is None:
+    # Largest shard assumption first: its plans are the fastest when they fit, and a plan that
+    # fits lets the later passes skip micro-batch sizes that cannot beat it.
+    for shards in sorted(set(shard_options) | {1}, reverse=True):
+        best: tuple[CountSolution, Candidates] | None = None
+        found_s = min((p[0].step_s for p in priced), default=np.inf)
+        for mbs in options.micro_batch_sizes:
+            if global_batch % mbs:
+                continue
+            beat_s = min(found_s, np.inf if best is None else best[0].step_s)
+            cands = build_candidates(cluster, cost, tables, global_batch, mbs, options, beat_s,
+                                     shards)
+            built += len(cands.templates)
+            exhaustive &= cands.exhaustive
+            if cands.pipeline_bound_s >= beat_s:
+                continue
+            sol = choose_counts(cands.templates, cands.micro_batches, cands.capacity,
+                                cands.max_shapes, cands.pipeline_bound_s,
+                                None if cands.exhaustive else options.program_budget)
+            if sol is not None and (best is None or sol.step_s < best[0].step_s):
+                best = (sol, cands)
+        if best is not None:
+            priced += _priced(cluster, cost, global_batch, options, *best, shards)
+    if not priced:
         raise PlannerError(explain_infeasible(cluster, cost, global_batch, options))
-    sol, cands = best
-    # The templates' closed forms chose; the shared schedule and sync definition price. When
-    # the choice mixes shapes, the best single-shape plan is priced too, and the cheaper of
-    # the two is returned.
-    single = best_single(cands.templates, cands.micro_batches) if len(sol.choices) > 1 else None
-    priced = []
-    for choice in [sol] + ([single] if single is not None else []):
-        plan = place_plan(cluster, cost.spec, cands.templates, choice.choices,
-                          cands.micro_batch_size, global_batch, options)
-        priced.append((estimate_step(plan, cost), plan, choice))
-    est, plan, _ = min(priced, key=lambda x: x[0].step_s)
+    est, plan, sol, cands = min(priced, key=lambda x: x[0].step_s)
     search_s = time.perf_counter() - start
     plan = plan.model_copy(update={"predicted": est.predicted()})
     return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,
                         templates_built=built, candidates=cands, solution=sol)
+
+
+def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,
+            sol: CountSolution, cands: Candidates, shards: int
+            ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
+    """The templates' closed forms chose; the shared schedule and sync definition price. When
+    the choice mixes shapes, the best single-shape plan is priced too. Partitions that assumed
+    a sharded optimizer's memory count only where the placed plan fits."""
+    single = best_single(cands.templates, cands.micro_batches) if len(sol.choices) > 1 else None
+    out = []
+    for choice in [sol] + ([single] if single is not None else []):
+        plan = place_plan(cluster, cost.spec, cands.templates, choice.choices,
+                          cands.micro_batch_size, global_batch, options)
+        est = estimate_step(plan, cost)
+        if shards == 1 or _fits(plan, cost, est):
+            out.append((est, plan, sol, cands))
+    return out
+
+
+def _fits(plan: Plan, cost: CostModel, est: StepEstimate) -> bool:
+    """Whether every device holds its stage at the schedule's peak (its optimizer share under
+    a sharded optimizer included)."""
+    memory = plan_memory_fn(plan, cost)
+    return all(memory(g, est.peak_in_flight[g.name])
+               <= cost.cluster.kinds[g.kind].memory_bytes * (1 - MEMORY_SLACK)
+               for g in plan.stage_groups)
