@@ -12,16 +12,16 @@ from hetrain.cli.main import app, user_errors
 from hetrain.cli.report import per_group_table, per_kind_table, train_progress, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
-from hetrain.errors import PlanError
+from hetrain.errors import ModelError, PlanError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan import load_plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
-from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
 from hetrain.runtime.launch import check_plan, plan_spec, torchrun_main
 from hetrain.runtime.launch import train as run_train
+from hetrain.runtime.preflight import check_batch, check_writable_file, preflight, train_config
 from hetrain.runtime.recovery import train_resilient
 from hetrain.trace import TraceEvent, write_chrome_trace
 
@@ -48,22 +48,31 @@ def train(
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports here"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
+    # Every input is checked before any output, any file written or any worker started.
+    config = train_config(cli=True, model=model, steps=steps, seed=seed, lr=lr, data=data,
+                          time_scale=time_scale, trace=trace is not None,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                          resume=resume)
+    outputs = [(json_path, "--json"), (trace, "--trace")]
+    for path, option in outputs:
+        check_writable_file(path, option)
     c = load_cluster(cluster)
-    config = TrainConfig(model=model, steps=steps, seed=seed, lr=lr, data=data,
-                         time_scale=time_scale, trace=trace is not None,
-                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                         resume=resume)
     if plan is not None:
         p = load_plan(plan, c)
         config = config.model_copy(update={"model": p.model})
     else:
-        spec = model_spec(model_config(model), seq_len)
+        check_batch(global_batch, seq_len, cli=True)
+        cfg = model_config(model)
+        if seq_len > cfg.max_seq_len:
+            raise ModelError(f"--seq-len {seq_len} is longer than {cfg.name}'s max_seq_len "
+                             f"{cfg.max_seq_len}; pass at most that")
+        spec = model_spec(cfg, seq_len)
         p = data_parallel_plan(c, CostModel(c, spec), global_batch)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
         return
-    # Refuse a bad plan before any output: one line, exit 2.
     check_plan(p, c, plan_spec(p, None))
+    corpus = preflight(c, p, config, out_dir=out_dir, outputs=outputs, cli=True)
     console = Console()
     emulated = bool(emulated_kinds(p, c))
     if emulated:
@@ -81,12 +90,12 @@ def train(
         if checkpoint_dir:
             # With checkpoints on, a lost or hung worker is survived: re-plan, resume.
             resilient = train_resilient(c, p, config, replan=data_parallel_replan(),
-                                        out_dir=out_dir, progress=on_step)
+                                        corpus=corpus, out_dir=out_dir, progress=on_step)
             result = resilient.result
             for rec in resilient.recoveries:
                 console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)
         else:
-            result = run_train(c, p, config, out_dir=out_dir, progress=on_step)
+            result = run_train(c, p, config, corpus=corpus, out_dir=out_dir, progress=on_step)
     console.print(per_kind_table(result))
     console.print(per_group_table(result))
     tag = " (emulated)" if result.is_emulated else ""

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from hetrain.cluster.loading import read_text_file
 from hetrain.errors import PlanError
 
 
@@ -30,12 +31,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def read_plan_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise PlanError(f"{path}: cannot read the plan file ({err.strerror})") from None
+    text = read_text_file(path, "plan", PlanError)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise PlanError(f"{path}: nested too deeply to be a plan file") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise PlanError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                         f"{err}".splitlines()[0]) from None

@@ -14,9 +14,13 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hetrain.cluster.kinds import DTYPES
+
+# Micro-batches one step may hold: the schedule lists each, so a typo like
+# `micro_batches: 1000000000000` is refused before anything is allocated.
+MAX_MICRO_BATCHES = 1_000_000
 
 
 class StageGroup(BaseModel):
@@ -86,6 +90,14 @@ class Plan(BaseModel):
     stage_groups: list[StageGroup] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
     predicted: dict[str, float] = Field(default_factory=dict, description="planner's estimates")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Plan:
+        total = sum(route.micro_batches for route in self.routes)
+        if total > MAX_MICRO_BATCHES:
+            raise ValueError(f"routes: {total:,} micro-batches per step, more than the limit of "
+                             f"{MAX_MICRO_BATCHES:,}; use fewer, larger micro-batches")
+        return self
 
     @cached_property
     def group_by_name(self) -> dict[str, StageGroup]:

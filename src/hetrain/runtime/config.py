@@ -13,16 +13,19 @@ class TrainConfig(BaseModel):
     model: str = "tiny"
     steps: int = Field(default=20, gt=0)
     seed: int = 0
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     precision: Literal["float32", "float64"] = Field(
         default="float32", description="math of every worker; float64 makes exactness tests "
         "immune to the summation order Adam amplifies for near-zero gradients")
     data: str | None = Field(default=None, description="text file or folder; None: stdlib")
     time_scale: float | None = Field(
-        default=None, gt=0, description="emulation stretch; None: calibrated at start")
-    op_timeout_s: float = Field(default=120.0, gt=0, description="per collective / receive")
-    run_timeout_s: float = Field(default=1800.0, gt=0, description="whole run watchdog")
+        default=None, gt=0, allow_inf_nan=False,
+        description="emulation stretch; None: calibrated at start")
+    op_timeout_s: float = Field(default=120.0, gt=0, allow_inf_nan=False,
+                                description="per collective / receive")
+    run_timeout_s: float = Field(default=1800.0, gt=0, allow_inf_nan=False,
+                                 description="whole run watchdog")
     trace: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(default=0, ge=0)

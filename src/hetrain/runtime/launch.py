@@ -18,7 +18,7 @@ from torch import nn
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.data.corpus import Corpus
 from hetrain.errors import RuntimeFailure
 from hetrain.model.adapters import module_spec
 from hetrain.model.config import model_config
@@ -30,6 +30,7 @@ from hetrain.plan.validate import check_memory, validate_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import auto_time_scale, cpu_seconds_per_sample, emulated_kinds
 from hetrain.runtime.failure import lost_message, lost_ranks
+from hetrain.runtime.preflight import preflight
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.stage import WholeModel
 from hetrain.runtime.worker import Job, run_worker
@@ -80,7 +81,8 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters."""
     spec = plan_spec(plan, user_model)
     estimated = check_plan(plan, cluster, spec)
-    corpus = corpus or load_corpus(config.data, config.seed)
+    corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
+                       out_dir=out_dir, time_scale=time_scale)
     emulated = emulated_kinds(plan, cluster)
     cost = CostModel(cluster, spec)
     scale = time_scale or config.time_scale or (
