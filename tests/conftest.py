@@ -32,3 +32,11 @@ def mixed_1024():
     from hetrain.cluster import load_cluster
 
     return load_cluster(EXAMPLES / "clusters" / "mixed-1024.yaml")
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A working and a temporary folder to check nothing is written; spawning is refused."""
+    from tests.refusals import make_sandbox
+
+    return make_sandbox(tmp_path, monkeypatch)

@@ -71,8 +71,8 @@ def train(
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
         return
-    check_plan(p, c, plan_spec(p, None))
     corpus = preflight(c, p, config, out_dir=out_dir, outputs=outputs, cli=True)
+    check_plan(p, c, plan_spec(p, None))
     console = Console()
     emulated = bool(emulated_kinds(p, c))
     if emulated:

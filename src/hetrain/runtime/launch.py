@@ -79,10 +79,10 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
           time_scale: float | None = None) -> RunResult:
     """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters."""
-    spec = plan_spec(plan, user_model)
-    estimated = check_plan(plan, cluster, spec)
     corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
+    spec = plan_spec(plan, user_model)
+    estimated = check_plan(plan, cluster, spec)
     emulated = emulated_kinds(plan, cluster)
     cost = CostModel(cluster, spec)
     scale = time_scale or config.time_scale or (
