@@ -7,6 +7,12 @@ class HetrainError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = "", *args: object):
+        # One line, whatever the user's paths and values hold: control characters escaped.
+        if isinstance(message, str):
+            message = message.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(message, *args)
+
 
 class ClusterError(HetrainError):
     pass

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from hetrain.cli.main import app
 from hetrain.errors import ClusterError, RuntimeFailure
-from hetrain.runtime import launch, preflight
+from hetrain.runtime import launch
 from tests.refusals import THREE, cli_refused
 
 TRAIN = ["train", "--cluster", THREE, "--steps", "2", "--global-batch", "4", "--seq-len", "16",
@@ -132,7 +132,7 @@ def test_read_only_checkpoint_dir(sandbox, monkeypatch):
     ckpt = sandbox.work / "ckpt"
     ckpt.mkdir()
     real = os.access
-    monkeypatch.setattr(preflight.os, "access",
+    monkeypatch.setattr(os, "access",
                         lambda p, mode: False if str(p) == str(ckpt) else real(p, mode))
     cli_refused(sandbox, [*TRAIN, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"],
                 "--checkpoint-dir", "not writable")
@@ -220,3 +220,19 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin.yaml", "f["]
     run = _hetrain("--debug", "train", "--cluster", "bin.yaml", cwd=tmp_path)
     assert run.returncode == 1 and "Traceback" in run.stderr and "ClusterError" in run.stderr
+
+
+@pytest.mark.parametrize("args, option", [
+    (["plan", "--cluster", THREE, "--model", "tiny", "--out", "{bad}"], "--out"),
+    (["plan", "--cluster", THREE, "--model", "tiny", "--json", "{bad}"], "--json"),
+    (["simulate", "--cluster", THREE, "--model", "tiny", "--png", "{bad}"], "--png"),
+    (["simulate", "--cluster", THREE, "--model", "tiny", "--trace", "{bad}"], "--trace"),
+    (["profile", "--model", "tiny", "--out", "{bad}"], "--out"),
+    (["export", "--checkpoint", "ckpt", "--out", "{bad}"], "--out"),
+    (["bench", "dp", "--cluster", THREE, "--json", "{bad}"], "--json"),
+    (["bench", "recovery", "--json", "{bad}"], "--json"),
+])
+def test_every_command_checks_its_output_paths_first(sandbox, args, option):
+    blocker = _write(sandbox, "a-file", "x")
+    args = [a.replace("{bad}", str(blocker / "out")) for a in args]
+    cli_refused(sandbox, args, option, "is a file")

@@ -3,7 +3,7 @@ numbers, missing and extra fields, mutated valid cluster and plan files. Every c
 either a refusal (exit 2 / a HetrainError: one line, no traceback, no worker, nothing written)
 or, for an input that happens to be valid, at the spawn of the workers (stood in for here).
 
-CI runs HETRAIN_FUZZ_EXAMPLES (default 40) cases per test, the same ones each run; a longer,
+CI runs HETRAIN_FUZZ_EXAMPLES (default 50) cases per test, the same ones each run; a longer,
 random run: `pytest tests/cli/test_fuzz.py --fuzz-examples 2000`.
 """
 
@@ -28,7 +28,7 @@ from hetrain.cli.main import app
 from hetrain.errors import HetrainError
 from tests.refusals import FUZZ_COUNTS, THREE, Reached, sandboxed
 
-EXAMPLES = int(os.environ.get("HETRAIN_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("HETRAIN_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize="HETRAIN_FUZZ_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

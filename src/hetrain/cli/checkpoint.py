@@ -24,6 +24,9 @@ def export(
     verified first, and a damaged checkpoint is refused."""
     from safetensors.torch import save_file
 
+    from hetrain.plan.io import check_writable_file
+
+    check_writable_file(out, "--out")
     found = resolve_checkpoint(checkpoint)
     for refused in found.refused:
         Console(stderr=True).print(f"[yellow]skipped:[/] {refused}", highlight=False)

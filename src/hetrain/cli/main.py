@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-_state = {"debug": os.environ.get("HETRAIN_DEBUG", "") not in ("", "0")}
+_state = {"debug": False}
 
 
 def one_line(message: str) -> str:
@@ -111,8 +111,8 @@ app.add_typer(bench_app, name="bench")
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors")
           ) -> None:
-    if debug:
-        _state["debug"] = True
+    # Set on every invocation: one in-process run must not leave the next one in debug mode.
+    _state["debug"] = debug or os.environ.get("HETRAIN_DEBUG", "") not in ("", "0")
 
 
 def _register() -> None:

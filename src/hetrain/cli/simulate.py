@@ -108,7 +108,10 @@ def simulate(
     memory_check: bool = typer.Option(True, help="refuse plans over a device's memory"),
 ) -> None:
     """Predict one training step of a plan: step time, tokens/s, busy/bubble/comm per device."""
-    from hetrain.plan.io import atomic_write_text
+    from hetrain.plan.io import atomic_write_text, check_writable_file
+
+    for path, option in ((png, "--png"), (trace, "--trace"), (json_out, "--json")):
+        check_writable_file(path, option)
     from hetrain.sim.simulate import simulate_plan
 
     c, p, cost = _load(cluster, plan, model, global_batch, seq_len, dtype)

@@ -1,4 +1,5 @@
-"""Plan files: JSON or YAML, the general form or a shorthand; written atomically."""
+"""Plan files: JSON or YAML, the general form or a shorthand; written atomically; output
+paths checked before any work."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import yaml
 
 from hetrain.cluster.loading import read_text_file
-from hetrain.errors import PlanError
+from hetrain.errors import ConfigError, PlanError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -27,6 +28,55 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            return parent
+    return Path.cwd()
+
+
+def check_writable_file(path: str | Path | None, option: str) -> None:
+    """`path` can be written (created with its missing folders) by this process; writes
+    nothing. ConfigError naming the option and the path otherwise."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{option} {path}: the file is not writable; pick another path")
+        return
+    _check_creatable(path.parent, option, path)
+
+
+def check_writable_dir(path: str | Path | None, option: str) -> None:
+    """`path` is a writable folder, or one that can be created; writes nothing."""
+    if path is None or str(path) == "":
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder; pick a folder")
+    _check_creatable(path, option, path)
+
+
+def _check_creatable(folder: Path, option: str, path: Path) -> None:
+    base = _existing_ancestor(folder)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: {base} is a file, so nothing can be created under "
+                          "it; pick another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "read-only" if _read_only_fs(base) else "not writable"
+        raise ConfigError(f"{option} {path}: {base} is {why}; pick a writable folder")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def read_plan_dict(path: str | Path) -> dict[str, Any]:

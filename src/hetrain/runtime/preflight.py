@@ -24,6 +24,7 @@ from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
 from hetrain.model.config import model_config
+from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 
@@ -91,56 +92,6 @@ def check_batch(global_batch: int, seq_len: int, cli: bool) -> None:
                           f"{global_batch * seq_len:,} tokens per step, more than the limit of "
                           f"{MAX_TOKENS_PER_STEP:,} (each worker holds the whole batch); use "
                           "a smaller batch")
-
-
-# --- output paths ----------------------------------------------------------------------------
-def _existing_ancestor(path: Path) -> Path:
-    for parent in [path, *path.parents]:
-        if parent.exists():
-            return parent
-    return Path.cwd()
-
-
-def check_writable_file(path: str | Path | None, option: str) -> None:
-    """`path` can be written (created with its missing folders) by this process; writes
-    nothing. ConfigError naming the option and the path otherwise."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{option} {path}: is a folder; give a file name")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"{option} {path}: the file is not writable; pick another path")
-        return
-    _check_creatable(path.parent, option, path)
-
-
-def check_writable_dir(path: str | Path | None, option: str) -> None:
-    """`path` is a writable folder, or one that can be created; writes nothing."""
-    if path is None or str(path) == "":
-        return
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path}: is a file, not a folder; pick a folder")
-    _check_creatable(path, option, path)
-
-
-def _check_creatable(folder: Path, option: str, path: Path) -> None:
-    base = _existing_ancestor(folder)
-    if not base.is_dir():
-        raise ConfigError(f"{option} {path}: {base} is a file, so nothing can be created under "
-                          "it; pick another path")
-    if not os.access(base, os.W_OK | os.X_OK):
-        why = "read-only" if _read_only_fs(base) else "not writable"
-        raise ConfigError(f"{option} {path}: {base} is {why}; pick a writable folder")
-
-
-def _read_only_fs(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 # --- model, data, checkpoint -----------------------------------------------------------------
