@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from hetrain.cli.main import app, user_errors
 from hetrain.errors import CheckpointError
@@ -29,7 +30,9 @@ def export(
     check_writable_file(out, "--out")
     found = resolve_checkpoint(checkpoint)
     for refused in found.refused:
-        Console(stderr=True).print(f"[yellow]skipped:[/] {refused}", highlight=False)
+        # Plain text: a refused checkpoint's message holds paths rich would read as markup.
+        Console(stderr=True).print(Text.assemble(("skipped:", "yellow"), " ", refused),
+                                   highlight=False)
     params, meta = read_model(found.path)
     if not params:
         raise CheckpointError(f"checkpoint {found.path} holds no model parameters")

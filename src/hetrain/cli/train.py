@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from hetrain.cli.main import app, user_errors
 from hetrain.cli.report import per_group_table, per_kind_table, train_progress, write_json
@@ -68,11 +69,13 @@ def train(
                              f"{cfg.max_seq_len}; pass at most that")
         spec = model_spec(cfg, seq_len)
         p = data_parallel_plan(c, CostModel(c, spec), global_batch)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    corpus = preflight(c, p, config, out_dir=out_dir, outputs=outputs, cli=True,
+                       spawn=not under_torchrun)
+    check_plan(p, c, plan_spec(p, None))
+    if under_torchrun:
         torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
         return
-    corpus = preflight(c, p, config, out_dir=out_dir, outputs=outputs, cli=True)
-    check_plan(p, c, plan_spec(p, None))
     console = Console()
     emulated = bool(emulated_kinds(p, c))
     if emulated:
@@ -93,7 +96,9 @@ def train(
                                         corpus=corpus, out_dir=out_dir, progress=on_step)
             result = resilient.result
             for rec in resilient.recoveries:
-                console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)
+                # Plain text: gloo's messages hold paths like `[/tmp/...]`, not markup.
+                console.print(Text.assemble(("recovered:", "yellow"), " ", str(rec.summary())),
+                              highlight=False)
         else:
             result = run_train(c, p, config, corpus=corpus, out_dir=out_dir, progress=on_step)
     console.print(per_kind_table(result))
