@@ -236,3 +236,12 @@ def test_every_command_checks_its_output_paths_first(sandbox, args, option):
     blocker = _write(sandbox, "a-file", "x")
     args = [a.replace("{bad}", str(blocker / "out")) for a in args]
     cli_refused(sandbox, args, option, "is a file")
+
+
+@pytest.mark.parametrize("option", [["--resume"], ["--checkpoint-every", "2"]])
+def test_checkpoint_options_without_a_folder(sandbox, option):
+    cli_refused(sandbox, [*TRAIN, *option], option[0], "needs --checkpoint-dir")
+
+
+def test_seed_within_torchs_range(sandbox):
+    cli_refused(sandbox, [*TRAIN, "--seed", str(2**70)], "--seed", "2**32")

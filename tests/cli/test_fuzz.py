@@ -61,7 +61,8 @@ SCALAR = st.one_of(ODD, st.integers(-10, 10), st.text(max_size=8),
 VALUE = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
 OPTION = st.one_of(st.sampled_from(["-1", "0", "1", "2", "inf", "-inf", "nan", "1e400", "abc",
-                                    "", "1e-3", "64", "300", "3.5", "-0", "[/x]"]),
+                                    "", "1e-3", "64", "300", "3.5", "-0", "[/x]",
+                                    "99999999999999999999"]),
                    st.integers(-5, 300).map(str))
 RUN = ["--steps", "1", "--global-batch", "4", "--seq-len", "16", "--time-scale", "1e-9"]
 

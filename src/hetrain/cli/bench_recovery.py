@@ -38,7 +38,7 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
     plan = data_parallel_plan(cluster, cost, global_batch)
     if not 0 <= fail_rank < len(plan.devices()):
         raise ConfigError(f"--fail-rank {fail_rank}: the plan has ranks 0.."
-                             f"{len(plan.devices()) - 1}")
+                          f"{len(plan.devices()) - 1}")
     config = TrainConfig(model=model, steps=steps, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, fail_at_step=fail_at_step,
                          fail_rank=fail_rank, op_timeout_s=60, run_timeout_s=600)

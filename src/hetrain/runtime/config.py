@@ -12,7 +12,8 @@ class TrainConfig(BaseModel):
 
     model: str = "tiny"
     steps: int = Field(default=20, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32, description="torch and data seeds derive "
+                      "from it; bounded so they stay within torch's 64-bit seeds")
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     precision: Literal["float32", "float64"] = Field(

@@ -46,7 +46,7 @@ _FIXES = {
     "run_timeout_s": "a timeout must be a finite number of seconds > 0",
     "checkpoint_every": "pass 0 (only at the end / on SIGTERM) or a step count >= 1",
     "precision": "use float32 or float64",
-    "seed": "pass a whole number",
+    "seed": "pass a whole number in [0, 2**32)",
 }
 
 
@@ -144,6 +144,10 @@ def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
 def check_checkpoint(config: TrainConfig, plan: Plan, cli: bool) -> None:
     """The checkpoint folder can be written; a checkpoint to resume holds this model."""
     if not config.checkpoint_dir:
+        for field in ("resume", "checkpoint_every"):
+            if getattr(config, field):
+                raise ConfigError(f"{option_name(field, cli)} needs "
+                                  f"{option_name('checkpoint_dir', cli)}: give the folder")
         return
     check_writable_dir(config.checkpoint_dir, option_name("checkpoint_dir", cli))
     if not config.resume:
