@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterable
@@ -44,7 +45,7 @@ _FIXES = {
     "weight_decay": "weight decay must be a finite number >= 0",
     "op_timeout_s": "a timeout must be a finite number of seconds > 0",
     "run_timeout_s": "a timeout must be a finite number of seconds > 0",
-    "checkpoint_every": "pass 0 (only at the end / on SIGTERM) or a step count >= 1",
+    "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
     "precision": "use float32 or float64",
     "seed": "pass a whole number in [0, 2**32)",
 }
@@ -75,7 +76,7 @@ def check_positive(value: float | int | None, name: str, whole: bool = False) ->
     if value is None:
         return
     kind = "a whole number" if whole else "a finite number"
-    ok = isinstance(value, int) if whole else isinstance(value, int | float)
+    ok = isinstance(value, numbers.Integral if whole else numbers.Real)
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name}: must be {kind} > 0 (got {value!r})")
 
