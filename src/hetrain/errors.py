@@ -1,6 +1,10 @@
 """One exception type per part; the CLI turns any of them into one line and its exit code:
 2 for bad input (the default), 1 for a fault of the machine (a lost worker, a full disk)."""
 
+# Every character str.splitlines() breaks at, written as its escape (`\n`, `\x1e`, `\u2028`).
+_ESCAPE_BREAKS = {ord(c): c.encode("unicode_escape").decode()
+                  for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
 
 class HetrainError(Exception):
     """Base for errors a user can act on (bad input, infeasible request)."""
@@ -8,9 +12,9 @@ class HetrainError(Exception):
     exit_code = 2
 
     def __init__(self, message: str = "", *args: object):
-        # One line, whatever the user's paths and values hold: control characters escaped.
+        # One line, whatever the user's paths and values hold: line breaks escaped.
         if isinstance(message, str):
-            message = message.replace("\r", "\\r").replace("\n", "\\n")
+            message = message.translate(_ESCAPE_BREAKS)
         super().__init__(message, *args)
 
 

@@ -85,7 +85,7 @@ def mutated(draw, base: Any) -> Any:
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(_paths(tree)))
         op = draw(st.sampled_from(["replace", "delete", "extra"]))
-        value = draw(VALUE)
+        value = copy.deepcopy(draw(VALUE))  # ODD's lists are shared: never grow them
         if not path:
             tree = value if op == "replace" else tree
             continue
