@@ -13,7 +13,7 @@ from typing import Any
 
 from hetrain.errors import HetrainError
 
-CATEGORIES = ("forward", "backward", "comm", "optimizer", "idle")
+CATEGORIES = ("forward", "backward", "weight", "comm", "optimizer", "idle")
 STREAMS = ("compute", "comm")
 _US = 1e6  # Chrome traces count microseconds
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from hetrain.cli.main import app, user_errors
@@ -77,10 +78,15 @@ def train(
         torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
         return
     console = Console()
-    emulated = bool(emulated_kinds(p, c))
+    emulated_set = emulated_kinds(p, c)  # a `mode: real` kind that cannot run stops here
+    emulated = bool(emulated_set)
     if emulated:
-        console.print("[yellow]emulated:[/] kinds not present here run as CPU processes "
-                      "stretched to their catalog speed", highlight=False)
+        real = sorted(set(p.kinds()) - emulated_set)
+        # Kind names come from the user's YAML: escaped, never read as markup.
+        console.print(f"[yellow]emulated:[/] {escape(', '.join(sorted(emulated_set)))} run as "
+                      "CPU processes paced to their catalog speed"
+                      + (f"; [green]real:[/] {escape(', '.join(real))}" if real else ""),
+                      highlight=False)
     bar = train_progress(console, steps, emulated)
     with bar:
         task = bar.add_task("train", total=steps, loss=float("nan"), tps=0.0)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hetrain.cluster.topology import Cluster
-from hetrain.cost.model import CostModel, GroupLike, Op
+from hetrain.cost.model import SPLIT_BACKWARD, CostModel, GroupLike, Op
 from hetrain.errors import CostError
 from hetrain.model.spec import ModelSpec
 
@@ -139,6 +139,9 @@ class MeasuredCost(CostModel):
 
     def stage_compute_s(self, group: GroupLike, op: Op, samples: int, seq_len: int) -> float:
         by_size = self.stage_s.get(stage_key(group, op))
+        if not by_size and op in SPLIT_BACKWARD and op != "backward":
+            # split backward not measured on its own: its share of the whole backward
+            return SPLIT_BACKWARD[op] * self.stage_compute_s(group, "backward", samples, seq_len)
         if not by_size:
             raise CostError(f"no measured {op} for {group.kind} layers {tuple(group.layers)} "
                             f"on {len(group.devices)} device(s)")
@@ -164,6 +167,10 @@ class MeasuredCost(CostModel):
         if self.phase_fit is None:
             raise CostError("no measured all-reduce to time a gradient sync")
         return phases * self.phase_fit(nbytes)
+
+    def sync_s(self, devices: list[str], nbytes: float) -> float:
+        """A gradient bucket's sum, timed as the measured phases of the run's collectives."""
+        return self.allreduce_s(devices, nbytes)
 
     def optimizer_s(self, kind: str, params: float) -> float:
         fit = self.optimizer_fit.get(kind)

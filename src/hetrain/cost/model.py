@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol
 
+from hetrain.cluster.kinds import DTYPE_BYTES
 from hetrain.cluster.topology import Cluster
 from hetrain.errors import CostError
 from hetrain.model.spec import ModelSpec
 
-Op = Literal["forward", "backward"]
-DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
+Op = Literal["forward", "backward", "backward_input", "backward_weight"]
+# A backward splits evenly: the input gradient costs one forward's matmuls, the weight
+# gradient the other (zero-bubble schedules run them as two actions).
+SPLIT_BACKWARD = {"backward": 1.0, "backward_input": 0.5, "backward_weight": 0.5}
 
 
 def ring_allreduce_s(n: int, nbytes: float, gbps: float, latency_s: float) -> float:
@@ -52,8 +55,14 @@ class CostModel:
             bwd = self.profile.backward_s(kind, start, end, tokens) / tp
         else:
             fwd, bwd = self._roofline_s(kind, start, end, tokens, dtype, tp)
-        compute = fwd if op == "forward" else bwd + (fwd if recompute else 0.0)
-        return compute + self.tp_comm_s(kind, layers, tokens, dtype, tp)
+        if op == "forward":
+            return fwd + self.tp_comm_s(kind, layers, tokens, dtype, tp)
+        compute = bwd * SPLIT_BACKWARD[op]
+        if op == "backward_weight":  # no activation gradient crosses the TP group
+            return compute
+        # recomputation rebuilds the activations before the input gradient
+        return compute + (fwd if recompute else 0.0) + self.tp_comm_s(kind, layers, tokens,
+                                                                      dtype, tp)
 
     def _roofline_s(self, kind_name: str, start: int, end: int, tokens: float, dtype: str,
                     tp: int) -> tuple[float, float]:
@@ -140,6 +149,32 @@ class CostModel:
             bridge = 2 * (k - 1) / k * nbytes / bw + 2 * (k - 1) * lat
         return intra + bridge
 
+    def sync_s(self, devices: list[str], nbytes: float) -> float:
+        """Sharded sum of `nbytes` over `devices` (plan.sync prices every gradient bucket with
+        it; comm/ runs it): reduce-scatter inside each kind on its native backend, then each
+        rank sums its shard with one peer of every other kind over the host bridge, then
+        all-gather inside each kind. Every device's links carry about 1/n of the bytes, n the
+        devices of its kind; the kind with the fewest devices bounds the bridge phase."""
+        if len(devices) < 2 or nbytes <= 0:
+            return 0.0
+        by_kind: dict[str, list[str]] = {}
+        for d in devices:
+            by_kind.setdefault(self.cluster.device_by_id[d].kind, []).append(d)
+        intra = 0.0
+        for members in by_kind.values():
+            if len(members) > 1:
+                lat = max(self.cluster.link_latency_s(members[0], m) for m in members[1:])
+                intra = max(intra, ring_allreduce_s(len(members), nbytes,
+                                                    self.ring_gbps(members), lat))
+        k = len(by_kind)
+        if k < 2:
+            return intra
+        shard = nbytes / min(len(m) for m in by_kind.values())
+        leaders = [m[0] for m in by_kind.values()]
+        lat = max(self.cluster.link_latency_s(leaders[0], x) for x in leaders[1:])
+        bw = min(self.ring_gbps(leaders), self.cluster.links.bridge_gbps) * 1e9
+        return intra + 2 * (k - 1) / k * shard / bw + 2 * (k - 1) * lat
+
     def bridge_allreduce_s(self, parties: int, nbytes: float) -> float:
         """Ring all-reduce among `parties` leaders over the host-memory bridge (the planner's
         model of the exchange between differently shaped pipelines, whatever their kinds)."""
@@ -155,16 +190,19 @@ class CostModel:
         return params * 28 / (self.cluster.kinds[kind].memory_bandwidth_gbps * 1e9)
 
     # --- memory ------------------------------------------------------------------------------
-    def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int) -> float:
-        """Bytes per device: weights, gradients, Adam states, and activations of the
-        micro-batches in flight under 1F1B."""
+    def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int,
+                           optimizer_params: float | None = None) -> float:
+        """Bytes per device: weights, gradients, Adam states (of `optimizer_params`, default
+        all its parameters; fewer with a sharded optimizer), and activations of the
+        micro-batches holding them (the schedule's peak)."""
         start, end = group.layers
         tp = len(group.devices)
         wbytes = DTYPE_BYTES[group.dtype]
         params = self.spec.range_params(start, end) / tp
+        stepped = params if optimizer_params is None else optimizer_params
         # Mixed precision keeps an fp32 master copy; Adam keeps two fp32 moments.
         master = 4 if wbytes < 4 else 0
-        states = params * (wbytes + wbytes + master + 8)
+        states = params * (wbytes + wbytes) + stepped * (master + 8)
         tokens = micro_batch_size * self.spec.seq_len
         layers = self.spec.layers[start:end]
         if group.recompute:

@@ -1,23 +1,42 @@
-"""The one schedule both executors run: per stage group, its ordered forward/backward actions.
+"""The one schedule both executors run: per stage group, its ordered compute actions.
 
-The order comes from a greedy list scheduling of the plan's micro-batches (1F1B: a group runs a
-ready backward first, else a ready forward while fewer than its limit are in flight), timed
-with compute durations from a cost model (or unit durations per layer). Each group's list is
+The order comes from a greedy list scheduling of the plan's micro-batches, timed with compute
+and transfer durations from a cost model (or unit durations per layer). Each group's list is
 sorted by that run's start times, a linear extension of the dependencies, so executing every
 list in order can never deadlock, whatever the real durations turn out to be.
+
+Two kinds (Plan.schedule):
+- "1f1b": a group runs a ready backward first, else a ready forward while fewer than its
+  in-flight limit are held for backward.
+- "zero_bubble" (Qi et al. 2024): each backward is split into an input-gradient action (on the
+  critical path: its result goes to the previous stage) and a weight-gradient action (no
+  transfer, needed only by the optimizer). Priority: input gradient; a weight gradient when
+  more are pending than the group's cap; a forward while fewer than its limit await their
+  input gradient; any pending weight gradient. Weight gradients so fill the gaps where 1F1B
+  idles. With in-flight scale a, the forward limit is a x the 1F1B limit and the cap
+  2 (a - 1) x the stages before the group: later stages keep weight gradients for the
+  cool-down, earlier ones run ahead in the warm-up (a = 1.75 reaches the least fill of
+  equal stages, about S - 1 forwards, a third of 1F1B's). A micro-batch holds its
+  activations until its weight gradient: `peak_in_flight` counts those, for memory.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from hetrain.errors import PlanError
 from hetrain.plan.types import Plan, StageGroup
 
-Op = Literal["forward", "backward"]
+Op = Literal["forward", "backward", "backward_input", "backward_weight"]
+# Ops that produce weight gradients: after a group's last one, its gradients are final.
+WEIGHT_GRAD_OPS = ("backward", "backward_weight")
+# Short names in traces and Gantt charts.
+OP_LETTER = {"forward": "F", "backward": "B", "backward_input": "B", "backward_weight": "W"}
 
 
 class StageCost(Protocol):
@@ -26,13 +45,48 @@ class StageCost(Protocol):
     def stage_compute_s(self, group: StageGroup, op: Op, samples: int, seq_len: int) -> float: ...
 
 
+class LinkCost(Protocol):
+    """What timing transfers needs (cost.CostModel implements it)."""
+
+    def activation_bytes(self, layer_end: int, samples: int, dtype: str) -> float: ...
+
+    def p2p_s(self, src_device: str, dst_device: str, nbytes: float) -> float: ...
+
+    def p2p_handshake_s(self, src_device: str, dst_device: str) -> float: ...
+
+
+# (sending group, receiving group, "forward" | "backward", samples) -> (handshake s, transfer s)
+TransferFn = Callable[[str, str, str, int], tuple[float, float]]
+
+
+def transfer_times(plan: Plan, cost: LinkCost) -> TransferFn:
+    """Transfers as the runtime makes them (gloo's rendezvous): once the receiver has posted
+    and its ready notice (the handshake) has reached the sender, the bytes move. A forward
+    sends the stage's output, a backward the gradient of its input; one TP rank per side
+    carries the tensor."""
+    groups = plan.group_by_name
+    cache: dict[tuple[str, str, str, int], tuple[float, float]] = {}
+
+    def transfer(src: str, dst: str, direction: str, samples: int) -> tuple[float, float]:
+        key = (src, dst, direction, samples)
+        if key not in cache:
+            a, b = groups[src], groups[dst]
+            boundary = a.layers[1] if direction == "forward" else a.layers[0]
+            nbytes = cost.activation_bytes(boundary, samples, a.dtype)
+            cache[key] = (cost.p2p_handshake_s(a.devices[0], b.devices[0]),
+                          cost.p2p_s(a.devices[0], b.devices[0], nbytes))
+        return cache[key]
+
+    return transfer
+
+
 @dataclass(frozen=True)
 class Action:
     """One compute step of a stage group, with the transfers around it.
 
     forward: receive the activation from `recv_from` (if any), compute, send to `send_to`.
-    backward: receive the output gradient from `recv_from` (if any), compute, send the input
-    gradient to `send_to`.
+    backward / backward_input: receive the output gradient from `recv_from` (if any),
+    compute, send the input gradient to `send_to`. backward_weight: no transfer.
     """
 
     op: Op
@@ -42,101 +96,211 @@ class Action:
     recv_from: str | None
     send_to: str | None
 
+    @property
+    def label(self) -> str:
+        return OP_LETTER[self.op] + str(self.micro_batch)
+
+    @property
+    def is_backward(self) -> bool:
+        """Carries gradients (its transfers are tagged as backward ones)."""
+        return self.op != "forward"
+
 
 @dataclass
 class Schedule:
     actions: dict[str, list[Action]]  # group name -> ordered actions
-    peak_in_flight: dict[str, int]  # forwards held for backward at once, per group
-    estimated_step_s: float  # makespan of the ordering run (compute only)
+    peak_in_flight: dict[str, int]  # micro-batches holding activations at once, per group
+    estimated_step_s: float  # makespan of the ordering run (compute and transfers)
     start_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> start
+    end_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> end
+    comm_wait_s: dict[str, float] = field(default_factory=dict)  # per group, on transfers
 
     def compute_actions(self) -> int:
         return sum(len(a) for a in self.actions.values())
 
+    def last_weight_grad(self, group: str) -> int:
+        """Index of the group's last action producing weight gradients."""
+        acts = self.actions[group]
+        return max(i for i, a in enumerate(acts) if a.op in WEIGHT_GRAD_OPS)
+
 
 def in_flight_limit(plan: Plan, group: str) -> int:
-    """Sum over routes through the group of the stages from it to the route's end (1F1B)."""
+    """Forwards awaiting their (input) gradient at once: the sum over routes through the group
+    of the stages from it to the route's end (1F1B), times the group's in-flight scale."""
     limit = 0
     for r in plan.routes_through(group):
         stages = plan.routes[r].stages
         limit += len(stages) - stages.index(group)
-    return max(limit, 1)
+    return max(math.floor(limit * plan.group_by_name[group].in_flight_scale + 1e-9), 1)
+
+
+def weight_grad_cap(plan: Plan, group: str) -> int:
+    """Zero-bubble: weight gradients a group may keep pending before they come first."""
+    upstream = sum(plan.routes[r].stages.index(group) for r in plan.routes_through(group))
+    return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
 
 
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
-    return group.n_layers * samples * (2.0 if op == "backward" else 1.0) / group.tp
+    scale = {"forward": 1.0, "backward": 2.0, "backward_input": 1.0, "backward_weight": 1.0}[op]
+    return group.n_layers * samples * scale / group.tp
+
+
+@dataclass
+class _GroupState:
+    ready_f: list = field(default_factory=list)  # heap of (ready at, micro-batch, position)
+    ready_b: list = field(default_factory=list)
+    pending_w: list = field(default_factory=list)  # micro-batches whose weight grad is left
+    in_flight: int = 0  # forwards awaiting their (input) gradient
+    held: int = 0  # micro-batches holding activations (until their last backward action)
+    peak: int = 0  # of held
+    busy: bool = False
+    posted_s: float = 0.0  # start of its last action: when it posted its next receive
+    free_s: float = 0.0  # end of its last action
+    comm_wait_s: float = 0.0  # idle while a tensor it needs is on its way
+    order: list = field(default_factory=list)
+
+
+class _ListScheduler:
+    """The greedy run behind build_schedule: event-driven, one action at a time per group."""
+
+    def __init__(self, plan: Plan, cost: StageCost | None, transfer: TransferFn | None):
+        self.plan, self.cost, self.transfer = plan, cost, transfer
+        self.groups = plan.group_by_name
+        self.split = plan.schedule == "zero_bubble"
+        self.state = {g: _GroupState() for g in self.groups}
+        self.limit = {g: in_flight_limit(plan, g) for g in self.groups}
+        self.w_cap = {g: weight_grad_cap(plan, g) for g in self.groups}
+        self.starts: dict[tuple[str, int], float] = {}
+        self.ends: dict[tuple[str, int], float] = {}
+        self.events: list = []
+        self.seq = itertools.count()
+        self._durations: dict[tuple[str, str, int], float] = {}
+
+    def duration(self, g: str, op: Op, samples: int) -> float:
+        key = (g, op, samples)
+        if key not in self._durations:
+            group = self.groups[g]
+            self._durations[key] = (_unit_duration(group, op, samples) if self.cost is None
+                                    else self.cost.stage_compute_s(group, op, samples,
+                                                                   self.plan.seq_len))
+        return self._durations[key]
+
+    def pick(self, g: str) -> tuple[Op, float, int, int] | None:
+        """The next action of group g by priority (with when its input was sent), or None
+        when it must wait."""
+        st = self.state[g]
+        if st.ready_b:
+            sent, mb_id, pos = heapq.heappop(st.ready_b)
+            st.in_flight -= 1
+            if not self.split:
+                st.held -= 1
+            return ("backward_input" if self.split else "backward"), sent, mb_id, pos
+        if st.pending_w and len(st.pending_w) > self.w_cap[g]:
+            return self._weight(st)
+        if st.ready_f and st.in_flight < self.limit[g]:
+            sent, mb_id, pos = heapq.heappop(st.ready_f)
+            st.in_flight += 1
+            st.held += 1
+            st.peak = max(st.peak, st.held)
+            return "forward", sent, mb_id, pos
+        if st.pending_w:
+            return self._weight(st)
+        return None
+
+    @staticmethod
+    def _weight(st: _GroupState) -> tuple[Op, float, int, int]:
+        _, mb_id, pos = heapq.heappop(st.pending_w)
+        st.held -= 1
+        return "backward_weight", 0.0, mb_id, pos
+
+    def try_start(self, g: str, now: float) -> None:
+        st = self.state[g]
+        if st.busy:
+            return
+        picked = self.pick(g)
+        if picked is None:
+            return
+        op, sent, mb_id, pos = picked
+        mb = self.plan.micro_batches[mb_id]
+        stages = self.plan.routes[mb.route].stages
+        prev = stages[pos - 1] if pos > 0 else None
+        nxt = stages[pos + 1] if pos + 1 < len(stages) else None
+        if op == "forward":
+            recv, send = prev, nxt
+        elif op == "backward_weight":
+            recv = send = None
+        else:
+            recv, send = nxt, prev
+        action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos, recv_from=recv,
+                        send_to=send)
+        start = now
+        if recv is not None and self.transfer is not None:
+            # posted as the group started its previous action; the bytes move after the
+            # handshake
+            handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
+                                                 else "backward", mb.size)
+            start = max(now, max(sent, st.posted_s + handshake_s) + bytes_s)
+            st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
+        index = len(st.order)
+        self.starts[(g, index)] = start
+        st.order.append(action)
+        st.busy = True
+        st.posted_s = start
+        end = start + self.duration(g, op, mb.size)
+        self.ends[(g, index)] = end
+        heapq.heappush(self.events, (end, next(self.seq), g, action))
+
+    def on_done(self, g: str, action: Action, now: float) -> None:
+        st = self.state[g]
+        st.busy = False
+        st.free_s = now
+        item = (now, action.micro_batch, action.stage)
+        if action.op == "forward":
+            if action.send_to is None:  # last stage: its backward is ready at once
+                heapq.heappush(st.ready_b, item)
+            else:
+                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
+                                             ("f", action.micro_batch, action.stage + 1)))
+        elif action.op != "backward_weight":
+            if action.op == "backward_input":
+                heapq.heappush(st.pending_w, item)
+            if action.send_to is not None:
+                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
+                                             ("b", action.micro_batch, action.stage - 1)))
+        self.try_start(g, now)
+
+    def run(self) -> float:
+        for mb in self.plan.micro_batches:
+            first = self.plan.routes[mb.route].stages[0]
+            heapq.heappush(self.state[first].ready_f, (0.0, mb.id, 0))
+        for g in self.groups:
+            self.try_start(g, 0.0)
+        now = 0.0
+        while self.events:
+            now, _, g, what = heapq.heappop(self.events)
+            if isinstance(what, Action):
+                self.on_done(g, what, now)
+                continue
+            direction, mb_id, pos = what  # an input was sent
+            st = self.state[g]
+            heapq.heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
+            self.try_start(g, now)
+        return now
 
 
 def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
-    groups = plan.group_by_name
-
-    def duration(group: StageGroup, op: Op, samples: int) -> float:
-        if cost is None:
-            return _unit_duration(group, op, samples)
-        return cost.stage_compute_s(group, op, samples, plan.seq_len)
-
-    ready_f: dict[str, list] = {g: [] for g in groups}
-    ready_b: dict[str, list] = {g: [] for g in groups}
-    in_flight = dict.fromkeys(groups, 0)
-    peak = dict.fromkeys(groups, 0)
-    limit = {g: in_flight_limit(plan, g) for g in groups}
-    busy = dict.fromkeys(groups, False)
-    order: dict[str, list[Action]] = {g: [] for g in groups}
-    starts: dict[tuple[str, int], float] = {}
-    events: list = []
-    seq = itertools.count()
-
-    for mb in plan.micro_batches:
-        heapq.heappush(ready_f[plan.routes[mb.route].stages[0]], (0.0, mb.id, 0))
-
-    def try_start(g: str, now: float) -> None:
-        if busy[g]:
-            return
-        if ready_b[g]:
-            _, mb_id, pos = heapq.heappop(ready_b[g])
-            op: Op = "backward"
-            in_flight[g] -= 1
-        elif ready_f[g] and in_flight[g] < limit[g]:
-            _, mb_id, pos = heapq.heappop(ready_f[g])
-            op = "forward"
-            in_flight[g] += 1
-            peak[g] = max(peak[g], in_flight[g])
-        else:
-            return
-        mb = plan.micro_batches[mb_id]
-        stages = plan.routes[mb.route].stages
-        prev = stages[pos - 1] if pos > 0 else None
-        nxt = stages[pos + 1] if pos + 1 < len(stages) else None
-        action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos,
-                        recv_from=prev if op == "forward" else nxt,
-                        send_to=nxt if op == "forward" else prev)
-        starts[(g, len(order[g]))] = now
-        order[g].append(action)
-        busy[g] = True
-        end = now + duration(groups[g], op, mb.size)
-        heapq.heappush(events, (end, next(seq), g, action))
-
-    for g in groups:
-        try_start(g, 0.0)
-    now = 0.0
-    while events:
-        now, _, g, action = heapq.heappop(events)
-        busy[g] = False
-        if action.op == "forward":
-            if action.send_to is None:  # last stage: its backward is ready at once
-                heapq.heappush(ready_b[g], (now, action.micro_batch, action.stage))
-            else:
-                heapq.heappush(ready_f[action.send_to], (now, action.micro_batch,
-                                                         action.stage + 1))
-                try_start(action.send_to, now)
-        elif action.send_to is not None:
-            heapq.heappush(ready_b[action.send_to], (now, action.micro_batch, action.stage - 1))
-            try_start(action.send_to, now)
-        try_start(g, now)
-
-    for g in groups:
-        want = 2 * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
-        if len(order[g]) != want:
-            raise PlanError(f"schedule stalled at stage group {g!r}: {len(order[g])} of {want} "
+    """Every group's ordered actions, from a run timed with `cost`: compute, and transfers
+    too when it prices links (LinkCost), as the simulator times them."""
+    transfer = transfer_times(plan, cost) if hasattr(cost, "p2p_s") else None
+    run = _ListScheduler(plan, cost, transfer)
+    makespan = run.run()
+    per_mb = 3 if run.split else 2
+    for g, st in run.state.items():
+        want = per_mb * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
+        if len(st.order) != want:
+            raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "
                             "actions could run; check that routes visit layers in order")
-    return Schedule(actions=order, peak_in_flight=peak, estimated_step_s=now, start_s=starts)
+    return Schedule(actions={g: st.order for g, st in run.state.items()},
+                    peak_in_flight={g: st.peak for g, st in run.state.items()},
+                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends,
+                    comm_wait_s={g: st.comm_wait_s for g, st in run.state.items()})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +22,7 @@ from hetrain.cluster.kinds import DTYPES
 # Micro-batches one step may hold: the schedule lists each, so a typo like
 # `micro_batches: 1000000000000` is refused before anything is allocated.
 MAX_MICRO_BATCHES = 1_000_000
+ScheduleKind = Literal["1f1b", "zero_bubble"]
 
 
 class StageGroup(BaseModel):
@@ -32,6 +34,12 @@ class StageGroup(BaseModel):
     layers: tuple[int, int] = Field(description="[start, end) in ModelSpec layers")
     dtype: str = "fp32"
     recompute: bool = False
+    in_flight_scale: float = Field(
+        default=1.0, ge=1.0, description="micro-batches the group may hold activations for, "
+        "as a multiple of the 1F1B limit (more fills pipeline warm-up, costs memory)")
+    shard_weight: float = Field(
+        default=1.0, gt=0, description="with a sharded optimizer: this group's devices take "
+        "shares of a bucket's optimizer state in proportion to this weight")
 
     @field_validator("layers")
     @classmethod
@@ -89,6 +97,12 @@ class Plan(BaseModel):
     global_batch: int = Field(gt=0, description="samples per optimizer step")
     stage_groups: list[StageGroup] = Field(min_length=1)
     routes: list[Route] = Field(min_length=1)
+    schedule: ScheduleKind = Field(
+        default="1f1b", description="1f1b: forward then whole backward; zero_bubble: each "
+        "backward split into an input-gradient and a later weight-gradient action")
+    sharded_optimizer: bool = Field(
+        default=False, description="ZeRO-1: each holder keeps the optimizer state of its "
+        "shard of every gradient bucket, sized by shard_weight")
     predicted: dict[str, float] = Field(default_factory=dict, description="planner's estimates")
 
     @model_validator(mode="after")

@@ -1,0 +1,223 @@
+"""Gradient sync, defined once: which stage groups sum which gradients, in which buckets and
+order, when each bucket may start, and how long the sync and optimizer tail of a step lasts.
+
+The runtime (runtime/grad_sync.py), the simulator (sim/engine.py) and the planner's estimate
+(planner/estimate.py) all read these definitions, so they cannot price or run sync differently.
+
+- A layer's gradient is summed over its holders (Plan.gradient_holders; a tied embedding also
+  over the head's holders). Consecutive layers with the same holders form buckets of at most
+  `bucket_params` parameters (a layer is never split).
+- Buckets are ordered by their last layer, highest first (backward finalises the last layers
+  first), then by holders; every rank starts its buckets in this global order.
+- A bucket may start once every holder has passed its layers in its last weight-gradient
+  action of the step (backward runs from a stage's last layer down), and once each member
+  device's previous bucket is done (one comm stream per device). It overlaps compute.
+- Holders of one TP degree sum shard by shard (tp side-by-side collectives of 1/tp of the
+  bytes on disjoint devices); holders of mixed degrees sum full tensors over all their devices.
+- Each collective is sharded (cost.sync_s prices it): reduce-scatter inside each kind, each
+  rank sums its shard with its peers of the other kinds, all-gather inside each kind.
+- The optimizer of a group runs once all its buckets are summed; with a sharded optimizer
+  (ZeRO-1) each device updates only its share of every bucket (shard_weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hetrain.cluster.kinds import DTYPE_BYTES
+from hetrain.model.spec import ModelSpec
+from hetrain.plan.types import Plan, StageGroup
+
+BUCKET_PARAMS = 8 * 2**20  # about 32 MiB of fp32 gradients
+
+
+@dataclass(frozen=True)
+class SyncBucket:
+    index: int  # position in the global order
+    holders: tuple[str, ...]  # stage groups summing it, sorted
+    layers: tuple[int, int]  # [start, end) of the layers whose gradients it carries
+    params: int  # parameters (of full tensors) whose gradients it carries
+
+    @property
+    def layer_list(self) -> range:
+        return range(*self.layers)
+
+
+class SyncCost(Protocol):
+    """What pricing the sync needs from a cost model (cost.CostModel implements it)."""
+
+    def sync_s(self, devices: list[str], nbytes: float) -> float: ...
+
+    def optimizer_s(self, kind: str, params: float) -> float: ...
+
+
+class FreeSync:
+    """A SyncCost whose gradient sums take no time: the step with all sync hidden."""
+
+    def __init__(self, cost: SyncCost):
+        self.cost = cost
+
+    def sync_s(self, devices: list[str], nbytes: float) -> float:
+        return 0.0
+
+    def optimizer_s(self, kind: str, params: float) -> float:
+        return self.cost.optimizer_s(kind, params)
+
+
+def tied_last(spec: ModelSpec) -> int | None:
+    return spec.n_layers - 1 if spec.tie_embeddings else None
+
+
+def own_params(spec: ModelSpec, layer: int) -> int:
+    """Parameters whose gradient a layer's holders sum: a tied head's output weight is the
+    embedding's, summed with layer 0."""
+    params = spec.layers[layer].params
+    if layer == tied_last(spec):
+        params -= spec.vocab_size * spec.dim
+    return params
+
+
+def sync_buckets(plan: Plan, spec: ModelSpec, bucket_params: int = BUCKET_PARAMS
+                 ) -> list[SyncBucket]:
+    """Every bucket of two or more holders, in the global order."""
+    tied = tied_last(spec)
+    runs: list[tuple[tuple[str, ...], int, int, int]] = []  # holders, start, end, params
+    for layer in range(spec.n_layers - 1, -1, -1):
+        holders = plan.gradient_holders(layer, tied)
+        params = own_params(spec, layer)
+        if len(holders) < 2:
+            continue
+        if runs and runs[-1][0] == holders and runs[-1][1] == layer + 1 \
+                and runs[-1][3] + params <= bucket_params:
+            h, _, end, total = runs[-1]
+            runs[-1] = (h, layer, end, total + params)
+        else:
+            runs.append((holders, layer, layer + 1, params))
+    runs.sort(key=lambda r: (-r[2], r[0]))
+    return [SyncBucket(index=i, holders=h, layers=(a, b), params=p)
+            for i, (h, a, b, p) in enumerate(runs)]
+
+
+def shard_wise(plan: Plan, bucket: SyncBucket) -> bool:
+    """Holders of one TP degree sum shard by shard."""
+    return len({plan.group_by_name[g].tp for g in bucket.holders}) == 1
+
+
+def reductions(plan: Plan, bucket: SyncBucket) -> list[tuple[str, ...]]:
+    """Device ids of each collective of the bucket: tp rank j of every holder together when
+    the holders share a TP degree, else every device of every holder."""
+    groups = [plan.group_by_name[g] for g in bucket.holders]
+    if shard_wise(plan, bucket):
+        return [tuple(g.devices[j] for g in groups) for j in range(groups[0].tp)]
+    return [tuple(d for g in groups for d in g.devices)]
+
+
+def bucket_bytes(plan: Plan, bucket: SyncBucket) -> float:
+    """Bytes each rank of one of the bucket's collectives sums (gradients in the holders'
+    widest dtype; shard-wise: 1/tp of the bucket)."""
+    groups = [plan.group_by_name[g] for g in bucket.holders]
+    nbytes = bucket.params * max(DTYPE_BYTES[g.dtype] for g in groups)
+    return nbytes / groups[0].tp if shard_wise(plan, bucket) else nbytes
+
+
+def ready_fraction(spec: ModelSpec, group: StageGroup, bucket: SyncBucket) -> float:
+    """Share of the group's last weight-gradient action after which the bucket's gradients
+    are final on it: backward runs from the group's last layer down, each layer taking its
+    share of the FLOPs (a tied head counts as holding the embedding's weight)."""
+    a, b = group.layers
+    lo = max(a, bucket.layers[0])
+    if lo >= min(b, bucket.layers[1]):  # holds it only through the tied head
+        lo = b - 1
+    weights = [max(spec.layers[i].forward_flops_per_token, 1.0) for i in range(a, b)]
+    return sum(weights[lo - a:]) / sum(weights)
+
+
+def shard_bounds(weights: list[float], numel: int) -> list[tuple[int, int]]:
+    """Uneven contiguous shards of `numel` elements in proportion to `weights` (ZeRO-1)."""
+    total = sum(weights)
+    bounds, acc = [], 0.0
+    start = 0
+    for w in weights:
+        acc += w
+        end = round(numel * acc / total)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
+                     buckets: list[SyncBucket]) -> float:
+    """Parameters one device of the group steps: its 1/tp of the stage, less, with a sharded
+    optimizer, what other holders step of each shared bucket."""
+    params = spec.range_params(*group.layers) / group.tp
+    if not plan.sharded_optimizer:
+        return params
+    for bucket in buckets:
+        if group.name not in bucket.holders:
+            continue
+        members = [plan.group_by_name[g] for g in bucket.holders]
+        weight = sum(g.shard_weight * (1 if shard_wise(plan, bucket) else g.tp)
+                     for g in members)
+        mine = group.shard_weight * (1 if shard_wise(plan, bucket) else group.tp)
+        shared = bucket.params / (group.tp if shard_wise(plan, bucket) else 1)
+        params -= shared * (1 - mine / weight)
+    return max(params, 0.0)
+
+
+@dataclass
+class SyncTimeline:
+    """The priced tail of one step: when every bucket ran and when each group finished."""
+
+    bucket_ready_s: list[float]  # every holder has its gradients
+    bucket_start_s: list[float]
+    bucket_s: list[float]
+    group_synced_s: dict[str, float]  # all its buckets summed (its last compute if none)
+    group_end_s: dict[str, float]  # optimizer done
+    group_optimizer_s: dict[str, float]
+    group_last_compute_s: dict[str, float]
+    exposed_sync_s: dict[str, float] = field(default_factory=dict)  # synced - last compute
+
+    @property
+    def step_s(self) -> float:
+        return max(self.group_end_s.values())
+
+    def comm_wait_s(self, group: str, buckets: list[SyncBucket]) -> float:
+        """Time the group waits on its collectives after its compute and after every other
+        holder of its buckets is ready (waiting for those holders is a bubble)."""
+        ready = [self.bucket_ready_s[b.index] for b in buckets if group in b.holders]
+        since = max([self.group_last_compute_s[group]] + ready)
+        return max(0.0, self.group_synced_s[group] - since)
+
+
+def price_sync(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket], cost: SyncCost,
+               last_weight_grad_s: dict[str, tuple[float, float]],
+               last_compute_s: dict[str, float]) -> SyncTimeline:
+    """The sync and optimizer tail, given each group's last weight-gradient action
+    (start, end) and the end of its last compute action."""
+    groups = plan.group_by_name
+    comm_free: dict[str, float] = {}
+    readies, starts, durs = [], [], []
+    synced = dict(last_compute_s)
+    for bucket in buckets:
+        ready = max(last_weight_grad_s[g][0] + ready_fraction(spec, groups[g], bucket)
+                    * (last_weight_grad_s[g][1] - last_weight_grad_s[g][0])
+                    for g in bucket.holders)
+        sets = reductions(plan, bucket)
+        devices = [d for s in sets for d in s]
+        start = max([ready] + [comm_free.get(d, 0.0) for d in devices])
+        dur = max(cost.sync_s(list(s), bucket_bytes(plan, bucket)) for s in sets)
+        for d in devices:
+            comm_free[d] = start + dur
+        for g in bucket.holders:
+            synced[g] = max(synced[g], start + dur)
+        readies.append(ready)
+        starts.append(start)
+        durs.append(dur)
+    opt = {g.name: cost.optimizer_s(g.kind, optimizer_params(plan, spec, g, buckets))
+           for g in plan.stage_groups}
+    end = {g: synced[g] + opt[g] for g in groups}
+    exposed = {g: synced[g] - last_compute_s[g] for g in groups}
+    return SyncTimeline(bucket_ready_s=readies, bucket_start_s=starts, bucket_s=durs,
+                        group_synced_s=synced, group_end_s=end, group_optimizer_s=opt,
+                        group_last_compute_s=dict(last_compute_s), exposed_sync_s=exposed)
