@@ -35,6 +35,9 @@ from hetrain.plan.types import Plan, StageGroup
 Op = Literal["forward", "backward", "backward_input", "backward_weight"]
 # Ops that produce weight gradients: after a group's last one, its gradients are final.
 WEIGHT_GRAD_OPS = ("backward", "backward_weight")
+# A group posts the receives of its next RECV_AHEAD actions as it starts an action (runtime,
+# simulator and this schedule's timing agree on it), so transfers move under compute.
+RECV_AHEAD = 1
 # Short names in traces and Gantt charts.
 OP_LETTER = {"forward": "F", "backward": "B", "backward_input": "B", "backward_weight": "W"}
 
@@ -154,7 +157,7 @@ class _GroupState:
     held: int = 0  # micro-batches holding activations (until their last backward action)
     peak: int = 0  # of held
     busy: bool = False
-    posted_s: float = 0.0  # start of its last action: when it posted its next receive
+    starts: list = field(default_factory=list)  # of its actions so far
     free_s: float = 0.0  # end of its last action
     comm_wait_s: float = 0.0  # idle while a tensor it needs is on its way
     order: list = field(default_factory=list)
@@ -235,17 +238,19 @@ class _ListScheduler:
                         send_to=send)
         start = now
         if recv is not None and self.transfer is not None:
-            # posted as the group started its previous action; the bytes move after the
-            # handshake
+            # posted as the group started the action RECV_AHEAD before; the bytes move after
+            # the handshake
             handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
                                                  else "backward", mb.size)
-            start = max(now, max(sent, st.posted_s + handshake_s) + bytes_s)
+            ahead = len(st.starts) - RECV_AHEAD
+            posted = st.starts[ahead] if ahead >= 0 else 0.0
+            start = max(now, max(sent, posted + handshake_s) + bytes_s)
             st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
         index = len(st.order)
         self.starts[(g, index)] = start
         st.order.append(action)
         st.busy = True
-        st.posted_s = start
+        st.starts.append(start)
         end = start + self.duration(g, op, mb.size)
         self.ends[(g, index)] = end
         heapq.heappush(self.events, (end, next(self.seq), g, action))

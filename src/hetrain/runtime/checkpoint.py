@@ -17,7 +17,8 @@ Why this layout:
   is a slice at load time, nothing depends on the writer's layout. Each weight and its AdamW
   state (exp_avg, exp_avg_sq, step) is written once, by TP rank 0 of the first stage group (in
   plan order) holding it; all holders of a weight stay identical (same summed gradient, same
-  optimizer), so any one of them would do.
+  optimizer), so any one of them would do. Under ZeRO-1 the shards of a weight's AdamW state
+  are assembled at save time, and sliced again at load time for the new plan's shards.
 - DCP does the collective part of saving: every rank gives its own keys, ranks write their
   files in parallel (fsynced), the coordinator merges one `.metadata`. Loading needs no
   collective: each rank reads only the keys of its layers and DCP narrows each full tensor
@@ -194,12 +195,16 @@ def _state_to_save(worker: Worker) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     if worker.rank == 0:
         state["rng/torch"] = torch.get_rng_state()
+    # ZeRO-1: each bucket's AdamW state is assembled from its shards (a collective among the
+    # bucket's members), so the checkpoint holds whole state whatever the sharding.
+    zero_state = worker.grad_sync.gathered_state()
     for name, layer, p in worker.params:
         if _writer_of(worker, layer) != worker.group.name:
             continue
         # Every TP rank of the writer group gathers (a collective); TP rank 0 writes.
         values = {f"model/{name}": full_tensor(p.detach())}
-        for key, value in worker.optimizer.state.get(p, {}).items():
+        slot = zero_state.get(id(p)) or worker.optimizer.state.get(p, {})
+        for key, value in slot.items():
             values[f"optim/{name}/{key}"] = full_tensor(value.detach())
         if worker.tp_index == 0:
             state.update(values)
@@ -280,7 +285,8 @@ def load_latest(worker: Worker, root: str | Path) -> int:
                               f"trains {worker.job.plan.model!r}")
     reader = dcp.FileSystemReader(found.path)
     stored = set(reader.read_metadata().state_dict_metadata)
-    state = _state_to_load(worker, stored)
+    zero_state: dict[int, dict[str, torch.Tensor]] = {}
+    state = _state_to_load(worker, stored, zero_state)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -288,6 +294,7 @@ def load_latest(worker: Worker, root: str | Path) -> int:
     except Exception as err:  # DCP wraps per-rank errors; keep the first line
         raise CheckpointError(f"checkpoint {found.path} does not fit this plan: "
                               f"{str(err).strip().splitlines()[0]}") from err
+    worker.grad_sync.load_state(zero_state)
     if "rng/torch" in state:
         torch.set_rng_state(state["rng/torch"])
     return found.step
@@ -319,14 +326,24 @@ def _agree_on_checkpoint(worker: Worker, root: Path) -> Found | None:
     return None
 
 
-def _state_to_load(worker: Worker, stored: set[str]) -> dict[str, torch.Tensor]:
-    """Targets for DCP: this rank's parameters and AdamW state (DTensor shards under TP)."""
+def _state_to_load(worker: Worker, stored: set[str],
+                   zero_state: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Targets for DCP: this rank's parameters and AdamW state (DTensor shards under TP).
+    ZeRO-1: whole AdamW state of shared weights into `zero_state` (the sync keeps shards)."""
     state: dict[str, torch.Tensor] = {}
     if "rng/torch" in stored:
         state["rng/torch"] = torch.get_rng_state()
     for name, _, p in worker.params:
         state[f"model/{name}"] = p.detach()  # shares storage: DCP copies into it
         if f"optim/{name}/exp_avg" not in stored:
+            continue
+        if id(p) in worker.grad_sync.zero_params:
+            slot = zero_state[id(p)] = {
+                "step": torch.tensor(0.0, dtype=_scalar_dtype()),
+                "exp_avg": torch.empty(p.shape, dtype=p.dtype),
+                "exp_avg_sq": torch.empty(p.shape, dtype=p.dtype)}
+            for key in _ADAM_STATE:
+                state[f"optim/{name}/{key}"] = slot[key]
             continue
         # The state AdamW creates at its first step, filled from the checkpoint.
         slot = worker.optimizer.state[p]

@@ -87,8 +87,10 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
         grp = per_group.setdefault(g.name, {
             "kind": g.kind, "devices": g.devices, "layers": list(g.layers), "tp": g.tp,
             "samples": rep["samples"], "estimated_bytes": estimated_bytes.get(g.name, 0.0),
-            "measured_bytes": 0, "peak_in_flight": rep["peak_in_flight"],
+            "measured_bytes": 0, "optimizer_bytes": 0, "peak_in_flight": rep["peak_in_flight"],
             "emulated": rep["emulated"], "mode": mode})
+        # optimizer state of the group's busiest device (ZeRO-1 shards it by shard_weight)
+        grp["optimizer_bytes"] = max(grp["optimizer_bytes"], rep["optimizer_bytes"])
         grp["measured_bytes"] = max(grp["measured_bytes"],
                                     rep["cuda_peak_bytes"] or rep["measured_bytes"])
     for k in per_kind.values():

@@ -26,8 +26,10 @@ class Stage(nn.Module):
         self.first, self.last = start == 0, end == n_layers
         self.aliases = aliases or {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Layers from the `start`-th of the stage on (zero-bubble splits stage 0 after its
+        embedding)."""
+        for layer in self.layers[start:]:
             x = layer(x)
         return x
 

@@ -1,7 +1,9 @@
 """One worker process: builds its stage, then runs the plan's schedule step after step.
 
-A step: the stage group's forward/backward actions in schedule order (receiving and sending
-activations and gradients), the gradient sum over all holders of each weight, the optimizer.
+A step: the stage group's actions in schedule order (forward; whole backward under 1F1B, or
+input-gradient then weight-gradient actions under zero-bubble), receiving and sending
+activations and gradients; the gradient sum over all holders of each weight, overlapped on a
+comm thread; the optimizer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from hetrain.cluster.topology import Cluster
 from hetrain.comm.groups import GroupCache, torch_backend
@@ -28,7 +31,8 @@ from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
 from hetrain.model.spec import model_spec
 from hetrain.plan.schedule import Action, build_schedule
-from hetrain.plan.types import Plan, StageGroup
+from hetrain.plan.sync import SyncBucket, ready_fraction
+from hetrain.plan.types import MicroBatch, Plan, StageGroup
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import Pacer
 from hetrain.runtime.grad_sync import GradSync
@@ -85,21 +89,31 @@ class Worker:
             for k in plan.kinds()
         }
         self.corpus = job.corpus or load_corpus(cfg.data, cfg.seed)
+        self.events: list[dict] = []
+        self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self._build_model()
         self.cost = CostModel(cluster, self.spec)
         self.schedule = build_schedule(plan, self.cost)
         self.actions: list[Action] = self.schedule.actions[self.group.name]
-        # Every rank builds every group, in one order (torch.distributed requires it).
-        self.grad_sync = GradSync(plan, self.rank_of, self.kind_of_rank, self.backend_of,
-                                  self.cache, self.n_layers, self.tied)
-        self.optimizer = torch.optim.AdamW(
-            [p for _, _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay,
-            foreach=False)
+        self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
+        self.split = plan.schedule == "zero_bubble"
+        # Every rank builds every sync group, in one order (torch.distributed requires it).
+        # Their own cache: the comm thread must never share a process group with the
+        # compute thread's tensor-parallel collectives.
+        self.grad_sync = GradSync(plan, self.spec, self.group, self.rank_of, self.kind_of_rank,
+                                  self.backend_of, GroupCache(cfg.op_timeout_s), self.params,
+                                  self._adamw, cfg.op_timeout_s, self._event)
+        # With ZeRO-1 the gradients of shared weights are cleared by the sync once it has
+        # stepped them: this optimizer then steps only weights held by one group.
+        self.optimizer = self._adamw([p for _, _, p in self.params])
         self.pacer = Pacer(self.kind in job.emulated, job.time_scale)
         self.meter = ActivationMeter()
-        self.events: list[dict] = []
-        self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self.inv_tokens = 1.0 / (plan.global_batch * plan.seq_len)
+
+    def _adamw(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        cfg = self.job.config
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 foreach=False)
 
     # --- set-up ------------------------------------------------------------------------------
     def _build_model(self) -> None:
@@ -147,69 +161,140 @@ class Worker:
     # --- one step ----------------------------------------------------------------------------
     def run_step(self, step: int) -> dict:
         plan = self.job.plan
+        # Phase 1: the step's samples, a pure function of (seed, step).
         inputs, targets = self.corpus.global_batch(step, plan.global_batch, plan.seq_len)
-        stored: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        busy = 0.0
+        st = _StepState(inputs, targets)
         t_step = time.perf_counter()
-        for action in self.actions:
-            mb = plan.micro_batches[action.micro_batch]
-            rows = slice(mb.first_sample, mb.first_sample + mb.size)
-            backward = action.op == "backward"
-            t_wait = time.perf_counter()
-            received = None
-            if action.recv_from is not None:
-                shape = (mb.size, plan.seq_len, self.dim)
-                (src,) = self._peer_ranks(action.recv_from, receiving=True)
-                received = self.p2p.recv(shape, src, tag_of(mb.id, backward), self.device,
-                                         self.dtype)
-            t0 = time.perf_counter()
-            if t0 - t_wait > 1e-4:
-                self._event(f"recv {'B' if backward else 'F'}{mb.id}", "comm", t_wait, t0)
-            if not backward:
-                x = inputs[rows].to(self.device) if received is None else received
-                if received is not None:
-                    x.requires_grad_(True)
-                with self.meter.forward(mb.id):
-                    out = self.stage(x)
-                if self.stage.last:
-                    out = F.cross_entropy(out.flatten(0, 1),
-                                          targets[rows].flatten().to(self.device),
-                                          reduction="sum") * self.inv_tokens
-                    loss_sum += out.detach().double().cpu()
-                stored[mb.id] = (x if received is not None else None, out)
-                result = out
-            else:
-                x, out = stored.pop(mb.id)
-                out.backward(received)
-                self.meter.release(mb.id)
-                result = x.grad if x is not None else None
-            # An emulated kind has its result only once its paced compute is over: send after,
-            # or the next stage would start before this one could have finished.
-            emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
-            self.pacer.finish(t0, emulated_s)
-            if action.send_to is not None:
-                for dst in self._peer_ranks(action.send_to, receiving=False):
-                    self.p2p.send(result, dst, tag_of(mb.id, backward))
-            t1 = time.perf_counter()
-            busy += t1 - t0
-            self._event(f"{'B' if backward else 'F'}{mb.id}",
-                        "backward" if backward else "forward", t0, t1)
+        # Phase 2: this group's actions in schedule order. After its last weight-gradient
+        # action every gradient of the stage is final: the sync of its buckets starts then.
+        for i, action in enumerate(self.actions):
+            self._run_action(action, st, start_sync=i == self.last_weight_grad)
         self.p2p.wait_sends()
+        # Phase 3: wait for the sums (exposed sync only), then the optimizer. Under ZeRO-1
+        # shared weights were already stepped shard by shard on the comm thread.
         t_sync = time.perf_counter()
-        self.grad_sync.sync(self.params, self.tp_index, self.group.tp)
+        self.grad_sync.wait()
         t_opt = time.perf_counter()
         self._event("allreduce", "comm", t_sync, t_opt)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()
         self._event("optimizer", "optimizer", t_opt, t_end)
-        # The global loss (sum over last stages, once per TP group) also ends the step for all.
+        # Phase 4: the global loss (sum over last stages, once per TP group); this collective
+        # also ends the step for all ranks.
         if not (self.stage.last and self.tp_index == 0):
-            loss_sum.zero_()
-        dist.all_reduce(loss_sum)
-        return {"step": step, "loss": float(loss_sum), "step_s": time.perf_counter() - t_step,
-                "busy_s": busy, "sync_s": t_opt - t_sync, "optimizer_s": t_end - t_opt}
+            st.loss_sum.zero_()
+        dist.all_reduce(st.loss_sum)
+        return {"step": step, "loss": float(st.loss_sum),
+                "step_s": time.perf_counter() - t_step, "busy_s": st.busy_s,
+                "sync_s": t_opt - t_sync, "optimizer_s": t_end - t_opt}
+
+    def _run_action(self, action: Action, st: _StepState, start_sync: bool) -> None:
+        plan = self.job.plan
+        mb = plan.micro_batches[action.micro_batch]
+        received, t0 = self._receive(action, mb)
+        result = _COMPUTE[action.op](self, mb, received, st)
+        # An emulated kind has its result only once its paced compute is over: send after,
+        # or the next stage would start before this one could have finished.
+        emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
+        if start_sync:
+            self.grad_sync.launch(lambda b: self._bucket_ready_s(b, t0, emulated_s))
+        self.pacer.finish(t0, emulated_s)
+        if action.send_to is not None:
+            for dst in self._peer_ranks(action.send_to, receiving=False):
+                self.p2p.send(result, dst, tag_of(mb.id, action.is_backward))
+        t1 = time.perf_counter()
+        st.busy_s += t1 - t0
+        self._event(action.label, _CATEGORY[action.op], t0, t1)
+
+    def _receive(self, action: Action, mb: MicroBatch) -> tuple[torch.Tensor | None, float]:
+        """The activation (forward) or output gradient (backward) this action takes, if any,
+        and the time it arrived."""
+        t_wait = time.perf_counter()
+        if action.recv_from is None:
+            return None, t_wait
+        shape = (mb.size, self.job.plan.seq_len, self.dim)
+        (src,) = self._peer_ranks(action.recv_from, receiving=True)
+        received = self.p2p.recv(shape, src, tag_of(mb.id, action.is_backward), self.device,
+                                 self.dtype)
+        t0 = time.perf_counter()
+        if t0 - t_wait > 1e-4:
+            self._event(f"recv {action.label}", "comm", t_wait, t0)
+        return received, t0
+
+    def _bucket_ready_s(self, bucket: SyncBucket, t0: float, emulated_s: float) -> float:
+        """When the bucket's gradients are final here: on an emulated kind, once the share of
+        the paced action that computes them is over (backward runs from the last layer)."""
+        if not self.pacer.emulated:
+            return time.perf_counter()
+        share = ready_fraction(self.spec, self.group, bucket)
+        return t0 + share * emulated_s * self.pacer.time_scale
+
+    # --- compute actions: each returns what the action sends (if anything) --------------------
+    def _forward(self, mb: MicroBatch, received: torch.Tensor | None,
+                 st: _StepState) -> torch.Tensor:
+        rows = slice(mb.first_sample, mb.first_sample + mb.size)
+        saved = _Saved()
+        if received is None:
+            x = st.inputs[rows].to(self.device)
+        else:
+            x = saved.inp = received.requires_grad_(True)
+        with self.meter.forward(mb.id):
+            if self.split and received is None and isinstance(self.stage, Stage):
+                # Stage 0 under zero-bubble splits after the embedding: the blocks' input is
+                # then a leaf, so the input-gradient action can run (and keep what the
+                # weight gradients need); the embedding's gradient waits for the weight one.
+                saved.embedded = self.stage.layers[0](x)
+                saved.inp = saved.embedded.detach().requires_grad_(True)
+                out = self.stage(saved.inp, start=1)
+            else:
+                out = self.stage(x)
+            if self.stage.last:
+                out = F.cross_entropy(out.flatten(0, 1),
+                                      st.targets[rows].flatten().to(self.device),
+                                      reduction="sum") * self.inv_tokens
+                st.loss_sum += out.detach().double().cpu()
+        saved.out = out
+        st.stored[mb.id] = saved
+        return out
+
+    def _backward(self, mb: MicroBatch, received: torch.Tensor | None,
+                  st: _StepState) -> torch.Tensor | None:
+        """1F1B: input and weight gradients in one pass."""
+        saved = st.stored.pop(mb.id)
+        saved.out.backward(received)
+        self.meter.release(mb.id)
+        return saved.inp.grad if saved.inp is not None else None
+
+    def _backward_input(self, mb: MicroBatch, received: torch.Tensor | None,
+                        st: _StepState) -> torch.Tensor | None:
+        """Zero-bubble: the input gradient only; the graph pieces the weight gradients need
+        stay with the micro-batch (torch.distributed.pipelining's split backward)."""
+        saved = st.stored[mb.id]
+        saved.grad_out = received
+        if saved.inp is None:  # a whole model fed with tokens: nothing to send, all in W
+            return None
+        grads, saved.param_groups = stage_backward_input(
+            [saved.out], None if received is None else [received], [saved.inp],
+            self._weights())
+        saved.grad_inp = grads[0]
+        return None if saved.embedded is not None else grads[0]
+
+    def _backward_weight(self, mb: MicroBatch, received: torch.Tensor | None,
+                         st: _StepState) -> None:
+        """Zero-bubble: the micro-batch's weight gradients, accumulated into .grad."""
+        saved = st.stored.pop(mb.id)
+        if saved.param_groups is None:
+            saved.out.backward(saved.grad_out)
+        else:
+            stage_backward_weight(self._weights(), saved.param_groups)
+            if saved.embedded is not None and saved.grad_inp is not None:
+                saved.embedded.backward(saved.grad_inp)
+        self.meter.release(mb.id)
+        return None
+
+    def _weights(self) -> list[nn.Parameter]:
+        return [p for _, _, p in self.params]
 
     def _event(self, name: str, cat: str, t0: float, t1: float) -> None:
         if self.job.config.trace:
@@ -233,13 +318,43 @@ class Worker:
             "steps": steps, "params": params if self.tp_index == 0 else {},
             "samples": self.job.plan.samples_of(self.group.name),
             "layers": list(self.group.layers),
-            "measured_bytes": state_bytes(self.stage, self.optimizer) + acts,
+            "measured_bytes": state_bytes(self.stage, self.optimizer)
+            + self.grad_sync.state_bytes() + acts,
+            "optimizer_bytes": state_bytes(nn.Module(), self.optimizer)
+            + self.grad_sync.state_bytes(),
             "activation_bytes": acts,
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda" else None,
             "late_s": self.pacer.late_s, "events": self.events,
             "peak_in_flight": self.schedule.peak_in_flight[self.group.name],
         }
+
+
+@dataclass
+class _Saved:
+    """What a micro-batch's forward keeps for its backward action(s)."""
+
+    out: torch.Tensor | None = None  # stage output (the loss on the last stage)
+    inp: torch.Tensor | None = None  # leaf whose gradient is sent back (None: token input)
+    embedded: torch.Tensor | None = None  # stage 0 split: the embedding's output
+    grad_out: torch.Tensor | None = None  # received output gradient
+    grad_inp: torch.Tensor | None = None
+    param_groups: list | None = None  # split backward: what the weight gradients need
+
+
+@dataclass
+class _StepState:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    stored: dict[int, _Saved] = field(default_factory=dict)
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    busy_s: float = 0.0
+
+
+_COMPUTE = {"forward": Worker._forward, "backward": Worker._backward,
+            "backward_input": Worker._backward_input, "backward_weight": Worker._backward_weight}
+_CATEGORY = {"forward": "forward", "backward": "backward", "backward_input": "backward",
+             "backward_weight": "weight"}
 
 
 def _layer_of(name: str, n_layers: int) -> int:
@@ -266,6 +381,7 @@ def run_worker(job: Job, rank: int, world: int, init_method: str | None = None) 
         from hetrain.runtime.loop import train_loop
 
         steps = train_loop(worker)
+        worker.grad_sync.close()
         report = worker.report(steps)
         tmp = out / f".rank{rank}.pt.tmp"
         torch.save(report, tmp)

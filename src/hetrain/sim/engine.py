@@ -3,7 +3,7 @@
 Each stage group runs its schedule actions in the given order (never reordered here): an
 action starts once the group is free and its input has arrived. Sends are asynchronous
 (the runtime isends staged host tensors), but the bytes move only once the receiver has
-posted its receive (gloo's rendezvous), which it does as it starts the action before: a
+posted its receive (gloo's rendezvous), which it does RECV_AHEAD actions before: a
 receiver that posts late still waits the handshake and the transfer. Transfers between one
 pair of nodes (or of devices, inside a node) go one after another. Gradient sync and the
 optimizer are priced by plan.sync.price_sync (the one definition the runtime and the
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
-from hetrain.plan.schedule import WEIGHT_GRAD_OPS, Action, Schedule
+from hetrain.plan.schedule import RECV_AHEAD, WEIGHT_GRAD_OPS, Action, Schedule
 from hetrain.plan.sync import FreeSync, SyncBucket, SyncTimeline, price_sync, reductions
 from hetrain.plan.types import Plan
 from hetrain.trace import TraceEvent
@@ -137,18 +137,16 @@ class StepEngine:
                        "compute")
 
     def _post_next(self, g: str, now: float) -> None:
-        """The runtime posts the next action's receive as it starts an action, so the
-        handshake and the bytes move under this action's compute."""
-        if self.pos[g] == len(self.actions[g]):
-            return
-        nxt = self.actions[g][self.pos[g]]
-        if nxt.recv_from is None:
-            return
-        key = (g, nxt.op, nxt.micro_batch)
-        if key not in self.posted:
-            self.posted[key] = now
-            if key in self.sent:
-                self._transfer(key)
+        """The runtime posts the receives of the next RECV_AHEAD actions as it starts an
+        action, so the handshakes and the bytes move under compute."""
+        for nxt in self.actions[g][self.pos[g]:self.pos[g] + RECV_AHEAD]:
+            if nxt.recv_from is None:
+                continue
+            key = (g, nxt.op, nxt.micro_batch)
+            if key not in self.posted:
+                self.posted[key] = now
+                if key in self.sent:
+                    self._transfer(key)
 
     def _on_done(self, g: str, action: Action, now: float) -> None:
         self.busy[g] = False
