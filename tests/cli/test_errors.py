@@ -245,3 +245,10 @@ def test_checkpoint_options_without_a_folder(sandbox, option):
 
 def test_seed_within_torchs_range(sandbox):
     cli_refused(sandbox, [*TRAIN, "--seed", str(2**70)], "--seed", "2**32")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_where_the_file_system_refuses_creation(sandbox):
+    # /proc passes os.access for root, yet nothing can be created in it: found by trying.
+    cli_refused(sandbox, [*TRAIN, "--json", "/proc/hetrain-test/out.json"], "--json",
+                "cannot create anything under /proc")

@@ -38,22 +38,25 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def check_writable_file(path: str | Path | None, option: str) -> None:
-    """`path` can be written (created with its missing folders) by this process; writes
-    nothing. ConfigError naming the option and the path otherwise."""
+    """`path` can be written (created with its missing folders) by this process; leaves
+    nothing behind. ConfigError naming the option and the path otherwise."""
     if path is None:
         return
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give a file name")
     if path.exists():
-        if not os.access(path, os.W_OK):
-            raise ConfigError(f"{option} {path}: the file is not writable; pick another path")
+        try:  # opened for appending, nothing written; O_NONBLOCK: a FIFO must not hang here
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        except OSError as err:
+            raise ConfigError(f"{option} {path}: the file cannot be written ({err.strerror}); "
+                              "pick another path") from None
         return
     _check_creatable(path.parent, option, path)
 
 
 def check_writable_dir(path: str | Path | None, option: str) -> None:
-    """`path` is a writable folder, or one that can be created; writes nothing."""
+    """`path` is a writable folder, or one that can be created; leaves nothing behind."""
     if path is None or str(path) == "":
         return
     path = Path(path)
@@ -70,6 +73,19 @@ def _check_creatable(folder: Path, option: str, path: Path) -> None:
     if not os.access(base, os.W_OK | os.X_OK):
         why = "read-only" if _read_only_fs(base) else "not writable"
         raise ConfigError(f"{option} {path}: {base} is {why}; pick a writable folder")
+    # os.access cannot see everything (root under /proc, quotas, ACLs): try, and undo.
+    try:
+        if folder.absolute() != base.absolute():
+            probe = base / folder.absolute().relative_to(base.absolute()).parts[0]
+            probe.mkdir()
+            probe.rmdir()
+        else:
+            fd, name = tempfile.mkstemp(dir=base, prefix=".hetrain-probe-")
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot create anything under {base} "
+                          f"({err.strerror}); pick a writable folder") from None
 
 
 def _read_only_fs(path: Path) -> bool:
