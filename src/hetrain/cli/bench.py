@@ -21,6 +21,7 @@ from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
+from hetrain.plan.io import check_writable_file
 from hetrain.plan.types import Plan, Route, StageGroup
 from hetrain.planner.balance import balanced_layer_split, even_layer_split
 from hetrain.planner.data_parallel import data_parallel_plan
@@ -194,6 +195,7 @@ def dp(
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
 ) -> None:
     """Data parallelism: each kind alone, an even split, and hetrain's speed-aware split."""
+    check_writable_file(json_path, "--json")
     console = Console()
     t0 = time.perf_counter()
     out = bench_dp(load_cluster(cluster), model, global_batch, seq_len, steps, time_scale,
@@ -226,6 +228,7 @@ def pp(
 ) -> None:
     """A mixed-kind pipeline: even layer split against layers split by kind speed, and the
     zero-bubble schedule against 1F1B on the balanced split."""
+    check_writable_file(json_path, "--json")
     console = Console()
     out = bench_pp(load_cluster(cluster), model, micro_batches, micro_batch_size, seq_len,
                    steps, time_scale, rounds)

@@ -17,9 +17,10 @@ from hetrain.cli.report import emulated_tag, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import load_corpus
-from hetrain.errors import RuntimeFailure
+from hetrain.errors import ConfigError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
+from hetrain.plan.io import check_writable_file
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
@@ -36,8 +37,8 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
     cost = CostModel(cluster, model_spec(model_config(model), seq_len))
     plan = data_parallel_plan(cluster, cost, global_batch)
     if not 0 <= fail_rank < len(plan.devices()):
-        raise RuntimeFailure(f"--fail-rank {fail_rank}: the plan has ranks 0.."
-                             f"{len(plan.devices()) - 1}")
+        raise ConfigError(f"--fail-rank {fail_rank}: the plan has ranks 0.."
+                          f"{len(plan.devices()) - 1}")
     config = TrainConfig(model=model, steps=steps, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, fail_at_step=fail_at_step,
                          fail_rank=fail_rank, op_timeout_s=60, run_timeout_s=600, fresh=True)
@@ -50,7 +51,7 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
                           corpus=corpus, time_scale=scale)
     wall_s = time.perf_counter() - t0
     if not out.recoveries:
-        raise RuntimeFailure("the injected failure did not happen; use --fail-at-step < --steps")
+        raise ConfigError("the injected failure did not happen; use --fail-at-step < --steps")
     rec = out.recoveries[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: many threads on a busy host crawl
@@ -95,6 +96,7 @@ def recovery(
 ) -> None:
     """Kill one worker of a speed-proportional data-parallel run and let hetrain re-plan on
     the survivors and resume from the last checkpoint."""
+    check_writable_file(json_path, "--json")
     with tempfile.TemporaryDirectory(prefix="hetrain-bench-ckpt-") as scratch:
         out = bench_recovery(cluster, model, global_batch, seq_len, steps, fail_at_step,
                              fail_rank, checkpoint_every, time_scale,

@@ -28,6 +28,7 @@ from hetrain.errors import PlanError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan.expand import expand_plan
+from hetrain.plan.io import check_writable_file
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan, StageGroup
 from hetrain.planner.data_parallel import data_parallel_plan
@@ -200,6 +201,7 @@ def sim(
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
 ) -> None:
     """Simulator accuracy: small plans run for real, then simulated on the measured times."""
+    check_writable_file(json_path, "--json")
     console = Console()
     t0 = time.perf_counter()
     names = tuple(n.strip() for n in plans.split(",") if n.strip())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from hetrain.cli.main import app, user_errors
 from hetrain.errors import CheckpointError
@@ -24,9 +25,14 @@ def export(
     verified first, and a damaged checkpoint is refused."""
     from safetensors.torch import save_file
 
+    from hetrain.plan.io import check_writable_file
+
+    check_writable_file(out, "--out")
     found = resolve_checkpoint(checkpoint)
     for refused in found.refused:
-        Console(stderr=True).print(f"[yellow]skipped:[/] {refused}", highlight=False)
+        # Plain text: a refused checkpoint's message holds paths rich would read as markup.
+        Console(stderr=True).print(Text.assemble(("skipped:", "yellow"), " ", refused),
+                                   highlight=False)
     params, meta = read_model(found.path)
     if not params:
         raise CheckpointError(f"checkpoint {found.path} holds no model parameters")

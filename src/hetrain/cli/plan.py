@@ -33,6 +33,10 @@ def plan(
     dtype: str | None = typer.Option(None, help="one dtype for every kind [each kind's best]"),
 ) -> None:
     """Find the fastest plan that fits in memory, for any mix of kinds."""
+    from hetrain.plan.io import check_writable_file
+
+    check_writable_file(out, "--out")
+    check_writable_file(json_out, "--json")
     from hetrain.cluster.loading import load_cluster
     from hetrain.cost.model import CostModel
     from hetrain.cost.profile import Profile

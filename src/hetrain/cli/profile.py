@@ -44,8 +44,10 @@ def profile(
     from hetrain.cluster.kinds import CATALOG
     from hetrain.cost.profile import measure_profile, with_entries
     from hetrain.model.config import model_config
+    from hetrain.plan.io import check_writable_file
     from hetrain.runtime.profiling import measure_tp_entries, tp_devices
 
+    check_writable_file(out, "--out")
     cfg = model_config(model)
     seq = seq_len or cfg.max_seq_len
     if seq > cfg.max_seq_len:

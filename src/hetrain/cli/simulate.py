@@ -117,7 +117,10 @@ def simulate(
     profile: Path | None = typer.Option(None, help="measured costs from 'hetrain profile'"),
 ) -> None:
     """Predict one training step of a plan: step time, tokens/s, busy/bubble/comm per device."""
-    from hetrain.plan.io import atomic_write_text
+    from hetrain.plan.io import atomic_write_text, check_writable_file
+
+    for path, option in ((png, "--png"), (trace, "--trace"), (json_out, "--json")):
+        check_writable_file(path, option)
     from hetrain.sim.simulate import simulate_plan
 
     c, p, cost = _load(cluster, plan, model, global_batch, seq_len, dtype, profile)

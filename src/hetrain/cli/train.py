@@ -7,22 +7,24 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 from hetrain.cli.main import app, user_errors
 from hetrain.cli.report import per_group_table, per_kind_table, train_progress, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
-from hetrain.errors import PlanError
+from hetrain.errors import ModelError, PlanError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan import load_plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
-from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
 from hetrain.runtime.failure import Suspect
 from hetrain.runtime.launch import check_plan, plan_spec, torchrun_main
 from hetrain.runtime.launch import train as run_train
+from hetrain.runtime.preflight import check_batch, check_writable_file, preflight, train_config
 from hetrain.runtime.recovery import train_resilient
 from hetrain.runtime.runlock import RunComplete, run_folder
 from hetrain.trace import TraceEvent, write_chrome_trace
@@ -57,22 +59,33 @@ def train(
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports here"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
+    # Every input is checked before any output, any file written or any worker started.
+    config = train_config(cli=True, model=model, steps=steps, seed=seed, lr=lr, data=data,
+                          time_scale=time_scale, trace=trace is not None,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                          resume=resume, fresh=fresh, hang_timeout_s=hang_timeout)
+    outputs = [(json_path, "--json"), (trace, "--trace")]
+    for path, option in outputs:
+        check_writable_file(path, option)
     c = load_cluster(cluster)
-    config = TrainConfig(model=model, steps=steps, seed=seed, lr=lr, data=data,
-                         time_scale=time_scale, trace=trace is not None,
-                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                         resume=resume, fresh=fresh, hang_timeout_s=hang_timeout)
     if plan is not None:
         p = load_plan(plan, c)
         config = config.model_copy(update={"model": p.model})
     else:
-        spec = model_spec(model_config(model), seq_len)
+        check_batch(global_batch, seq_len, cli=True)
+        cfg = model_config(model)
+        if seq_len > cfg.max_seq_len:
+            raise ModelError(f"--seq-len {seq_len} is longer than {cfg.name}'s max_seq_len "
+                             f"{cfg.max_seq_len}; pass at most that")
+        spec = model_spec(cfg, seq_len)
         p = data_parallel_plan(c, CostModel(c, spec), global_batch)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    corpus = preflight(c, p, config, out_dir=out_dir, outputs=outputs, cli=True,
+                       spawn=not under_torchrun)
+    check_plan(p, c, plan_spec(p, None))
+    if under_torchrun:
         torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
         return
-    # Refuse a bad plan before any output: one line, exit 2.
-    check_plan(p, c, plan_spec(p, None))
     # Own the checkpoint folder before any output (taken: one line, exit 2); the command's
     # click context releases it when the command ends.
     try:
@@ -85,9 +98,10 @@ def train(
     emulated = bool(emulated_set)
     if emulated:
         real = sorted(set(p.kinds()) - emulated_set)
-        console.print(f"[yellow]emulated:[/] {', '.join(sorted(emulated_set))} run as CPU "
-                      "processes paced to their catalog speed"
-                      + (f"; [green]real:[/] {', '.join(real)}" if real else ""),
+        # Kind names come from the user's YAML: escaped, never read as markup.
+        console.print(f"[yellow]emulated:[/] {escape(', '.join(sorted(emulated_set)))} run as "
+                      "CPU processes paced to their catalog speed"
+                      + (f"; [green]real:[/] {escape(', '.join(real))}" if real else ""),
                       highlight=False)
     bar = train_progress(console, steps, emulated)
     with bar:
@@ -105,14 +119,16 @@ def train(
             if checkpoint_dir:
                 # With checkpoints on, a lost or hung worker is survived: re-plan, resume.
                 resilient = train_resilient(c, p, config, replan=data_parallel_replan(),
-                                            out_dir=out_dir, progress=on_step,
+                                            corpus=corpus, out_dir=out_dir, progress=on_step,
                                             on_suspect=on_suspect)
                 result, summary = resilient.result, resilient.summary()
                 for rec in resilient.recoveries:
-                    console.print(f"[yellow]recovered:[/] {rec.summary()}", highlight=False)
+                    # Plain text: gloo's messages hold paths like `[/tmp/...]`, not markup.
+                    console.print(Text.assemble(("recovered:", "yellow"), " ",
+                                                str(rec.summary())), highlight=False)
             else:
-                result = run_train(c, p, config, out_dir=out_dir, progress=on_step,
-                                   on_suspect=on_suspect)
+                result = run_train(c, p, config, corpus=corpus, out_dir=out_dir,
+                                   progress=on_step, on_suspect=on_suspect)
                 summary = result.summary()
         except RunComplete as done:
             bar.stop()

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from hetrain.cluster.kinds import ALIASES, CATALOG, DeviceKind
 from hetrain.cluster.topology import Cluster
-from hetrain.errors import ClusterError
+from hetrain.errors import ClusterError, HetrainError
 
 
 def validation_message(err: ValidationError, source: str) -> str:
@@ -59,7 +59,13 @@ def cluster_from_dict(raw: Any, source: str = "cluster") -> Cluster:
     kinds = dict(CATALOG)
     user_kinds = raw.pop("kinds", None) or []
     if isinstance(user_kinds, dict):
+        bad = [k for k, v in user_kinds.items() if not isinstance(v, dict)]
+        if bad:
+            raise ClusterError(f"{source}: kinds.{bad[0]}: expected a mapping of the kind's "
+                               "fields (vendor, flops, memory_gib, ...)")
         user_kinds = [{"name": k, **v} for k, v in user_kinds.items()]
+    if not isinstance(user_kinds, list):
+        raise ClusterError(f"{source}: kinds: expected a list of kinds (or a mapping by name)")
     for i, spec in enumerate(user_kinds):
         try:
             kind = DeviceKind.model_validate(_with_base(spec, kinds))
@@ -88,10 +94,7 @@ def cluster_from_dict(raw: Any, source: str = "cluster") -> Cluster:
 
 def load_cluster(path: str | Path) -> Cluster:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ClusterError(f"{path}: cannot read the cluster file ({err.strerror})") from None
+    text = read_text_file(path, "cluster", ClusterError)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -99,4 +102,19 @@ def load_cluster(path: str | Path) -> Cluster:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "invalid YAML"
         raise ClusterError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ClusterError(f"{path}: nested too deeply to be a cluster file") from None
     return cluster_from_dict(raw, str(path))
+
+
+def read_text_file(path: Path, what: str, error: type[HetrainError]) -> str:
+    """The UTF-8 text of a user's file; `error` names the file and the problem otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise error(f"{path}: cannot read the {what} file ({err.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                    f"{err.start}); a {what} file is YAML or JSON text") from None

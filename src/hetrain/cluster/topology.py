@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hetrain.cluster.kinds import DeviceKind
 
+# Devices one cluster file may hold: every device is an object in memory and the planner
+# looks at each, so a typo like `count: 1000000000` is refused here, before anything is
+# allocated. 65,536 devices load and plan in seconds.
+MAX_DEVICES = 65_536
+
 
 class Device(BaseModel):
     """One accelerator: `id` is "<node>:<local index>", unique in the cluster."""
@@ -59,6 +64,10 @@ class Cluster(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Cluster:
+        total = sum(node.count * node.replicas for node in self.nodes)
+        if total > MAX_DEVICES:
+            raise ValueError(f"nodes: {total:,} devices in all (count x replicas), more than "
+                             f"the limit of {MAX_DEVICES:,}; check count and replicas")
         names: set[str] = set()
         for i, node in enumerate(self.nodes):
             if node.kind not in self.kinds:

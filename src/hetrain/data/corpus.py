@@ -77,13 +77,20 @@ def text_corpus(path: str | Path, seed: int = 0) -> Corpus:
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md", ".py"))
         if not files:
             raise DataError(f"{path}: no .txt, .md or .py files in this folder")
-        blob = b"\n".join(p.read_bytes() for p in files)
+        blob = b"\n".join(_read(p) for p in files)
     else:
-        try:
-            blob = path.read_bytes()
-        except OSError as err:
-            raise DataError(f"{path}: cannot read the data file ({err.strerror})") from None
+        blob = _read(path)
+    if not blob:
+        raise DataError(f"{path}: the data is empty; give a text with at least one sample "
+                        "(seq_len + 2 bytes)")
     return Corpus(torch.frombuffer(bytearray(blob), dtype=torch.uint8).long(), str(path), seed)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the data file ({err.strerror})") from None
 
 
 def load_corpus(data: str | Path | None, seed: int = 0) -> Corpus:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from hetrain.cluster.loading import validation_message
 from hetrain.cluster.topology import Cluster
 from hetrain.errors import PlanError
+from hetrain.plan.shapes import checked_shorthand
 from hetrain.plan.types import Plan
 
 SHORTHANDS = ("data_parallel", "pipelines", "mesh")
@@ -57,6 +58,7 @@ def expand_plan(raw: dict[str, Any], cluster: Cluster, source: str = "plan") -> 
     if present:
         if "stage_groups" in raw or "routes" in raw:
             raise PlanError(f"{source}: '{present[0]}' replaces stage_groups/routes; drop them")
+        raw = checked_shorthand(present[0], raw, source)
         mbs = raw.pop("micro_batch_size", 1)
         alloc = _Allocator(cluster)
         body = raw.pop(present[0])

@@ -1,4 +1,5 @@
-"""Plan files: JSON or YAML, the general form or a shorthand; written atomically."""
+"""Plan files: JSON or YAML, the general form or a shorthand; written atomically; output
+paths checked before any work."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from hetrain.errors import PlanError
+from hetrain.cluster.loading import read_text_file
+from hetrain.errors import ConfigError, PlanError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -28,14 +30,78 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _existing_ancestor(path: Path) -> Path:
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            return parent
+    return Path.cwd()
+
+
+def check_writable_file(path: str | Path | None, option: str) -> None:
+    """`path` can be written (created with its missing folders) by this process; leaves
+    nothing behind. ConfigError naming the option and the path otherwise."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if path.exists():
+        try:  # opened for appending, nothing written; O_NONBLOCK: a FIFO must not hang here
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+        except OSError as err:
+            raise ConfigError(f"{option} {path}: the file cannot be written ({err.strerror}); "
+                              "pick another path") from None
+        return
+    _check_creatable(path.parent, option, path)
+
+
+def check_writable_dir(path: str | Path | None, option: str) -> None:
+    """`path` is a writable folder, or one that can be created; leaves nothing behind."""
+    if path is None or str(path) == "":
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder; pick a folder")
+    _check_creatable(path, option, path)
+
+
+def _check_creatable(folder: Path, option: str, path: Path) -> None:
+    base = _existing_ancestor(folder)
+    if not base.is_dir():
+        raise ConfigError(f"{option} {path}: {base} is a file, so nothing can be created under "
+                          "it; pick another path")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "read-only" if _read_only_fs(base) else "not writable"
+        raise ConfigError(f"{option} {path}: {base} is {why}; pick a writable folder")
+    # os.access cannot see everything (root under /proc, quotas, ACLs): try, and undo.
+    try:
+        if folder.absolute() != base.absolute():
+            probe = base / folder.absolute().relative_to(base.absolute()).parts[0]
+            probe.mkdir()
+            probe.rmdir()
+        else:
+            fd, name = tempfile.mkstemp(dir=base, prefix=".hetrain-probe-")
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        raise ConfigError(f"{option} {path}: cannot create anything under {base} "
+                          f"({err.strerror}); pick a writable folder") from None
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def read_plan_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise PlanError(f"{path}: cannot read the plan file ({err.strerror})") from None
+    text = read_text_file(path, "plan", PlanError)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except RecursionError:
+        raise PlanError(f"{path}: nested too deeply to be a plan file") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise PlanError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                         f"{err}".splitlines()[0]) from None

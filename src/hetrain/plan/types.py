@@ -15,10 +15,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hetrain.cluster.kinds import DTYPES
 
+# Micro-batches one step may hold: the schedule lists each, so a typo like
+# `micro_batches: 1000000000000` is refused before anything is allocated.
+MAX_MICRO_BATCHES = 1_000_000
 ScheduleKind = Literal["1f1b", "zero_bubble"]
 
 
@@ -101,6 +104,14 @@ class Plan(BaseModel):
         default=False, description="ZeRO-1: each holder keeps the optimizer state of its "
         "shard of every gradient bucket, sized by shard_weight")
     predicted: dict[str, float] = Field(default_factory=dict, description="planner's estimates")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Plan:
+        total = sum(route.micro_batches for route in self.routes)
+        if total > MAX_MICRO_BATCHES:
+            raise ValueError(f"routes: {total:,} micro-batches per step, more than the limit of "
+                             f"{MAX_MICRO_BATCHES:,}; use fewer, larger micro-batches")
+        return self
 
     @cached_property
     def group_by_name(self) -> dict[str, StageGroup]:

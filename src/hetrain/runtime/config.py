@@ -12,21 +12,26 @@ class TrainConfig(BaseModel):
 
     model: str = "tiny"
     steps: int = Field(default=20, gt=0)
-    seed: int = 0
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = Field(default=0, ge=0, lt=2**32, description="torch and data seeds derive "
+                      "from it; bounded so they stay within torch's 64-bit seeds")
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     precision: Literal["float32", "float64"] = Field(
         default="float32", description="math of every worker; float64 makes exactness tests "
         "immune to the summation order Adam amplifies for near-zero gradients")
     data: str | None = Field(default=None, description="text file or folder; None: stdlib")
     time_scale: float | None = Field(
-        default=None, gt=0, description="emulation stretch; None: calibrated at start")
-    op_timeout_s: float = Field(default=120.0, gt=0, description="per collective / receive")
+        default=None, gt=0, allow_inf_nan=False,
+        description="emulation stretch; None: calibrated at start")
+    op_timeout_s: float = Field(default=120.0, gt=0, allow_inf_nan=False,
+                                description="per collective / receive")
     hang_timeout_s: float | None = Field(
-        default=None, gt=0, description="a worker silent (no heartbeat) this long is lost; "
+        default=None, gt=0, allow_inf_nan=False,
+        description="a worker silent (no heartbeat) this long is lost; "
         "None: a few of the slowest steps, at least 20 s")
     run_timeout_s: float | None = Field(
-        default=None, gt=0, description="testing: a whole-run limit; None (runs of any length)")
+        default=None, gt=0, allow_inf_nan=False,
+        description="testing: a whole-run limit; None (runs of any length)")
     trace: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(default=0, ge=0)

@@ -38,6 +38,7 @@ from hetrain.runtime.emulation import (
     seconds_per_sample,
 )
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
+from hetrain.runtime.preflight import preflight
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.runlock import RunComplete, run_folder
@@ -96,8 +97,11 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
           time_scale: float | None = None, on_suspect: SuspectFn | None = None) -> RunResult:
     """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters.
-    With `config.checkpoint_dir`, this process owns the folder for the run and continues the
+    Every input is checked first (runtime/preflight.py), before anything is written. With
+    `config.checkpoint_dir`, this process owns the folder for the run and continues the
     folder's run by default (runtime/runlock.py); RunComplete when it is already done."""
+    corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
+                       out_dir=out_dir, time_scale=time_scale)
     spec = plan_spec(plan, user_model)
     estimated = check_plan(plan, cluster, spec)
     with run_folder(config, plan) as config:

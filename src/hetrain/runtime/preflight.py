@@ -1,0 +1,240 @@
+"""Checks of every user input before any worker starts and before anything is written.
+
+The CLI (`hetrain train`), the runtime entry (`runtime.launch.train`) and `hetrain.fit` all
+call these, so a bad option, a model/plan/data/checkpoint mismatch, an output path that
+cannot be written or a run this machine cannot hold is refused with one line naming the
+field and the fix, instead of a traceback from inside the workers after they spawned.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import numbers
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from torch import nn
+
+from hetrain.cluster.topology import Cluster
+from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
+from hetrain.model.config import model_config
+from hetrain.plan.io import check_writable_dir, check_writable_file
+from hetrain.plan.types import Plan
+from hetrain.runtime.config import TrainConfig
+
+# Local runs spawn one process per device; more than this would exhaust the machine's
+# memory (each worker holds a Python interpreter and torch, a few hundred MB) long before
+# the run could start. Raise it with HETRAIN_MAX_LOCAL_WORKERS on a big host.
+MAX_LOCAL_WORKERS = 64
+# Tokens of one step's global batch: every worker draws the whole batch as int64 inputs and
+# targets (16 bytes a token), so 2**27 tokens is already 2 GiB per worker.
+MAX_TOKENS_PER_STEP = 2**27
+
+# What to do about a field of TrainConfig that is out of range.
+_FIXES = {
+    "lr": "a learning rate must be a finite number > 0, e.g. 1e-3",
+    "steps": "pass a whole number of steps >= 1",
+    "time_scale": "an emulation stretch must be a finite number > 0; leave it out to calibrate",
+    "weight_decay": "weight decay must be a finite number >= 0",
+    "op_timeout_s": "a timeout must be a finite number of seconds > 0",
+    "run_timeout_s": "a timeout must be a finite number of seconds > 0",
+    "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
+    "precision": "use float32 or float64",
+    "seed": "pass a whole number in [0, 2**32)",
+}
+
+
+def option_name(field: str, cli: bool) -> str:
+    """How the user spelled `field`: `--time-scale` on the command line, `time_scale` in
+    Python."""
+    return "--" + field.replace("_", "-") if cli else field
+
+
+def train_config(cli: bool = False, **fields: Any) -> TrainConfig:
+    """A TrainConfig from user values; ConfigError naming the option and the fix."""
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "options"
+        got = first.get("input")
+        fix = _FIXES.get(field, first["msg"])
+        if first["type"] == "extra_forbidden":
+            fix = "unknown option; check its spelling"
+        raise ConfigError(f"{option_name(field, cli)}: {fix} (got {got!r})") from None
+
+
+def check_positive(value: float | int | None, name: str, whole: bool = False) -> None:
+    """A finite number > 0 (a whole one when `whole`); None passes (the default applies)."""
+    if value is None:
+        return
+    kind = "a whole number" if whole else "a finite number"
+    ok = isinstance(value, numbers.Integral if whole else numbers.Real)
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}: must be {kind} > 0 (got {value!r})")
+
+
+def check_batch(global_batch: int, seq_len: int, cli: bool) -> None:
+    """Batch and sequence are whole numbers > 0 and one step's tokens fit in memory."""
+    gb, sl = option_name("global_batch", cli), option_name("seq_len", cli)
+    check_positive(global_batch, gb, whole=True)
+    check_positive(seq_len, sl, whole=True)
+    if seq_len < 2:
+        raise ConfigError(f"{sl}: must be at least 2 (got {seq_len})")
+    if global_batch * seq_len > MAX_TOKENS_PER_STEP:
+        raise ConfigError(f"{gb} {global_batch} x {sl} {seq_len} = "
+                          f"{global_batch * seq_len:,} tokens per step, more than the limit of "
+                          f"{MAX_TOKENS_PER_STEP:,} (each worker holds the whole batch); use "
+                          "a smaller batch")
+
+
+# --- model, data, checkpoint -----------------------------------------------------------------
+def check_model(plan: Plan, user_model: nn.Module | None) -> None:
+    """The plan's sequence length fits the model; a named model can be built here."""
+    if user_model is not None:
+        if not isinstance(user_model, nn.Module):
+            raise ModelError(f"model must be a torch nn.Module, not {type(user_model).__name__}")
+        if not any(p.requires_grad for p in user_model.parameters()):
+            raise ModelError("model has no trainable parameters; nothing to train")
+        cfg = getattr(user_model, "config", None)
+        most = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(most, int) and plan.seq_len > most:
+            raise ModelError(f"seq_len {plan.seq_len} is longer than the model's "
+                             f"max_position_embeddings {most}; pass at most that")
+        return
+    cfg = model_config(plan.model)
+    if not cfg.trainable:
+        raise ModelError(f"model {cfg.name!r} is spec-only (too big to build here); train "
+                         "tiny, tiny-tied or small, or plan it with `hetrain plan`")
+    if plan.seq_len > cfg.max_seq_len:
+        raise ModelError(f"seq_len {plan.seq_len} is longer than {cfg.name}'s max_seq_len "
+                         f"{cfg.max_seq_len}; pass --seq-len {cfg.max_seq_len} or less")
+
+
+def model_vocab(plan: Plan, user_model: nn.Module | None) -> int | None:
+    if user_model is None:
+        return model_config(plan.model).vocab_size
+    vocab = getattr(getattr(user_model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    # A plain module: its first embedding table bounds the token ids it can take.
+    embed = next((m for m in user_model.modules() if isinstance(m, nn.Embedding)), None)
+    return embed.num_embeddings if embed is not None else None
+
+
+def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
+    """At least one sample of seq_len + 1 tokens, and token ids the model can embed."""
+    need = plan.seq_len + 2
+    if len(corpus) < need:
+        raise DataError(f"data {corpus.name}: {len(corpus)} tokens, fewer than one sample needs "
+                        f"(seq_len + 2 = {need}); use a longer text or a shorter seq_len")
+    if vocab is not None:
+        top = int(corpus.tokens.max())
+        if top >= vocab or int(corpus.tokens.min()) < 0:
+            raise DataError(f"data {corpus.name}: token id {top} is outside the model's "
+                            f"vocabulary of {vocab}; give token ids in [0, {vocab})")
+
+
+def check_checkpoint(config: TrainConfig, plan: Plan, cli: bool) -> None:
+    """The checkpoint folder can be written; a checkpoint to resume holds this model."""
+    if not config.checkpoint_dir:
+        for field in ("resume", "checkpoint_every"):
+            if getattr(config, field):
+                raise ConfigError(f"{option_name(field, cli)} needs "
+                                  f"{option_name('checkpoint_dir', cli)}: give the folder")
+        return
+    check_writable_dir(config.checkpoint_dir, option_name("checkpoint_dir", cli))
+    if not config.resume:
+        return
+    from hetrain.runtime.checkpoint import META, committed_steps, step_dir
+
+    for step in committed_steps(config.checkpoint_dir)[:1]:
+        path = step_dir(config.checkpoint_dir, step)
+        try:
+            held = json.loads((path / META).read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            return  # damaged: the workers skip it for an older one, with a message
+        if held != plan.model:
+            raise CheckpointError(f"checkpoint {path} holds model {held!r}, the plan trains "
+                                  f"{plan.model!r}; pass the same model or another "
+                                  f"{option_name('checkpoint_dir', cli)}")
+
+
+def check_worker_count(plan: Plan) -> None:
+    limit = int(os.environ.get("HETRAIN_MAX_LOCAL_WORKERS", MAX_LOCAL_WORKERS))
+    n = len(plan.devices())
+    if n > limit:
+        raise ConfigError(f"the plan uses {n} devices, and a local run spawns one process per "
+                          f"device: more than this machine's limit of {limit}; use a smaller "
+                          "cluster, run under torchrun across nodes, or raise "
+                          "HETRAIN_MAX_LOCAL_WORKERS")
+
+
+# --- the __main__ guard ----------------------------------------------------------------------
+def check_main_guard() -> None:
+    """Spawned workers re-import the main script: a training call at its top level, outside
+    `if __name__ == "__main__":`, would run again in every worker and kill it."""
+    main = sys.modules.get("__main__")
+    file = getattr(main, "__file__", None)
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "") or ""
+    if main is None or not file or spec_name.endswith("__main__"):
+        return  # interactive, `python -c`, `python -m pkg`: nothing is re-imported
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and
+                                     frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:
+        return
+    line = frame.f_lineno
+    try:
+        tree = ast.parse(Path(file).read_text())
+    except OSError:
+        raise ConfigError(f"{file}: spawned workers re-import the main script, and it cannot be "
+                          "read; save the script to a file and run that") from None
+    except (SyntaxError, ValueError):
+        return
+    if not any(_is_main_guard(node) and node.lineno <= line <= (node.end_lineno or line)
+               for node in tree.body):
+        raise ConfigError(f"{file}:{line}: training is started at the top level of the script; "
+                          "spawned workers re-import the script and would start it again. Put "
+                          "the call under `if __name__ == \"__main__\":`")
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    if not isinstance(node, ast.If) or not isinstance(node.test, ast.Compare):
+        return False
+    parts = [node.test.left, *node.test.comparators]
+    names = {p.id for p in parts if isinstance(p, ast.Name)}
+    values = {p.value for p in parts if isinstance(p, ast.Constant)}
+    return names == {"__name__"} and values == {"__main__"}
+
+
+# --- all of it -------------------------------------------------------------------------------
+def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
+              user_model: nn.Module | None = None, corpus: Corpus | None = None,
+              out_dir: str | Path | None = None, time_scale: float | None = None,
+              outputs: Iterable[tuple[str | Path | None, str]] = (), cli: bool = False,
+              spawn: bool = True) -> Corpus:
+    """Every check that needs no worker; returns the corpus (loaded when not given).
+    `outputs`: (path, option) of files the caller will write; `spawn`: workers are spawned
+    here (the worker limit and the script guard apply)."""
+    check_positive(time_scale, option_name("time_scale", cli))
+    check_batch(plan.global_batch, plan.seq_len, cli=False)
+    for path, option in outputs:
+        check_writable_file(path, option)
+    check_writable_dir(out_dir, option_name("out_dir", cli))
+    check_checkpoint(config, plan, cli)
+    check_model(plan, user_model)
+    if spawn:
+        check_worker_count(plan)
+        check_main_guard()
+    corpus = corpus if corpus is not None else load_corpus(config.data, config.seed)
+    check_corpus(corpus, plan, model_vocab(plan, user_model))
+    return corpus
