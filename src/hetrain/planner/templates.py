@@ -162,12 +162,12 @@ class TemplateBuilder:
 
     def _fill_s(self, stages, part: Partition,
                 times: list[tuple[float, float]]) -> tuple[float, float]:
-        """(fill, in-flight scale): 1F1B's S - 1 slots, or the least fill of a zero-bubble
-        run of one copy over the allowed scales whose held micro-batches fit every stage."""
+        """(fill, in-flight scale): 1F1B's S - 1 slots, or the fill of a zero-bubble run of
+        one copy at the largest allowed scale whose held micro-batches fit every stage (more
+        in flight fills more of the warm-up)."""
         if self.schedule == "1f1b":
             return (len(stages) - 1) * part.slot_s, 1.0
         m = max(2 * len(stages), 8)
-        best: tuple[float, float] | None = None
         for scale in self.in_flight_scales:
             plan = Plan(model=self.spec.name, seq_len=1, global_batch=m,
                         stage_groups=[StageGroup(name=f"s{i}", kind=kind, devices=[f"s{i}"],
@@ -177,13 +177,10 @@ class TemplateBuilder:
                                       micro_batches=m, micro_batch_size=1)],
                         schedule=self.schedule)
             run = build_schedule(plan, _StageTimes(times))
-            if scale > 1.0 and not self._holds(stages, part, run.peak_in_flight):
-                continue
-            fill = max(run.estimated_step_s - m * part.slot_s, 0.0)
-            if best is None or fill < best[0]:
-                best = (fill, scale)
-        assert best is not None  # scale 1 holds what 1F1B holds: the partition's memory
-        return best
+            if scale == 1.0 or self._holds(stages, part, run.peak_in_flight):
+                # scale 1 holds what 1F1B holds: the partition's memory
+                return max(run.estimated_step_s - m * part.slot_s, 0.0), scale
+        raise AssertionError("in-flight scale 1 is always allowed")
 
     def _holds(self, stages, part: Partition, peaks: dict[str, int]) -> bool:
         """Whether every stage's memory holds the micro-batches its schedule keeps."""
