@@ -45,7 +45,7 @@ class Sandbox:
         return box
 
     def spawn_stand_in(self, reach: type[Exception]):
-        def spawn(job, ctx, progress):
+        def spawn(job, ctx, progress, *_):
             self.spawned.append(job)
             raise reach("a worker was spawned")
 

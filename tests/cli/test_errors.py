@@ -177,14 +177,14 @@ def test_bad_option_value_is_one_line(sandbox):
 
 
 def test_faults_of_the_machine_exit_1(sandbox, monkeypatch):
-    def lost(job, ctx, progress):
+    def lost(job, ctx, progress, *_):
         raise RuntimeFailure("worker 1 (br104:0) died with exit code -9; the other workers "
                              "were stopped", lost_devices=["br104:0"])
 
     monkeypatch.setattr(launch, "_spawn_and_wait", lost)
     cli_refused(sandbox, TRAIN, "worker 1 (br104:0) died", code=1)
 
-    def disk_full(job, ctx, progress):
+    def disk_full(job, ctx, progress, *_):
         raise OSError(28, "No space left on device", "/data/run/rank0.pt")
 
     monkeypatch.setattr(launch, "_spawn_and_wait", disk_full)
@@ -192,7 +192,7 @@ def test_faults_of_the_machine_exit_1(sandbox, monkeypatch):
 
 
 def test_a_bug_is_one_line_and_debug_shows_the_traceback(sandbox, monkeypatch):
-    def bug(job, ctx, progress):
+    def bug(job, ctx, progress, *_):
         raise KeyError("stage")
 
     monkeypatch.setattr(launch, "_spawn_and_wait", bug)

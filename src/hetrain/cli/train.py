@@ -14,7 +14,7 @@ from hetrain.cli.main import app, user_errors
 from hetrain.cli.report import per_group_table, per_kind_table, train_progress, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
-from hetrain.errors import ModelError, PlanError
+from hetrain.errors import ConfigError, ModelError, PlanError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan import load_plan
@@ -60,6 +60,9 @@ def train(
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
     # Every input is checked before any output, any file written or any worker started.
+    source = ctx.get_parameter_source("resume")  # typer's own click: compare by name
+    if not checkpoint_dir and getattr(source, "name", "") == "COMMANDLINE":
+        raise ConfigError("--resume needs --checkpoint-dir: give the folder")
     config = train_config(cli=True, model=model, steps=steps, seed=seed, lr=lr, data=data,
                           time_scale=time_scale, trace=trace is not None,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,

@@ -145,7 +145,9 @@ def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
 def check_checkpoint(config: TrainConfig, plan: Plan, cli: bool) -> None:
     """The checkpoint folder can be written; a checkpoint to resume holds this model."""
     if not config.checkpoint_dir:
-        for field in ("resume", "checkpoint_every"):
+        # resume is the default: without a folder there is simply nothing to resume (the CLI
+        # refuses an explicit --resume)
+        for field in ("checkpoint_every",):
             if getattr(config, field):
                 raise ConfigError(f"{option_name(field, cli)} needs "
                                   f"{option_name('checkpoint_dir', cli)}: give the folder")
