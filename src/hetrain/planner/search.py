@@ -190,15 +190,16 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     shard_options = options.optimizer_shards if options.sharded_optimizer else (1,)
     priced: list[tuple[StepEstimate, Plan, CountSolution, Candidates]] = []
     exhaustive, built = True, 0
-    # Largest shard assumption first: its plans are the fastest when they fit, and a plan that
-    # fits lets the later passes skip micro-batch sizes that cannot beat it.
+    # Largest shard assumption first: a partition given more memory is never slower, so once
+    # a plan of it fits, smaller assumptions are not searched.
     for shards in sorted(set(shard_options) | {1}, reverse=True):
+        if priced:
+            break
         best: tuple[CountSolution, Candidates] | None = None
-        found_s = min((p[0].step_s for p in priced), default=np.inf)
         for mbs in options.micro_batch_sizes:
             if global_batch % mbs:
                 continue
-            beat_s = min(found_s, np.inf if best is None else best[0].step_s)
+            beat_s = np.inf if best is None else best[0].step_s
             cands = build_candidates(cluster, cost, tables, global_batch, mbs, options, beat_s,
                                      shards)
             built += len(cands.templates)
