@@ -17,7 +17,7 @@ REQUIRED_KINDS = ["H100", "H800", "H20", "A100-40GB", "A100-80GB", "V100", "L40S
 def test_catalog_has_the_kinds_and_v100_has_no_bf16():
     assert set(REQUIRED_KINDS) <= set(CATALOG)
     assert not CATALOG["V100"].supports("bf16")
-    assert CATALOG["MI300X"].backend == "rccl" and CATALOG["Ascend910B"].backend == "hccl"
+    assert CATALOG["MI300X"].backend == "nccl" and CATALOG["Ascend910B"].backend == "hccl"
 
 
 def test_examples_load(three_kinds, mixed_1024):

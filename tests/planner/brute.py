@@ -43,15 +43,15 @@ def brute_partition(cost, comm, dtypes, mbs, stages, allow_recompute=True):
 
 
 def min_max_split(copies, micro_batches):
-    """copies: (slot_s, stages) per pipeline copy. The least latest finish over every split of
+    """copies: (slot_s, fill_s) per pipeline copy. The least latest finish over every split of
     the micro-batches (each copy at least one), by filling the copy that finishes soonest."""
     if len(copies) > micro_batches:
         return math.inf
     count = [1] * len(copies)
 
     def finish(i, m):
-        slot, stages = copies[i]
-        return (m + stages - 1) * slot
+        slot, fill = copies[i]
+        return fill + m * slot
 
     heap = [(finish(i, 2), i) for i in range(len(copies))]
     heapq.heapify(heap)
@@ -84,7 +84,7 @@ def brute_counts(cluster, templates, micro_batches, max_shapes):
         nonlocal best
         if chosen:
             u = len(chosen)
-            copies = [(templates[t].slot_s, templates[t].n_stages) for t, n in chosen
+            copies = [(templates[t].slot_s, templates[t].fill_s) for t, n in chosen
                       for _ in range(n)]
             pipeline = min_max_split(copies, micro_batches)
             if np.isfinite(pipeline) and packs(cluster, templates, chosen):

@@ -10,8 +10,10 @@ from hetrain.cluster import cluster_from_dict
 from hetrain.cost import CostModel
 from hetrain.model import LayerSpec, ModelSpec, model_config, model_spec
 from hetrain.plan import Plan, Route, StageGroup, build_schedule
+from hetrain.plan.sync import bucket_bytes, sync_buckets
 from hetrain.planner import data_parallel_plan
-from hetrain.planner.estimate import estimate_step, gradient_bytes, mfu_by_kind, route_time_s
+from hetrain.planner.estimate import estimate_step, mfu_by_kind
+from hetrain.sim import simulate_plan
 
 # Links so fast that transfers take no time: the estimate is then compute only, as the
 # schedule's own makespan is.
@@ -75,17 +77,23 @@ def test_uneven_stages_stay_near_the_estimate(cuts, kinds, m):
     assert estimate_step(plan, COST).pipeline_s >= 0.85 * sched
 
 
-def test_sync_is_hierarchical(three_kinds):
+def test_sync_is_priced_from_the_one_sync_definition(three_kinds):
     spec = model_spec(model_config("tiny"), 64)
     cost = CostModel(three_kinds, spec)
-    # one replica per kind: three classes meet over the bridge, nothing inside a kind
+    # one replica per kind: every bucket is a sharded sum over the three kinds
     plan = data_parallel_plan(three_kinds, cost, 24, micro_batch_size=4, dtype="fp32")
     est = estimate_step(plan, cost)
-    classes = {(g.kind, g.tp, tuple(g.layers)) for g in plan.stage_groups}
-    for g in plan.stage_groups:
-        want = cost.bridge_allreduce_s(len(classes), gradient_bytes(cost, g))
-        assert est.group_sync_s[g.name] == pytest.approx(want)
-    # two copies of one pipeline: replicas all-reduce inside their kind, no bridge
+    buckets = sync_buckets(plan, spec)
+    assert buckets and all(set(b.holders) == set(plan.group_by_name) for b in buckets)
+    devices = [g.devices[0] for g in plan.stage_groups]
+    serial = sum(cost.sync_s(devices, bucket_bytes(plan, b)) for b in buckets)
+    # every group waits for the slowest one's gradients, then the buckets one after another
+    assert max(est.group_sync_s.values()) >= serial * (1 - 1e-9)
+    assert est.exposed_sync_s > 0
+    # no P2P: the simulator runs the same schedule and the same tail, to the rounding
+    assert simulate_plan(plan, three_kinds, cost, trace=False).step_s == pytest.approx(
+        est.step_s, rel=1e-9)
+    # two copies of one pipeline: replicas sum inside their kind
     cluster = cluster_from_dict({"nodes": [{"name": "h", "kind": "H100", "count": 4}]})
     cost = CostModel(cluster, spec)
     plan = Plan(model="tiny", seq_len=64, global_batch=8, stage_groups=[
@@ -94,12 +102,7 @@ def test_sync_is_hierarchical(three_kinds):
         routes=[Route(stages=[f"p{p}s0", f"p{p}s1"], micro_batches=2, micro_batch_size=2)
                 for p in range(2)])
     est = estimate_step(plan, cost)
-    g = plan.group_by_name["p0s1"]
-    assert est.group_sync_s["p0s1"] == pytest.approx(
-        cost.allreduce_s(["h:1", "h:3"], gradient_bytes(cost, g)))
-    assert est.step_s == pytest.approx(
-        max(route_time_s(plan, r, cost) for r in plan.routes)
-        + max(est.group_sync_s[n] + est.group_optimizer_s[n] for n in plan.group_by_name))
+    assert est.step_s == pytest.approx(simulate_plan(plan, cluster, cost).step_s, rel=0.01)
     assert est.tokens_per_s == pytest.approx(8 * 64 / est.step_s)
     mfu = mfu_by_kind(plan, cost, est.step_s)
     assert 0 < mfu["H100"] < cluster.kinds["H100"].efficiency

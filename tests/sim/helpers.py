@@ -28,6 +28,9 @@ class FixedCost(CostModel):
     def allreduce_s(self, devices, nbytes):
         return self.sync if len(devices) > 1 and nbytes > 0 else 0.0
 
+    def sync_s(self, devices, nbytes):
+        return self.allreduce_s(devices, nbytes)
+
     def optimizer_s(self, kind, params):
         return self.opt
 
@@ -39,6 +42,9 @@ class FreeComm(CostModel):
         return 0.0
 
     def allreduce_s(self, devices, nbytes):
+        return 0.0
+
+    def sync_s(self, devices, nbytes):
         return 0.0
 
     def optimizer_s(self, kind, params):

@@ -48,7 +48,7 @@ def _event(lane, name, category, start_s, dur_s) -> dict:
 def test_a_trace_of_a_step_predicts_that_step():
     cluster = line_cluster(4)
     plan = pipeline_plan(cluster, 2, 4, pipelines=2)
-    truth = FixedCost(cluster, f=1.0, b=2.0, p2p=0.25, sync=0.5, opt=0.125)
+    truth = FixedCost(cluster, f=1.0, b=2.0, p2p=2.5, sync=0.5, opt=0.125)
     schedule = build_schedule(plan, truth)
     result = simulate_plan(plan, cluster, truth, schedule=schedule)
     events = runtime_trace(plan, schedule, result, steps=3)
@@ -57,6 +57,6 @@ def test_a_trace_of_a_step_predicts_that_step():
     figures = measured_figures(plan, truth, schedule, events)
     assert figures.p2p and figures.late_recv and figures.allreduce
     cost = MeasuredCost(cluster, truth.spec, figures)
-    assert cost.p2p_handshake_s("n0:0", "n1:0") == pytest.approx(0.25)
+    assert cost.p2p_handshake_s("n0:0", "n1:0") == pytest.approx(2.5)
     predicted = simulate_plan(plan, cluster, cost, schedule=schedule)
     assert predicted.step_s == pytest.approx(result.step_s)

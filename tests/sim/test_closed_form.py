@@ -41,7 +41,7 @@ def test_data_parallel_adds_one_allreduce_of_all_gradients():
     g = plan.stage_groups[0]
     f = cost.stage_compute_s(g, "forward", 2, SEQ_LEN)
     b = cost.stage_compute_s(g, "backward", 2, SEQ_LEN)
-    sync = cost.allreduce_s(["n0:0", "n1:0"], cost.spec.range_params(0, 6) * 4)  # fp32 grads
+    sync = cost.sync_s(["n0:0", "n1:0"], cost.spec.range_params(0, 6) * 4)  # fp32 grads
     opt = cost.optimizer_s(g.kind, cost.spec.range_params(0, 6))
     result = simulate_plan(plan, cluster, cost)
     assert sync > 0

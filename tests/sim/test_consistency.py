@@ -8,7 +8,8 @@ from hetrain.cost import CostModel
 from hetrain.errors import SimError
 from hetrain.model import model_config, model_spec
 from hetrain.plan import Plan, build_schedule
-from hetrain.sim import simulate_plan, sync_sets
+from hetrain.plan.sync import bucket_bytes, reductions, sync_buckets
+from hetrain.sim import simulate_plan
 
 from .helpers import SEQ_LEN, FreeComm, line_cluster, pipeline_plan
 
@@ -79,13 +80,13 @@ def test_comm_only_lengthens_the_step_and_shares_add_up(three_kinds):
     assert result.tokens_per_s == pytest.approx(14 * SEQ_LEN / result.step_s)
 
 
-def test_sync_sets_group_layers_by_holders(three_kinds):
+def test_sync_buckets_group_layers_by_holders(three_kinds):
     plan = _shared_group_plan()
     cost = CostModel(three_kinds, _spec())
-    (only,) = sync_sets(plan, cost)
-    assert only.groups == ("a100", "br")
-    assert only.layers == tuple(range(4, 10))
-    assert only.nbytes == cost.spec.range_params(4, 10) * 4  # fp32 gradients
+    (only,) = sync_buckets(plan, cost.spec)
+    assert only.holders == ("a100", "br")
+    assert only.layers == (4, 10)
+    assert bucket_bytes(plan, only) == cost.spec.range_params(4, 10) * 4  # fp32 gradients
     syncs = [e for e in simulate_plan(plan, three_kinds, cost).events if e.name == "allreduce"]
     assert {e.lane for e in syncs} == {"br104:0", "a100:0"}
 
@@ -93,9 +94,10 @@ def test_sync_sets_group_layers_by_holders(three_kinds):
 def test_a_tied_embedding_is_summed_with_the_head():
     cluster = line_cluster(2)
     cost = CostModel(cluster, model_spec(model_config("tiny-tied"), SEQ_LEN))
-    (tied,) = sync_sets(pipeline_plan(cluster, 2, 2, model="tiny-tied"), cost)
-    assert tied.groups == ("p0s0", "p0s1") and tied.layers == (0,)
-    assert tied.nbytes == cost.spec.vocab_size * cost.spec.dim * 4
+    plan = pipeline_plan(cluster, 2, 2, model="tiny-tied")
+    (tied,) = sync_buckets(plan, cost.spec)
+    assert tied.holders == ("p0s0", "p0s1") and tied.layers == (0, 1)
+    assert bucket_bytes(plan, tied) == cost.spec.vocab_size * cost.spec.dim * 4
 
 
 @pytest.mark.parametrize(("tps", "devices", "shard"), [((2, 2), 2, 2), ((2, 1), 3, 1)])
@@ -108,9 +110,10 @@ def test_tensor_parallel_holders_sum_shards(tps, devices, shard):
         "routes": [{"stages": [g["name"]], "micro_batches": 1, "micro_batch_size": 1}
                    for g in groups]})
     cost = CostModel(cluster, model_spec(model_config("tiny"), SEQ_LEN))
-    (only,) = sync_sets(plan, cost)
-    assert len(only.devices) == devices
-    assert only.nbytes == cost.spec.range_params(0, 6) * 4 / shard
+    (only,) = sync_buckets(plan, cost.spec)
+    assert sum(len(r) for r in reductions(plan, only)) == devices * (2 if shard == 2 else 1)
+    assert len(reductions(plan, only)[0]) == devices
+    assert bucket_bytes(plan, only) == cost.spec.range_params(0, 6) * 4 / shard
     result = simulate_plan(plan, cluster, cost)
     lanes = {e.lane for e in result.events if e.name == "allreduce"}
     assert len(lanes) == sum(tps)  # every device of the holders takes part

@@ -41,7 +41,7 @@ def _register() -> None:
     import importlib
 
     for name in ("devices", "train", "plan", "simulate", "profile", "checkpoint", "bench",
-                 "bench_sim", "bench_recovery"):
+                 "bench_sim", "bench_recovery", "bench_tax"):
         try:
             importlib.import_module(f"hetrain.cli.{name}")
         except ModuleNotFoundError as err:

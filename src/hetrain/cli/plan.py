@@ -64,6 +64,13 @@ def plan(
     _print_summary(console, result, cost)
     if compare:
         _print_baselines(console, result.estimate, baselines)
+        from hetrain.planner.baselines import strict_efficiency
+
+        strict = strict_efficiency(result.estimate, baselines)
+        console.print(f"strict efficiency (tokens/s over the sum of each kind alone): "
+                      f"{strict.value:.3f}" + (f"; left out (cannot hold the model alone): "
+                                               f"{', '.join(strict.left_out)}"
+                                               if strict.left_out else ""))
     if out is not None:
         result.plan.save(out)
         console.print(f"plan written to {out}")
@@ -121,6 +128,8 @@ def _print_summary(console: Console, result, cost) -> None:
     console.print(table)
     console.print(f"step {est.step_s:.4g} s (pipelines {est.pipeline_s:.4g} s + gradient sync "
                   f"and optimizer {est.sync_s:.4g} s), {est.tokens_per_s:,.0f} tokens/s; "
+                  f"{result.plan.schedule} schedule, bubble share {est.bubble_share:.3f}, "
+                  f"exposed sync {est.exposed_sync_s:.3g} s; "
                   f"searched in {result.search_s:.2f} s"
                   + ("" if result.exhaustive else " (large cluster: shapes screened)"))
 
@@ -141,15 +150,21 @@ def _print_baselines(console: Console, estimate, baselines) -> None:
 
 
 def _summary(result, cost, baselines, plan_path: Path | None) -> dict:
-    from hetrain.planner.baselines import speedup
+    from hetrain.planner.baselines import speedup, strict_efficiency
     from hetrain.planner.report import kind_rows
 
     est = result.estimate
     plan = result.plan
+    strict = strict_efficiency(est, baselines)
     return {
         "model": plan.model, "cluster": cost.cluster.name, "global_batch": plan.global_batch,
         "seq_len": plan.seq_len, "micro_batch_size": plan.routes[0].micro_batch_size,
+        "figures": "simulated (planner's price: the shared schedule and sync definition)",
         "predicted_step_s": est.step_s, "tokens_per_s": est.tokens_per_s,
+        "strict_efficiency": strict.value, "alone_tokens_per_s": strict.alone_tokens_per_s,
+        "strict_efficiency_left_out": strict.left_out,
+        "bubble_share": est.bubble_share, "exposed_sync_s": est.exposed_sync_s,
+        "schedule": plan.schedule, "sharded_optimizer": plan.sharded_optimizer,
         "pipeline_s": est.pipeline_s, "sync_s": est.sync_s,
         "search_s": result.search_s, "exhaustive": result.exhaustive,
         "pipelines": len(plan.routes), "stage_groups": len(plan.stage_groups),

@@ -47,15 +47,12 @@ def _load(cluster_path: Path, plan_path: Path | None, model: str | None,
 def _check(plan: Plan, cluster: Cluster, cost: CostModel, memory: bool):
     """Refuse an invalid plan (PlanError names the problem); return its schedule."""
     from hetrain.plan.schedule import build_schedule
-    from hetrain.plan.validate import check_memory, validate_plan
+    from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
 
     validate_plan(plan, cluster, cost.spec)
     schedule = build_schedule(plan, cost)
     if memory:
-        mbs = {g: max(plan.routes[r].micro_batch_size for r in plan.routes_through(g))
-               for g in plan.group_by_name}
-        check_memory(plan, cluster,
-                     lambda g, in_flight: cost.stage_memory_bytes(g, mbs[g.name], in_flight),
+        check_memory(plan, cluster, plan_memory_fn(plan, cost),
                      peak_in_flight=schedule.peak_in_flight)
     return schedule
 

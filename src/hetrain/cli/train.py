@@ -65,10 +65,14 @@ def train(
     # Refuse a bad plan before any output: one line, exit 2.
     check_plan(p, c, plan_spec(p, None))
     console = Console()
-    emulated = bool(emulated_kinds(p, c))
+    emulated_set = emulated_kinds(p, c)  # a `mode: real` kind that cannot run stops here
+    emulated = bool(emulated_set)
     if emulated:
-        console.print("[yellow]emulated:[/] kinds not present here run as CPU processes "
-                      "stretched to their catalog speed", highlight=False)
+        real = sorted(set(p.kinds()) - emulated_set)
+        console.print(f"[yellow]emulated:[/] {', '.join(sorted(emulated_set))} run as CPU "
+                      "processes paced to their catalog speed"
+                      + (f"; [green]real:[/] {', '.join(real)}" if real else ""),
+                      highlight=False)
     bar = train_progress(console, steps, emulated)
     with bar:
         task = bar.add_task("train", total=steps, loss=float("nan"), tps=0.0)

@@ -37,6 +37,21 @@ def resolve_kind_name(name: str, known: dict[str, DeviceKind]) -> str | None:
     return lowered.get(key) or (ALIASES.get(key) if ALIASES.get(key) in known else None)
 
 
+def _with_base(spec: Any, kinds: dict[str, DeviceKind]) -> Any:
+    """A `kinds:` entry naming a known kind overrides only the fields it sets (e.g. BR104's
+    plugin, device_type and backend, or `mode: real`); any other entry defines a new kind."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        return spec
+    name = resolve_kind_name(spec["name"], kinds)
+    if name is None:
+        return spec
+    base = kinds[name].model_dump()
+    if "device_type" in spec or "torch_device" in spec:
+        # A new device type brings its own plugin and backend unless the entry names them.
+        base = {k: v for k, v in base.items() if k not in ("plugin", "backend", "device_type")}
+    return {**base, **spec, "name": name}
+
+
 def cluster_from_dict(raw: Any, source: str = "cluster") -> Cluster:
     if not isinstance(raw, dict):
         raise ClusterError(f"{source}: expected a mapping with 'nodes:' at the top level")
@@ -47,7 +62,7 @@ def cluster_from_dict(raw: Any, source: str = "cluster") -> Cluster:
         user_kinds = [{"name": k, **v} for k, v in user_kinds.items()]
     for i, spec in enumerate(user_kinds):
         try:
-            kind = DeviceKind.model_validate(spec)
+            kind = DeviceKind.model_validate(_with_base(spec, kinds))
         except ValidationError as err:
             raise ClusterError(validation_message(err, f"{source}: kinds[{i}]")) from None
         kinds[kind.name] = kind

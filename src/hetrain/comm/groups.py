@@ -7,18 +7,22 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from hetrain.cluster.devices import backend_available
+
 BRIDGE_BACKEND = "gloo"  # host-memory bridge between kinds
 
 
-def torch_backend(native: str, device_type: str) -> str:
-    """The backend torch can run for a kind's native library on this machine.
+def torch_backend(native: str | None, device: str) -> str:
+    """The torch.distributed backend for a kind's group on `device` ("cuda:0", "npu:1", "cpu").
 
-    On a CUDA device NCCL (or RCCL, which ROCm builds of torch expose as "nccl") is real.
-    Emulated kinds run on CPU, where only gloo exists; the kind's own library name (hccl,
-    bccl, cncl) is kept for reports."""
-    if device_type == "cuda" and native in ("nccl", "rccl") and dist.is_nccl_available():
-        return "nccl"
-    return "gloo"
+    On the kind's own device it is the backend its plugin registers (nccl, also RCCL on ROCm;
+    hccl, cncl, mccl, xccl); emulated kinds run on the CPU, where gloo is the one backend. The
+    launcher has already refused a real kind whose backend is missing, so the fallback to gloo
+    only serves kinds whose backend is unknown."""
+    device_type = device.split(":")[0]  # "npu:1" parses in torch only once torch_npu is in
+    if device_type == "cpu" or not backend_available(native):
+        return BRIDGE_BACKEND
+    return native
 
 
 class GroupCache:

@@ -168,6 +168,10 @@ class MeasuredCost(CostModel):
             raise CostError("no measured all-reduce to time a gradient sync")
         return phases * self.phase_fit(nbytes)
 
+    def sync_s(self, devices: list[str], nbytes: float) -> float:
+        """A gradient bucket's sum, timed as the measured phases of the run's collectives."""
+        return self.allreduce_s(devices, nbytes)
+
     def optimizer_s(self, kind: str, params: float) -> float:
         fit = self.optimizer_fit.get(kind)
         if fit is None:

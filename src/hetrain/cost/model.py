@@ -190,16 +190,19 @@ class CostModel:
         return params * 28 / (self.cluster.kinds[kind].memory_bandwidth_gbps * 1e9)
 
     # --- memory ------------------------------------------------------------------------------
-    def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int) -> float:
-        """Bytes per device: weights, gradients, Adam states, and activations of the
-        micro-batches in flight under 1F1B."""
+    def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int,
+                           optimizer_params: float | None = None) -> float:
+        """Bytes per device: weights, gradients, Adam states (of `optimizer_params`, default
+        all its parameters; fewer with a sharded optimizer), and activations of the
+        micro-batches holding them (the schedule's peak)."""
         start, end = group.layers
         tp = len(group.devices)
         wbytes = DTYPE_BYTES[group.dtype]
         params = self.spec.range_params(start, end) / tp
+        stepped = params if optimizer_params is None else optimizer_params
         # Mixed precision keeps an fp32 master copy; Adam keeps two fp32 moments.
         master = 4 if wbytes < 4 else 0
-        states = params * (wbytes + wbytes + master + 8)
+        states = params * (wbytes + wbytes) + stepped * (master + 8)
         tokens = micro_batch_size * self.spec.seq_len
         layers = self.spec.layers[start:end]
         if group.recompute:

@@ -103,11 +103,10 @@ TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16":
 
 
 def _synchronize(device: str) -> Callable[[], None]:
-    import torch
+    """Waits for the device's queued work, whatever its vendor (cluster/devices.py)."""
+    from hetrain.cluster.devices import synchronize
 
-    if device.startswith("cuda"):
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+    return lambda: synchronize(device)
 
 
 def time_layer_s(layer, x, device: str, repeats: int, warmup: int = 1) -> tuple[float, float]:

@@ -10,9 +10,14 @@ Two kinds (Plan.schedule):
   in-flight limit are held for backward.
 - "zero_bubble" (Qi et al. 2024): each backward is split into an input-gradient action (on the
   critical path: its result goes to the previous stage) and a weight-gradient action (no
-  transfer, needed only by the optimizer). Priority: input gradient, then forward (within the
-  limit), then a pending weight gradient, so weight gradients fill the gaps where 1F1B idles
-  (warm-up and cool-down). A micro-batch holds its activations until its weight gradient.
+  transfer, needed only by the optimizer). Priority: input gradient; a weight gradient when
+  more are pending than the group's cap; a forward while fewer than its limit await their
+  input gradient; any pending weight gradient. Weight gradients so fill the gaps where 1F1B
+  idles. With in-flight scale a, the forward limit is a x the 1F1B limit and the cap
+  2 (a - 1) x the stages before the group: later stages keep weight gradients for the
+  cool-down, earlier ones run ahead in the warm-up (a = 1.75 reaches the least fill of
+  equal stages, about S - 1 forwards, a third of 1F1B's). A micro-batch holds its
+  activations until its weight gradient: `peak_in_flight` counts those, for memory.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -29,6 +35,9 @@ from hetrain.plan.types import Plan, StageGroup
 Op = Literal["forward", "backward", "backward_input", "backward_weight"]
 # Ops that produce weight gradients: after a group's last one, its gradients are final.
 WEIGHT_GRAD_OPS = ("backward", "backward_weight")
+# A group posts the receives of its next RECV_AHEAD actions as it starts an action (runtime,
+# simulator and this schedule's timing agree on it), so transfers move under compute.
+RECV_AHEAD = 1
 # Short names in traces and Gantt charts.
 OP_LETTER = {"forward": "F", "backward": "B", "backward_input": "B", "backward_weight": "W"}
 
@@ -37,6 +46,41 @@ class StageCost(Protocol):
     """What the schedule needs from a cost model (cost.CostModel implements it)."""
 
     def stage_compute_s(self, group: StageGroup, op: Op, samples: int, seq_len: int) -> float: ...
+
+
+class LinkCost(Protocol):
+    """What timing transfers needs (cost.CostModel implements it)."""
+
+    def activation_bytes(self, layer_end: int, samples: int, dtype: str) -> float: ...
+
+    def p2p_s(self, src_device: str, dst_device: str, nbytes: float) -> float: ...
+
+    def p2p_handshake_s(self, src_device: str, dst_device: str) -> float: ...
+
+
+# (sending group, receiving group, "forward" | "backward", samples) -> (handshake s, transfer s)
+TransferFn = Callable[[str, str, str, int], tuple[float, float]]
+
+
+def transfer_times(plan: Plan, cost: LinkCost) -> TransferFn:
+    """Transfers as the runtime makes them (gloo's rendezvous): once the receiver has posted
+    and its ready notice (the handshake) has reached the sender, the bytes move. A forward
+    sends the stage's output, a backward the gradient of its input; one TP rank per side
+    carries the tensor."""
+    groups = plan.group_by_name
+    cache: dict[tuple[str, str, str, int], tuple[float, float]] = {}
+
+    def transfer(src: str, dst: str, direction: str, samples: int) -> tuple[float, float]:
+        key = (src, dst, direction, samples)
+        if key not in cache:
+            a, b = groups[src], groups[dst]
+            boundary = a.layers[1] if direction == "forward" else a.layers[0]
+            nbytes = cost.activation_bytes(boundary, samples, a.dtype)
+            cache[key] = (cost.p2p_handshake_s(a.devices[0], b.devices[0]),
+                          cost.p2p_s(a.devices[0], b.devices[0], nbytes))
+        return cache[key]
+
+    return transfer
 
 
 @dataclass(frozen=True)
@@ -72,6 +116,7 @@ class Schedule:
     estimated_step_s: float  # makespan of the ordering run (compute and transfers)
     start_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> start
     end_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> end
+    comm_wait_s: dict[str, float] = field(default_factory=dict)  # per group, on transfers
 
     def compute_actions(self) -> int:
         return sum(len(a) for a in self.actions.values())
@@ -83,13 +128,19 @@ class Schedule:
 
 
 def in_flight_limit(plan: Plan, group: str) -> int:
-    """Sum over routes through the group of the stages from it to the route's end (1F1B),
-    times the plan's in-flight scale."""
+    """Forwards awaiting their (input) gradient at once: the sum over routes through the group
+    of the stages from it to the route's end (1F1B), times the group's in-flight scale."""
     limit = 0
     for r in plan.routes_through(group):
         stages = plan.routes[r].stages
         limit += len(stages) - stages.index(group)
-    return max(math.floor(limit * plan.in_flight_scale), 1)
+    return max(math.floor(limit * plan.group_by_name[group].in_flight_scale + 1e-9), 1)
+
+
+def weight_grad_cap(plan: Plan, group: str) -> int:
+    """Zero-bubble: weight gradients a group may keep pending before they come first."""
+    upstream = sum(plan.routes[r].stages.index(group) for r in plan.routes_through(group))
+    return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
 
 
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
@@ -102,21 +153,26 @@ class _GroupState:
     ready_f: list = field(default_factory=list)  # heap of (ready at, micro-batch, position)
     ready_b: list = field(default_factory=list)
     pending_w: list = field(default_factory=list)  # micro-batches whose weight grad is left
-    in_flight: int = 0
-    peak: int = 0
+    in_flight: int = 0  # forwards awaiting their (input) gradient
+    held: int = 0  # micro-batches holding activations (until their last backward action)
+    peak: int = 0  # of held
     busy: bool = False
+    starts: list = field(default_factory=list)  # of its actions so far
+    free_s: float = 0.0  # end of its last action
+    comm_wait_s: float = 0.0  # idle while a tensor it needs is on its way
     order: list = field(default_factory=list)
 
 
 class _ListScheduler:
     """The greedy run behind build_schedule: event-driven, one action at a time per group."""
 
-    def __init__(self, plan: Plan, cost: StageCost | None, transfer_s):
-        self.plan, self.cost, self.transfer_s = plan, cost, transfer_s
+    def __init__(self, plan: Plan, cost: StageCost | None, transfer: TransferFn | None):
+        self.plan, self.cost, self.transfer = plan, cost, transfer
         self.groups = plan.group_by_name
         self.split = plan.schedule == "zero_bubble"
         self.state = {g: _GroupState() for g in self.groups}
         self.limit = {g: in_flight_limit(plan, g) for g in self.groups}
+        self.w_cap = {g: weight_grad_cap(plan, g) for g in self.groups}
         self.starts: dict[tuple[str, int], float] = {}
         self.ends: dict[tuple[str, int], float] = {}
         self.events: list = []
@@ -132,24 +188,33 @@ class _ListScheduler:
                                                                    self.plan.seq_len))
         return self._durations[key]
 
-    def pick(self, g: str) -> tuple[Op, int, int] | None:
-        """The next action of group g by priority, or None when it must wait."""
+    def pick(self, g: str) -> tuple[Op, float, int, int] | None:
+        """The next action of group g by priority (with when its input was sent), or None
+        when it must wait."""
         st = self.state[g]
         if st.ready_b:
-            _, mb_id, pos = heapq.heappop(st.ready_b)
-            if not self.split:
-                st.in_flight -= 1
-            return ("backward_input" if self.split else "backward"), mb_id, pos
-        if st.ready_f and st.in_flight < self.limit[g]:
-            _, mb_id, pos = heapq.heappop(st.ready_f)
-            st.in_flight += 1
-            st.peak = max(st.peak, st.in_flight)
-            return "forward", mb_id, pos
-        if st.pending_w:
-            _, mb_id, pos = heapq.heappop(st.pending_w)
+            sent, mb_id, pos = heapq.heappop(st.ready_b)
             st.in_flight -= 1
-            return "backward_weight", mb_id, pos
+            if not self.split:
+                st.held -= 1
+            return ("backward_input" if self.split else "backward"), sent, mb_id, pos
+        if st.pending_w and len(st.pending_w) > self.w_cap[g]:
+            return self._weight(st)
+        if st.ready_f and st.in_flight < self.limit[g]:
+            sent, mb_id, pos = heapq.heappop(st.ready_f)
+            st.in_flight += 1
+            st.held += 1
+            st.peak = max(st.peak, st.held)
+            return "forward", sent, mb_id, pos
+        if st.pending_w:
+            return self._weight(st)
         return None
+
+    @staticmethod
+    def _weight(st: _GroupState) -> tuple[Op, float, int, int]:
+        _, mb_id, pos = heapq.heappop(st.pending_w)
+        st.held -= 1
+        return "backward_weight", 0.0, mb_id, pos
 
     def try_start(self, g: str, now: float) -> None:
         st = self.state[g]
@@ -158,7 +223,7 @@ class _ListScheduler:
         picked = self.pick(g)
         if picked is None:
             return
-        op, mb_id, pos = picked
+        op, sent, mb_id, pos = picked
         mb = self.plan.micro_batches[mb_id]
         stages = self.plan.routes[mb.route].stages
         prev = stages[pos - 1] if pos > 0 else None
@@ -171,32 +236,41 @@ class _ListScheduler:
             recv, send = nxt, prev
         action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos, recv_from=recv,
                         send_to=send)
+        start = now
+        if recv is not None and self.transfer is not None:
+            # posted as the group started the action RECV_AHEAD before; the bytes move after
+            # the handshake
+            handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
+                                                 else "backward", mb.size)
+            ahead = len(st.starts) - RECV_AHEAD
+            posted = st.starts[ahead] if ahead >= 0 else 0.0
+            start = max(now, max(sent, posted + handshake_s) + bytes_s)
+            st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
         index = len(st.order)
-        self.starts[(g, index)] = now
+        self.starts[(g, index)] = start
         st.order.append(action)
         st.busy = True
-        end = now + self.duration(g, op, mb.size)
+        st.starts.append(start)
+        end = start + self.duration(g, op, mb.size)
         self.ends[(g, index)] = end
         heapq.heappush(self.events, (end, next(self.seq), g, action))
 
     def on_done(self, g: str, action: Action, now: float) -> None:
         st = self.state[g]
         st.busy = False
-        size = self.plan.micro_batches[action.micro_batch].size
+        st.free_s = now
         item = (now, action.micro_batch, action.stage)
         if action.op == "forward":
             if action.send_to is None:  # last stage: its backward is ready at once
                 heapq.heappush(st.ready_b, item)
             else:
-                arrive = now + self.transfer_s(g, action.send_to, "forward", size)
-                heapq.heappush(self.events, (arrive, next(self.seq), action.send_to,
+                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
                                              ("f", action.micro_batch, action.stage + 1)))
         elif action.op != "backward_weight":
             if action.op == "backward_input":
                 heapq.heappush(st.pending_w, item)
             if action.send_to is not None:
-                arrive = now + self.transfer_s(g, action.send_to, "backward", size)
-                heapq.heappush(self.events, (arrive, next(self.seq), action.send_to,
+                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
                                              ("b", action.micro_batch, action.stage - 1)))
         self.try_start(g, now)
 
@@ -212,21 +286,18 @@ class _ListScheduler:
             if isinstance(what, Action):
                 self.on_done(g, what, now)
                 continue
-            direction, mb_id, pos = what  # an input arrived
+            direction, mb_id, pos = what  # an input was sent
             st = self.state[g]
             heapq.heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
             self.try_start(g, now)
         return now
 
 
-def _no_transfer(src: str, dst: str, direction: str, samples: int) -> float:
-    return 0.0
-
-
-def build_schedule(plan: Plan, cost: StageCost | None = None, transfer_s=None) -> Schedule:
-    """Every group's ordered actions. `transfer_s(src_group, dst_group, direction, samples)`
-    gives the seconds from a send's end to the receiver having the tensor (free if None)."""
-    run = _ListScheduler(plan, cost, transfer_s or _no_transfer)
+def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
+    """Every group's ordered actions, from a run timed with `cost`: compute, and transfers
+    too when it prices links (LinkCost), as the simulator times them."""
+    transfer = transfer_times(plan, cost) if hasattr(cost, "p2p_s") else None
+    run = _ListScheduler(plan, cost, transfer)
     makespan = run.run()
     per_mb = 3 if run.split else 2
     for g, st in run.state.items():
@@ -236,4 +307,5 @@ def build_schedule(plan: Plan, cost: StageCost | None = None, transfer_s=None) -
                             "actions could run; check that routes visit layers in order")
     return Schedule(actions={g: st.order for g, st in run.state.items()},
                     peak_in_flight={g: st.peak for g, st in run.state.items()},
-                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends)
+                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends,
+                    comm_wait_s={g: st.comm_wait_s for g, st in run.state.items()})

@@ -52,6 +52,19 @@ class SyncCost(Protocol):
     def optimizer_s(self, kind: str, params: float) -> float: ...
 
 
+class FreeSync:
+    """A SyncCost whose gradient sums take no time: the step with all sync hidden."""
+
+    def __init__(self, cost: SyncCost):
+        self.cost = cost
+
+    def sync_s(self, devices: list[str], nbytes: float) -> float:
+        return 0.0
+
+    def optimizer_s(self, kind: str, params: float) -> float:
+        return self.cost.optimizer_s(kind, params)
+
+
 def tied_last(spec: ModelSpec) -> int | None:
     return spec.n_layers - 1 if spec.tie_embeddings else None
 
@@ -156,6 +169,7 @@ def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
 class SyncTimeline:
     """The priced tail of one step: when every bucket ran and when each group finished."""
 
+    bucket_ready_s: list[float]  # every holder has its gradients
     bucket_start_s: list[float]
     bucket_s: list[float]
     group_synced_s: dict[str, float]  # all its buckets summed (its last compute if none)
@@ -168,6 +182,13 @@ class SyncTimeline:
     def step_s(self) -> float:
         return max(self.group_end_s.values())
 
+    def comm_wait_s(self, group: str, buckets: list[SyncBucket]) -> float:
+        """Time the group waits on its collectives after its compute and after every other
+        holder of its buckets is ready (waiting for those holders is a bubble)."""
+        ready = [self.bucket_ready_s[b.index] for b in buckets if group in b.holders]
+        since = max([self.group_last_compute_s[group]] + ready)
+        return max(0.0, self.group_synced_s[group] - since)
+
 
 def price_sync(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket], cost: SyncCost,
                last_weight_grad_s: dict[str, tuple[float, float]],
@@ -176,7 +197,7 @@ def price_sync(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket], cost: Syn
     (start, end) and the end of its last compute action."""
     groups = plan.group_by_name
     comm_free: dict[str, float] = {}
-    starts, durs = [], []
+    readies, starts, durs = [], [], []
     synced = dict(last_compute_s)
     for bucket in buckets:
         ready = max(last_weight_grad_s[g][0] + ready_fraction(spec, groups[g], bucket)
@@ -190,12 +211,13 @@ def price_sync(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket], cost: Syn
             comm_free[d] = start + dur
         for g in bucket.holders:
             synced[g] = max(synced[g], start + dur)
+        readies.append(ready)
         starts.append(start)
         durs.append(dur)
     opt = {g.name: cost.optimizer_s(g.kind, optimizer_params(plan, spec, g, buckets))
            for g in plan.stage_groups}
     end = {g: synced[g] + opt[g] for g in groups}
     exposed = {g: synced[g] - last_compute_s[g] for g in groups}
-    return SyncTimeline(bucket_start_s=starts, bucket_s=durs, group_synced_s=synced,
-                        group_end_s=end, group_optimizer_s=opt,
+    return SyncTimeline(bucket_ready_s=readies, bucket_start_s=starts, bucket_s=durs,
+                        group_synced_s=synced, group_end_s=end, group_optimizer_s=opt,
                         group_last_compute_s=dict(last_compute_s), exposed_sync_s=exposed)

@@ -31,6 +31,9 @@ class StageGroup(BaseModel):
     layers: tuple[int, int] = Field(description="[start, end) in ModelSpec layers")
     dtype: str = "fp32"
     recompute: bool = False
+    in_flight_scale: float = Field(
+        default=1.0, ge=1.0, description="micro-batches the group may hold activations for, "
+        "as a multiple of the 1F1B limit (more fills pipeline warm-up, costs memory)")
     shard_weight: float = Field(
         default=1.0, gt=0, description="with a sharded optimizer: this group's devices take "
         "shares of a bucket's optimizer state in proportion to this weight")
@@ -94,9 +97,6 @@ class Plan(BaseModel):
     schedule: ScheduleKind = Field(
         default="1f1b", description="1f1b: forward then whole backward; zero_bubble: each "
         "backward split into an input-gradient and a later weight-gradient action")
-    in_flight_scale: float = Field(
-        default=1.0, ge=1.0, description="forwards a group may hold for backward, as a "
-        "multiple of the 1F1B limit (more fills pipeline warm-up, costs activation memory)")
     sharded_optimizer: bool = Field(
         default=False, description="ZeRO-1: each holder keeps the optimizer state of its "
         "shard of every gradient bucket, sized by shard_weight")

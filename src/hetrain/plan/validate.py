@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from hetrain.cluster.topology import Cluster
 from hetrain.errors import PlanError
@@ -12,6 +13,33 @@ from hetrain.plan.types import Plan, StageGroup
 GIB = 1024**3
 # bytes one device of the group needs, given its peak count of micro-batches in flight
 MemoryFn = Callable[[StageGroup, int], float]
+
+
+class StageMemory(Protocol):
+    """What the plan's memory check needs from a cost model (cost.CostModel implements it)."""
+
+    spec: ModelSpec
+
+    def stage_memory_bytes(self, group: StageGroup, micro_batch_size: int, in_flight: int,
+                           optimizer_params: float | None = None) -> float: ...
+
+
+def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
+    """The cost model's memory at each group's (largest) micro-batch size, with its share of
+    the optimizer state under a sharded optimizer (plan.sync.optimizer_params)."""
+    from hetrain.plan.sync import optimizer_params, sync_buckets
+
+    sizes: dict[str, int] = {}
+    for route in plan.routes:
+        for name in route.stages:
+            sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
+    stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)
+    if plan.sharded_optimizer:
+        buckets = sync_buckets(plan, cost.spec)
+        stepped = {g.name: optimizer_params(plan, cost.spec, g, buckets)
+                   for g in plan.stage_groups}
+    return lambda g, in_flight: cost.stage_memory_bytes(g, sizes[g.name], in_flight,
+                                                        stepped[g.name])
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,

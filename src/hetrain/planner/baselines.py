@@ -172,3 +172,23 @@ def speedup(result: StepEstimate, baseline: Baseline) -> float:
     if baseline.estimate is None:
         return math.nan
     return baseline.estimate.step_s / result.step_s
+
+
+@dataclass(frozen=True)
+class StrictEfficiency:
+    """DESIGN's strict yardstick: the mix's tokens/s over the sum of each kind's tokens/s
+    alone (each alone-plan searched with the same options, model and global batch). Kinds
+    that cannot hold the model alone are left out of the sum and named."""
+
+    value: float
+    alone_tokens_per_s: dict[str, float]
+    left_out: list[str]
+
+
+def strict_efficiency(result: StepEstimate, baselines: list[Baseline]) -> StrictEfficiency:
+    alone = {b.name.removesuffix(" alone"): b.estimate.tokens_per_s
+             for b in baselines if b.name.endswith(" alone") and b.estimate is not None}
+    left_out = [b.name.removesuffix(" alone") for b in baselines
+                if b.name.endswith(" alone") and b.estimate is None]
+    total = sum(alone.values())
+    return StrictEfficiency(result.tokens_per_s / total if total else math.nan, alone, left_out)

@@ -94,7 +94,7 @@ class CountProblem:
         self.m = micro_batches
         self.shapes = min(max_shapes, len(templates), micro_batches)
         self.slot = np.array([t.slot_s for t in templates])
-        self.stages = np.array([t.n_stages for t in templates], dtype=float)
+        self.fill = np.array([t.fill_s for t in templates])
         self.n_max = np.array([min(t.n_max, micro_batches) for t in templates])
         keys = sorted(capacity)
         self.demand = np.array([[t.demand.get(k, 0) for t in templates] for k in keys],
@@ -107,11 +107,11 @@ class CountProblem:
 
     def route_s(self, micro_batches: np.ndarray) -> np.ndarray:
         """Template.route_s, per template, with the same float operations."""
-        return (micro_batches + self.stages - 1) * self.slot
+        return self.fill + micro_batches * self.slot
 
     def per_copy(self, deadline_s: float) -> np.ndarray:
         """Micro-batches one copy of each template finishes by the deadline (at most m)."""
-        q = np.floor(deadline_s / self.slot - self.stages + 1)
+        q = np.floor((deadline_s - self.fill) / self.slot)
         q = np.clip(q, 0, self.m)
         q = np.where(self.route_s(q + 1) <= deadline_s, q + 1, q)  # undo rounding, either way
         q = np.where((q > 0) & (self.route_s(q) > deadline_s), q - 1, q)
@@ -119,13 +119,13 @@ class CountProblem:
 
     def deadlines(self, above_s: float, below_s: float) -> np.ndarray:
         """Every time in (above, below) at which a template's copy finishes a micro-batch."""
-        lo = np.maximum(np.ceil(above_s / self.slot - self.stages), 1)
-        hi = np.minimum(np.floor(below_s / self.slot - self.stages + 2), self.m)
+        lo = np.maximum(np.ceil((above_s - self.fill) / self.slot) - 1, 1)
+        hi = np.minimum(np.floor((below_s - self.fill) / self.slot) + 1, self.m)
         out = [np.empty(0)]
         for t in range(len(self.slot)):
             if hi[t] >= lo[t]:
                 q = np.arange(lo[t], hi[t] + 1)
-                out.append((q + self.stages[t] - 1) * self.slot[t])
+                out.append(self.fill[t] + q * self.slot[t])
         times = np.unique(np.concatenate(out))
         return times[(times > above_s) & (times < below_s)]
 

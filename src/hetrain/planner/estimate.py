@@ -1,15 +1,11 @@
-"""Fast analytic step time of a plan: the objective the search minimises.
+"""The planner's price of a plan, from the definitions the simulator and runtime use.
 
-    step = slowest route's 1F1B time + slowest stage group's gradient sync and optimizer step
+    step = the shared schedule's run (plan.build_schedule: compute and transfers, as the
+           runtime orders them) + the sync and optimizer tail of plan.sync.price_sync
 
-A route with S stages and m micro-batches takes m + S - 1 slots of its slowest stage: its
-forward and backward of one micro-batch plus the waits for their inputs (the runtime posts a
-receive when it gets to the action, so the handshake and transfer are not hidden). With equal
-stages and free links this is the makespan of plan.build_schedule. After the last backward
-each group all-reduces its gradients and steps its optimizer. Gradient sync is
-hierarchical: routes with the same shape (kinds, tp, layer ranges) form a class; a group first
-all-reduces with its replicas in the class (CostModel.allreduce_s over their devices), then one
-leader per class exchanges over the host bridge (CostModel.bridge_allreduce_s).
+The closed forms below (a route with S stages and m micro-batches takes m + S - 1 slots of
+its slowest stage under 1F1B) serve the search's templates and the baselines' bounds; a plan
+the search returns is priced by `estimate_step`.
 """
 
 from __future__ import annotations
@@ -17,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hetrain.cost.model import DTYPE_BYTES, CostModel
+from hetrain.model.spec import ModelSpec
+from hetrain.plan.schedule import Schedule, build_schedule, transfer_times
+from hetrain.plan.sync import FreeSync, SyncCost, SyncTimeline, price_sync, sync_buckets
 from hetrain.plan.types import Plan, Route, StageGroup
 
 
@@ -29,11 +28,15 @@ class StepEstimate:
     group_sync_s: dict[str, float] = field(default_factory=dict)
     group_optimizer_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
+    bubble_share: float = 0.0  # mean over devices of idle time not waiting on communication
+    # (the simulator's definition: sim.result.DeviceTime.bubble_share)
+    exposed_sync_s: float = 0.0  # how much longer the step is than with free gradient sync
 
     def predicted(self) -> dict[str, float]:
         """The figures a Plan carries in `predicted`."""
         return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
-                "pipeline_s": self.pipeline_s, "sync_s": self.sync_s}
+                "pipeline_s": self.pipeline_s, "sync_s": self.sync_s,
+                "bubble_share": self.bubble_share, "exposed_sync_s": self.exposed_sync_s}
 
 
 def stage_time_s(cost: CostModel, group: StageGroup, micro_batch_size: int, seq_len: int) -> float:
@@ -112,16 +115,90 @@ def group_optimizer_s(plan: Plan, cost: CostModel) -> dict[str, float]:
             for g in plan.stage_groups}
 
 
+@dataclass(frozen=True)
+class GroupTimes:
+    """What the tail and the shares need of one group's run of the shared schedule."""
+
+    last_weight_grad_s: tuple[float, float]  # its last weight-gradient action
+    last_end_s: float
+    busy_s: float  # compute
+    comm_wait_s: float  # waiting for transfers
+
+
+def _times_of(schedule: Schedule, g: str) -> GroupTimes:
+    n = len(schedule.actions[g])
+    i = schedule.last_weight_grad(g)
+    busy = sum(schedule.end_s[(g, k)] - schedule.start_s[(g, k)] for k in range(n))
+    return GroupTimes((schedule.start_s[(g, i)], schedule.end_s[(g, i)]),
+                      schedule.end_s[(g, n - 1)], busy, schedule.comm_wait_s[g])
+
+
+def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
+    """Every group's times in the shared schedule's run (plan.build_schedule). Copies of a
+    pipeline that share no group with another route, carry the same micro-batches and see
+    the same transfer times run alike, so one copy of each is run and stands for the rest."""
+    owners: dict[str, int] = {}
+    for route in plan.routes:
+        for g in route.stages:
+            owners[g] = owners.get(g, 0) + 1
+    transfer = transfer_times(plan, cost)
+    groups = plan.group_by_name
+    rep_of: dict[int, int] = {}
+    reps: dict[tuple, int] = {}
+    for r, route in enumerate(plan.routes):
+        if any(owners[g] > 1 for g in route.stages):
+            rep_of[r] = r
+            continue
+        stages = [groups[g] for g in route.stages]
+        links = tuple(transfer(a, b, d, route.micro_batch_size)
+                      for a, b in zip(route.stages, route.stages[1:], strict=False)
+                      for d in ("forward", "backward"))
+        key = (tuple((g.kind, g.tp, g.layers, g.dtype, g.recompute, g.in_flight_scale)
+                     for g in stages), route.micro_batches, route.micro_batch_size, links)
+        rep_of[r] = reps.setdefault(key, r)
+    kept = sorted(set(rep_of.values()))
+    names = {g for r in kept for g in plan.routes[r].stages}
+    # A new Plan, not model_copy: that would keep the original's cached micro-batches.
+    reduced = Plan(model=plan.model, seq_len=plan.seq_len,
+                   global_batch=sum(plan.routes[r].samples for r in kept),
+                   stage_groups=[g for g in plan.stage_groups if g.name in names],
+                   routes=[plan.routes[r] for r in kept], schedule=plan.schedule,
+                   sharded_optimizer=plan.sharded_optimizer)
+    schedule = build_schedule(reduced, cost)
+    out = {g: _times_of(schedule, g) for g in names}
+    for r, rep in rep_of.items():
+        for g, twin in zip(plan.routes[r].stages, plan.routes[rep].stages, strict=True):
+            out[g] = out[twin]
+    return out
+
+
+def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost,
+                  times: dict[str, GroupTimes]) -> SyncTimeline:
+    """The sync and optimizer tail after the schedule's run (plan.sync.price_sync)."""
+    return price_sync(plan, spec, sync_buckets(plan, spec), cost,
+                      {g: t.last_weight_grad_s for g, t in times.items()},
+                      {g: t.last_end_s for g, t in times.items()})
+
+
 def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
-    routes = [route_time_s(plan, route, cost) for route in plan.routes]
-    sync = group_sync_s(plan, cost)
-    opt = group_optimizer_s(plan, cost)
-    pipeline = max(routes)
-    tail = max(sync[name] + opt[name] for name in sync)
-    step = pipeline + tail
-    return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=tail, route_s=routes,
-                        group_sync_s=sync, group_optimizer_s=opt,
-                        tokens_per_s=plan.global_batch * plan.seq_len / step)
+    """The plan's step: the shared schedule's timed run, then the one sync definition."""
+    times = schedule_times(plan, cost)
+    tail = schedule_tail(plan, cost.spec, cost, times)
+    bare = schedule_tail(plan, cost.spec, FreeSync(cost), times)
+    step = tail.step_s
+    pipeline = max(t.last_end_s for t in times.values())
+    busy = {g: t.busy_s + tail.group_optimizer_s[g] for g, t in times.items()}
+    buckets = sync_buckets(plan, cost.spec)
+    bubble = {g: max(0.0, step - busy[g] - times[g].comm_wait_s
+                     - tail.comm_wait_s(g, buckets)) for g in busy}
+    devices = {g.name: g.tp for g in plan.stage_groups}
+    bubble_share = sum(bubble[g] * n for g, n in devices.items()) / (step * sum(devices.values()))
+    sync = {g: tail.group_synced_s[g] - tail.group_last_compute_s[g] for g in busy}
+    return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=step - pipeline,
+                        route_s=[route_time_s(plan, route, cost) for route in plan.routes],
+                        group_sync_s=sync, group_optimizer_s=dict(tail.group_optimizer_s),
+                        tokens_per_s=plan.global_batch * plan.seq_len / step,
+                        bubble_share=bubble_share, exposed_sync_s=step - bare.step_s)
 
 
 def estimate_step_s(plan: Plan, cost: CostModel) -> float:

@@ -43,7 +43,10 @@ def split_micro_batches(total: int, copies: int) -> list[int]:
 
 
 def place_plan(cluster: Cluster, spec: ModelSpec, templates: Sequence[Template],
-               choices: Sequence[Choice], micro_batch_size: int, global_batch: int) -> Plan:
+               choices: Sequence[Choice], micro_batch_size: int, global_batch: int,
+               options=None) -> Plan:
+    """The plan of the chosen copies. `options` (search.SearchOptions) sets the schedule
+    kind and the sharded optimizer; a sharded optimizer's shares follow each kind's memory."""
     # (template, copy, stage) for every group, then devices, largest tp first
     wanted = []
     for c in choices:
@@ -68,9 +71,13 @@ def place_plan(cluster: Cluster, spec: ModelSpec, templates: Sequence[Template],
                 groups.append(StageGroup(name=names[-1], kind=kind,
                                          devices=devices[(c.template, copy, s)],
                                          layers=part.layers[s], dtype=tpl.dtypes[s],
-                                         recompute=part.recompute[s]))
+                                         recompute=part.recompute[s],
+                                         in_flight_scale=tpl.in_flight_scale,
+                                         shard_weight=cluster.kinds[kind].memory_gib))
             routes.append(Route(stages=names, micro_batches=m, micro_batch_size=micro_batch_size))
     assert sum(r.samples for r in routes) == global_batch, "micro-batches do not cover the batch"
     return Plan(model=spec.name, seq_len=spec.seq_len, global_batch=global_batch,
-                stage_groups=groups, routes=routes)
+                stage_groups=groups, routes=routes,
+                schedule=options.schedule if options is not None else "1f1b",
+                sharded_optimizer=bool(options is not None and options.sharded_optimizer))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hetrain.cost.model import CostModel
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan
-from hetrain.plan.validate import GIB, check_memory, validate_plan
+from hetrain.plan.validate import GIB, check_memory, plan_memory_fn, validate_plan
 from hetrain.planner.estimate import (
     StepEstimate,
     mfu_by_kind,
@@ -53,12 +53,8 @@ class ShapeRow:
 
 
 def memory_fn(plan: Plan, cost: CostModel):
-    """The validator's memory function: the cost model's, at each group's micro-batch size."""
-    sizes: dict[str, int] = {}
-    for route in plan.routes:
-        for name in route.stages:
-            sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
-    return lambda g, in_flight: cost.stage_memory_bytes(g, sizes[g.name], in_flight)
+    """The validator's memory function (plan.validate.plan_memory_fn)."""
+    return plan_memory_fn(plan, cost)
 
 
 def checked_memory_bytes(plan: Plan, cost: CostModel) -> dict[str, float]:

@@ -21,10 +21,10 @@ from hetrain.planner.templates import Template
 
 def per_copy_micro_batches(templates: list[Template], deadline_s: float,
                            micro_batches: int) -> np.ndarray:
-    """Micro-batches one copy of each template finishes by `deadline_s` under 1F1B."""
+    """Micro-batches one copy of each template finishes by `deadline_s` (Template.route_s)."""
     out = np.zeros(len(templates))
     for i, t in enumerate(templates):
-        fit = deadline_s / t.slot_s - t.n_stages + 1
+        fit = (deadline_s - t.fill_s) / t.slot_s
         out[i] = min(max(math.floor(fit + 1e-9), 0), micro_batches)
     return out
 

@@ -25,8 +25,8 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.errors import PlannerError
-from hetrain.plan.types import Plan
-from hetrain.planner.counts import CountSolution, capacities, choose_counts
+from hetrain.plan.types import Plan, ScheduleKind
+from hetrain.planner.counts import CountSolution, best_single, capacities, choose_counts
 from hetrain.planner.estimate import StepEstimate, estimate_step
 from hetrain.planner.feasibility import explain_infeasible
 from hetrain.planner.links import BoundaryComm, LinkModel
@@ -59,7 +59,10 @@ class SearchOptions:
     max_shapes: int = 8  # distinct templates in one plan
     mixed_tp_per_kind: int = 2  # tp sizes per kind in mixed shapes when not exhaustive
     screen_keep: int = 40  # templates the count program sees when not exhaustive
-    program_budget: int = 40  # integer programs per micro-batch size when not exhaustive
+    program_budget: int = 16  # integer programs per micro-batch size when not exhaustive
+    schedule: ScheduleKind = "zero_bubble"
+    in_flight_scales: Sequence[float] = (1.0, 1.5)  # zero-bubble: tried per template
+    sharded_optimizer: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class SearchResult:
     plan: Plan
     estimate: StepEstimate
     search_s: float
-    exhaustive: bool  # every shape tried, so the plan is optimal under the estimate
+    exhaustive: bool  # every shape tried, so `solution` is optimal under the closed forms
     templates_built: int  # memory-feasible templates completed, over all micro-batch sizes
     candidates: Candidates
     solution: CountSolution
@@ -127,7 +130,9 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     max_shapes = min(sum(counts.values()), options.max_shapes)
     every_shape = all_shapes_count(counts, tps, n_layers) <= options.shape_budget
     exhaustive = every_shape and max_shapes == sum(counts.values())
-    builder = TemplateBuilder(cost, partitioner, links, micro_batches, max_shapes)
+    builder = TemplateBuilder(cost, partitioner, links, micro_batches, max_shapes,
+                              options.schedule, tuple(options.in_flight_scales),
+                              options.sharded_optimizer)
     if exhaustive:
         templates = [t for t in map(builder.build, all_shapes(counts, tps, n_layers)) if t]
         capacity = capacities(templates, cluster)
@@ -197,10 +202,17 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     if best is None:
         raise PlannerError(explain_infeasible(cluster, cost, global_batch, options))
     sol, cands = best
-    plan = place_plan(cluster, cost.spec, cands.templates, sol.choices, cands.micro_batch_size,
-                      global_batch)
+    # The templates' closed forms chose; the shared schedule and sync definition price. When
+    # the choice mixes shapes, the best single-shape plan is priced too, and the cheaper of
+    # the two is returned.
+    single = best_single(cands.templates, cands.micro_batches) if len(sol.choices) > 1 else None
+    priced = []
+    for choice in [sol] + ([single] if single is not None else []):
+        plan = place_plan(cluster, cost.spec, cands.templates, choice.choices,
+                          cands.micro_batch_size, global_batch, options)
+        priced.append((estimate_step(plan, cost), plan, choice))
+    est, plan, _ = min(priced, key=lambda x: x[0].step_s)
     search_s = time.perf_counter() - start
-    est = estimate_step(plan, cost)
     plan = plan.model_copy(update={"predicted": est.predicted()})
     return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,
                         templates_built=built, candidates=cands, solution=sol)

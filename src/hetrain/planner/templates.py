@@ -3,7 +3,14 @@
 A template is an ordered list of blocks, one per kind it uses: `count` consecutive stages of
 that kind, each a tensor-parallel group of `tp` devices. Its layers are split by the partition
 DP; from that follow its slot (slowest stage, waits for inputs included), devices per copy,
-and the sync + optimizer tail of its slowest group for n copies in a plan with u shapes.
+its fill (a copy with m micro-batches takes fill + m slots), and the sync + optimizer tail of
+its slowest group for n copies in a plan with u shapes.
+
+The fill comes from the shared schedule function itself (plan.build_schedule) run on one copy
+with the template's stage times: 1F1B fills S - 1 slots; zero-bubble schedules fill part of
+that with weight-gradient actions, more so when memory lets a stage hold more micro-batches
+in flight (the largest in-flight scale that fits is chosen per template). Gradient sync
+overlaps the last weight-gradient action of each stage (plan.sync): the tail is what is left.
 """
 
 from __future__ import annotations
@@ -18,10 +25,16 @@ import numpy as np
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, CostModel, ring_allreduce_s
+from hetrain.plan.schedule import build_schedule
+from hetrain.plan.sync import BUCKET_PARAMS
+from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
-from hetrain.planner.partition import Partition, Partitioner
+from hetrain.planner.partition import MEMORY_SLACK, Partition, Partitioner
 
 StageShape = tuple[str, int]  # (kind, tp)
+# Fill of S equal stages in slots per stage beyond the first, from plan.build_schedule at
+# in-flight scale 1 (tests/planner check it): the outline's guess before its partition.
+UNIT_FILL = {"1f1b": 1.0, "zero_bubble": 2.0 / 3.0}
 
 
 class Block(NamedTuple):
@@ -43,9 +56,11 @@ class Template:
     devices: dict[str, int]  # per copy, by kind
     demand: dict[tuple[str, int], int]  # per copy: devices in groups of tp >= t, by (kind, t)
     n_max: int
+    fill_s: float  # a copy with m micro-batches takes fill_s + m * slot_s
     partition: Partition | None = None
     dtypes: tuple[str, ...] = ()  # per stage
     tail_s: np.ndarray | None = None  # [n - 1, u - 1]: slowest group's sync + optimizer
+    in_flight_scale: float = 1.0  # of every stage's 1F1B in-flight limit
 
     @property
     def stages(self) -> tuple[StageShape, ...]:
@@ -56,10 +71,8 @@ class Template:
         return sum(b.count for b in self.blocks)
 
     def route_s(self, micro_batches: int) -> float:
-        """1F1B time of one copy: m + S - 1 slots of the slowest stage (waits included)."""
-        return (micro_batches + self.n_stages - 1) * self.slot_s
-
-
+        """Time of one copy: its fill and m slots of the slowest stage (waits included)."""
+        return self.fill_s + micro_batches * self.slot_s
 
     def describe(self) -> str:
         return " > ".join(f"{b.kind}x{b.count}" + (f"(tp{b.tp})" if b.tp > 1 else "")
@@ -75,13 +88,17 @@ class TemplateBuilder:
     """Turns block shapes into Templates for one micro-batch size."""
 
     def __init__(self, cost: CostModel, partitioner: Partitioner, links: LinkModel,
-                 micro_batches: int, max_shapes: int):
+                 micro_batches: int, max_shapes: int, schedule: ScheduleKind = "1f1b",
+                 in_flight_scales: tuple[float, ...] = (1.0,), sharded_optimizer: bool = False):
         self.cost = cost
         self.spec = cost.spec
         self.partitioner = partitioner
         self.links = links
         self.micro_batches = micro_batches
         self.max_shapes = max_shapes
+        self.schedule = schedule
+        self.in_flight_scales = sorted(set(in_flight_scales) | {1.0}, reverse=True)
+        self.sharded_optimizer = sharded_optimizer
         self._capacity: dict[tuple[str, int], int] = {}
 
     def capacity(self, kind: str, tp: int) -> int:
@@ -112,40 +129,121 @@ class TemplateBuilder:
         if not np.isfinite(slot):
             return None
         devices = {b.kind: b.tp * b.count for b in blocks}
-        return Template(blocks=blocks, slot_s=slot, devices=devices, demand=demand, n_max=n_max)
+        fill = UNIT_FILL[self.schedule] * (sum(b.count for b in blocks) - 1) * slot
+        return Template(blocks=blocks, slot_s=slot, devices=devices, demand=demand, n_max=n_max,
+                        fill_s=fill)
 
     def complete(self, template: Template) -> Template:
         part = self.partitioner.best(self.keys(template.blocks))
         assert part is not None
         stages = template.stages
         dtypes = tuple(self.partitioner.dtypes[kind] for kind, _ in stages)
-        return replace(template, partition=part, dtypes=dtypes,
-                       tail_s=self._tail_s(stages, part, dtypes, template.devices,
-                                           template.n_max))
+        times = self._stage_times(stages, part)
+        fill, scale = self._fill_s(stages, part, times)
+        return replace(template, partition=part, dtypes=dtypes, in_flight_scale=scale,
+                       fill_s=fill, tail_s=self._tail_s(stages, part, dtypes, template.devices,
+                                           template.n_max, times))
 
     def build(self, blocks: Shape) -> Template | None:
         outline = self.outline(blocks)
         return None if outline is None else self.complete(outline)
 
-    def _tail_s(self, stages, part: Partition, dtypes, devices, n_max: int) -> np.ndarray:
-        # Sync and optimizer times grow with a group's parameters, so within a block (one
-        # kind, tp and dtype) only its largest stage can be the slowest.
-        largest: dict[tuple[str, int, str], int] = {}
-        for (kind, tp), (a, b), dtype in zip(stages, part.layers, dtypes, strict=True):
-            key = (kind, tp, dtype)
-            largest[key] = max(largest.get(key, 0), self.spec.range_params(a, b))
-        out = np.zeros((n_max, self.max_shapes))
-        for (kind, tp, dtype), params in largest.items():
-            nbytes = params * DTYPE_BYTES[dtype] / tp
-            opt = self.cost.optimizer_s(kind, params / tp)
-            bridge = [self.cost.bridge_allreduce_s(u, nbytes)
-                      for u in range(1, self.max_shapes + 1)]
-            for n in range(1, n_max + 1):
-                link = self.links.same_kind(kind, self.links.fits_node(kind, n * devices[kind]))
-                replica = ring_allreduce_s(n, nbytes, link.gbps, link.latency_s)
-                row = [replica + x + opt for x in bridge]
-                out[n - 1] = np.maximum(out[n - 1], row)
+    # --- the fill, from the shared schedule -----------------------------------------------
+    def _stage_times(self, stages, part: Partition) -> list[tuple[float, float]]:
+        """(forward, backward) seconds of one micro-batch per stage, waits spread over both
+        in proportion (so their sum is the stage's slot share)."""
+        out = []
+        for (kind, tp), (a, b), total, wait in zip(stages, part.layers, part.stage_s,
+                                                   part.wait_s, strict=True):
+            fwd = float(self.partitioner.stage_tables(kind, tp).forward_s[a, b])
+            scale = (total + wait) / total if total > 0 else 1.0
+            out.append((fwd * scale, (total - fwd) * scale))
         return out
+
+    def _fill_s(self, stages, part: Partition,
+                times: list[tuple[float, float]]) -> tuple[float, float]:
+        """(fill, in-flight scale): 1F1B's S - 1 slots, or the least fill of a zero-bubble
+        run of one copy over the allowed scales whose held micro-batches fit every stage."""
+        if self.schedule == "1f1b":
+            return (len(stages) - 1) * part.slot_s, 1.0
+        m = max(2 * len(stages), 8)
+        best: tuple[float, float] | None = None
+        for scale in self.in_flight_scales:
+            plan = Plan(model=self.spec.name, seq_len=1, global_batch=m,
+                        stage_groups=[StageGroup(name=f"s{i}", kind=kind, devices=[f"s{i}"],
+                                                 layers=(i, i + 1), in_flight_scale=scale)
+                                      for i, (kind, _) in enumerate(stages)],
+                        routes=[Route(stages=[f"s{i}" for i in range(len(stages))],
+                                      micro_batches=m, micro_batch_size=1)],
+                        schedule=self.schedule)
+            run = build_schedule(plan, _StageTimes(times))
+            if scale > 1.0 and not self._holds(stages, part, run.peak_in_flight):
+                continue
+            fill = max(run.estimated_step_s - m * part.slot_s, 0.0)
+            if best is None or fill < best[0]:
+                best = (fill, scale)
+        assert best is not None  # scale 1 holds what 1F1B holds: the partition's memory
+        return best
+
+    def _holds(self, stages, part: Partition, peaks: dict[str, int]) -> bool:
+        """Whether every stage's memory holds the micro-batches its schedule keeps."""
+        for i, ((kind, tp), (a, b), rc) in enumerate(zip(stages, part.layers, part.recompute,
+                                                          strict=True)):
+            t = self.partitioner.stage_tables(kind, tp)
+            need = t.fixed_bytes[rc][a, b] + peaks[f"s{i}"] * t.per_in_flight_bytes[rc][a, b]
+            if need > t.capacity_bytes * (1 - MEMORY_SLACK):
+                return False
+        return True
+
+    def _tail_s(self, stages, part: Partition, dtypes, devices, n_max: int,
+                times: list[tuple[float, float]]) -> np.ndarray:
+        """Per (copies n, shapes u): the slowest stage's sync left after its last
+        weight-gradient action, and its optimizer step. Sync is plan.sync's sharded sum:
+        a ring among the n replicas, then the shards (1/n) across the u shapes."""
+        out = np.zeros((n_max, self.max_shapes))
+        split = 0.5 if self.schedule == "zero_bubble" else 1.0
+        n = np.arange(1, n_max + 1, dtype=float)[:, None]
+        u = np.arange(1, self.max_shapes + 1, dtype=float)[None, :]
+        links = self.cost.cluster.links
+        bridge_bw = min(links.bridge_gbps, links.inter_node_gbps) * 1e9
+        bridge_lat = links.inter_node_latency_us * 1e-6
+        for (kind, tp), (a, b), dtype, (_, bwd) in zip(stages, part.layers, dtypes, times,
+                                                       strict=True):
+            params = self.spec.range_params(a, b)
+            nbytes = params * DTYPE_BYTES[dtype] / tp
+            replica = np.array([self._replica_s(kind, int(k), devices[kind], nbytes)
+                                for k in n[:, 0]])[:, None]
+            # CostModel.bridge_allreduce_s(u, nbytes / n), for every (n, u) at once
+            bridge = np.where(u > 1, 2 * (u - 1) / u * (nbytes / n) / bridge_bw
+                              + 2 * (u - 1) * bridge_lat, 0.0)
+            sync = replica + bridge
+            # the bucket holding the stage's first layer finishes last: its share of the sync
+            # (a layer, or a whole bucket of them: plan.sync) cannot overlap
+            last = max(self.spec.layers[a].params, min(BUCKET_PARAMS, params)) / max(params, 1)
+            left = np.maximum(sync - bwd * split, sync * min(last, 1.0))
+            shards = n if self.sharded_optimizer else np.ones_like(n)
+            opt = self.cost.optimizer_s(kind, params / tp) / shards
+            out = np.maximum(out, left + opt)
+        # More copies shrink the bridge and optimizer shares but grow the ring; the count
+        # program is far faster when tails never shrink with copies, so keep the running max
+        # (an overstatement the final pricing of the plan corrects).
+        return np.maximum.accumulate(out, axis=0)
+
+    def _replica_s(self, kind: str, n: int, per_copy: int, nbytes: float) -> float:
+        link = self.links.same_kind(kind, self.links.fits_node(kind, n * per_copy))
+        return ring_allreduce_s(n, nbytes, link.gbps, link.latency_s)
+
+
+class _StageTimes:
+    """A StageCost over a template's per-stage (forward, backward) seconds per micro-batch,
+    stage i being the group named f"s{i}"."""
+
+    def __init__(self, times: list[tuple[float, float]]):
+        self.times = times
+
+    def stage_compute_s(self, group, op, samples, seq_len) -> float:
+        fwd, bwd = self.times[int(group.name[1:])]
+        return fwd if op == "forward" else bwd * (1.0 if op == "backward" else 0.5)
 
 
 # --- which shapes to try -----------------------------------------------------------------------

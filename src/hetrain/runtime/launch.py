@@ -3,6 +3,7 @@ their reports into a RunResult. Workers that die or hang stop the whole job clea
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hetrain.cluster.devices import bind_process
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
@@ -26,9 +28,14 @@ from hetrain.model.decoder import build_decoder
 from hetrain.model.spec import ModelSpec, model_spec
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan
-from hetrain.plan.validate import check_memory, validate_plan
+from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
 from hetrain.runtime.config import TrainConfig
-from hetrain.runtime.emulation import auto_time_scale, cpu_seconds_per_sample, emulated_kinds
+from hetrain.runtime.emulation import (
+    anchored_time_scale,
+    auto_time_scale,
+    real_devices_by_kind,
+    seconds_per_sample,
+)
 from hetrain.runtime.failure import lost_message, lost_ranks
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.stage import WholeModel
@@ -54,22 +61,33 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float
     validate_plan(plan, cluster, spec)
     cost = CostModel(cluster, spec)
     schedule = build_schedule(plan, cost)
-    sizes = {g: plan.routes[plan.routes_through(g)[0]].micro_batch_size
-             for g in plan.group_by_name}
-    return check_memory(plan, cluster,
-                        lambda g, n: cost.stage_memory_bytes(g, sizes[g.name], n),
-                        schedule.peak_in_flight)
+    return check_memory(plan, cluster, plan_memory_fn(plan, cost), schedule.peak_in_flight)
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
-                         user_model: nn.Module | None) -> float:
-    # The micro-batch size carrying most samples: CPU time per sample depends on it.
-    size = max(plan.routes, key=lambda r: r.samples).micro_batch_size
-    inputs, targets = corpus.global_batch(0, size, plan.seq_len)
-    model = WholeModel(user_model) if user_model is not None else \
+                         user_model: nn.Module | None,
+                         real: dict[str, list[str]] | None = None) -> float:
+    """Time scale of the emulated kinds: anchored on the measured speed of the real kind that
+    carries the most samples when the job has one, else on the CPU's."""
+    real = real_devices_by_kind(plan, cost.cluster) if real is None else real
+    kind_of = {r: [plan.group_by_name[g].kind for g in route.stages]
+               for r, route in enumerate(plan.routes)}
+    routes = [r for r in kind_of if any(k in real for k in kind_of[r])] or list(kind_of)
+    # The micro-batch size carrying most samples: time per sample depends on it.
+    best = max(routes, key=lambda r: plan.routes[r].samples)
+    route = plan.routes[best]
+    kind = next((k for k in kind_of[best] if k in real), kind_of[best][0])
+    device = real[kind][0] if kind in real else "cpu"
+    inputs, targets = corpus.global_batch(0, route.micro_batch_size, plan.seq_len)
+    model = WholeModel(copy.deepcopy(user_model)) if user_model is not None else \
         build_decoder(model_config(plan.model), config.seed)
-    per_sample = cpu_seconds_per_sample(model, inputs, targets)
+    if device != "cpu":
+        bind_process(cost.cluster.kinds[kind], device)
+    model.to(device=device, dtype=getattr(torch, config.precision))
+    per_sample = seconds_per_sample(model, inputs, targets, device)
     model.zero_grad(set_to_none=True)
+    if kind in real:
+        return anchored_time_scale(plan, cost, kind, per_sample)
     return auto_time_scale(plan, cost, per_sample, len(plan.devices()))
 
 
@@ -81,10 +99,12 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     spec = plan_spec(plan, user_model)
     estimated = check_plan(plan, cluster, spec)
     corpus = corpus or load_corpus(config.data, config.seed)
-    emulated = emulated_kinds(plan, cluster)
+    real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
+    emulated = set(plan.kinds()) - set(real)
     cost = CostModel(cluster, spec)
     scale = time_scale or config.time_scale or (
-        calibrate_time_scale(plan, cost, corpus, config, user_model) if emulated else 1.0)
+        calibrate_time_scale(plan, cost, corpus, config, user_model, real) if emulated
+        else 1.0)
     keep = out_dir is not None
     out = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="hetrain-run-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +112,7 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         stale.unlink()
     ctx = mp.get_context("spawn")
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=str(out), time_scale=scale,
-              emulated=emulated, torch_device_of=_real_devices(plan, cluster, emulated),
+              emulated=emulated, torch_device_of=_real_devices(plan, real),
               user_model=user_model, corpus=corpus, master_port=free_port(),
               progress=ctx.Queue() if progress else None)
     try:
@@ -103,23 +123,27 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
             shutil.rmtree(out, ignore_errors=True)
 
 
-def _real_devices(plan: Plan, cluster: Cluster, emulated: set[str]) -> dict[str, str]:
-    """Map devices of kinds present here to torch devices, in order (cuda:0, cuda:1, ...)."""
-    from hetrain.cluster.discovery import present_kinds
-
-    present = present_kinds()
+def _real_devices(plan: Plan, real: dict[str, list[str]]) -> dict[str, str]:
+    """Map the plan's devices of real kinds to torch devices, in order (one process per
+    device: cuda:0, cuda:1, ...; every process of the cpu kind on "cpu")."""
     out = {}
-    for kind in plan.kinds():
-        if kind in emulated:
-            continue
+    for kind, torch_devices in real.items():
         devices = [d for g in plan.stage_groups if g.kind == kind for d in g.devices]
-        out.update(zip(devices, present[kind], strict=False))
+        out.update(zip(devices, torch_devices, strict=False))
     return out
+
+
+def _worker_entry(job: Job, rank: int, world: int, init_method: str | None = None) -> None:
+    """Spawned process: bind to its real device (importing the kind's plugin) first."""
+    device_id = job.rank_devices[rank]
+    if device_id in job.torch_device_of:
+        bind_process(job.cluster.kind_of(device_id), job.torch_device_of[device_id])
+    run_worker(job, rank, world, init_method)
 
 
 def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None) -> None:
     world = len(job.rank_devices)
-    procs = [ctx.Process(target=run_worker, args=(job, r, world), daemon=True)
+    procs = [ctx.Process(target=_worker_entry, args=(job, r, world), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -180,10 +204,15 @@ def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: st
     if world != len(plan.devices()):
         raise RuntimeFailure(f"torchrun started {world} processes but the plan uses "
                              f"{len(plan.devices())} devices; pass --nproc-per-node to match")
-    emulated = emulated_kinds(plan, cluster)
+    real = real_devices_by_kind(plan, cluster)
+    devices = _real_devices(plan, real)
+    own, local_rank = plan.devices()[rank], os.environ.get("LOCAL_RANK")
+    if local_rank is not None and devices.get(own, "cpu") != "cpu":
+        # torchrun starts one process per local device: bind by local rank.
+        devices[own] = f"{devices[own].split(':')[0]}:{local_rank}"
     scale = config.time_scale or 1.0
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=out_dir, time_scale=scale,
-              emulated=emulated, torch_device_of=_real_devices(plan, cluster, emulated))
+              emulated=set(plan.kinds()) - set(real), torch_device_of=devices)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    run_worker(job, rank, world, init_method="env://")
+    _worker_entry(job, rank, world, init_method="env://")

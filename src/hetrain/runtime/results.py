@@ -18,7 +18,7 @@ class RunResult:
     losses: list[float]
     step_s: list[float]
     tokens_per_s: float
-    per_kind: dict[str, dict[str, float]]
+    per_kind: dict[str, dict[str, Any]]  # figures, and "mode": "real" or "emulated"
     per_group: dict[str, dict[str, Any]]
     emulated: list[str]
     time_scale: float
@@ -45,6 +45,7 @@ class RunResult:
             "per_group": self.per_group,
             "emulated": self.is_emulated,
             "emulated_kinds": self.emulated,
+            "modes": {kind: k["mode"] for kind, k in self.per_kind.items()},
             "time_scale": self.time_scale,
             "late_s": self.late_s,
             "global_batch": self.plan.global_batch,
@@ -70,12 +71,15 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
         params.update(rep["params"])
     # Work share of a kind: samples x layers it computed, over the whole step's.
     total_work = plan.global_batch * max(g.layers[1] for g in plan.stage_groups)
-    per_kind: dict[str, dict[str, float]] = {}
+    per_kind: dict[str, dict[str, Any]] = {}
     per_group: dict[str, dict[str, Any]] = {}
     for rep in reports:
         g = plan.group_by_name[rep["group"]]
         busy = [s["busy_s"] / s["step_s"] for s in rep["steps"][1:] or rep["steps"]]
-        k = per_kind.setdefault(rep["kind"], {"devices": 0, "share": 0.0, "busy": 0.0})
+        mode = "emulated" if rep["emulated"] else "real"
+        k = per_kind.setdefault(rep["kind"], {
+            "devices": 0, "share": 0.0, "busy": 0.0, "mode": mode,
+            "device_type": job.torch_device_of.get(rep["device"], "cpu").split(":")[0]})
         k["devices"] += 1
         k["busy"] += statistics.mean(busy) if busy else 0.0
         if rep["tp_index"] == 0:
@@ -84,7 +88,7 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
             "kind": g.kind, "devices": g.devices, "layers": list(g.layers), "tp": g.tp,
             "samples": rep["samples"], "estimated_bytes": estimated_bytes.get(g.name, 0.0),
             "measured_bytes": 0, "optimizer_bytes": 0, "peak_in_flight": rep["peak_in_flight"],
-            "emulated": rep["emulated"]})
+            "emulated": rep["emulated"], "mode": mode})
         # optimizer state of the group's busiest device (ZeRO-1 shards it by shard_weight)
         grp["optimizer_bytes"] = max(grp["optimizer_bytes"], rep["optimizer_bytes"])
         grp["measured_bytes"] = max(grp["measured_bytes"],

@@ -15,8 +15,8 @@ from typing import Any
 from hetrain.cost.measured import MeasuredFigures, allreduce_phases, stage_key
 from hetrain.cost.model import CostModel
 from hetrain.plan.schedule import Schedule
+from hetrain.plan.sync import bucket_bytes, reductions, sync_buckets
 from hetrain.plan.types import Plan, StageGroup
-from hetrain.sim.sync import sync_sets, syncs_in_order
 
 Event = dict[str, Any]
 Steps = dict[str, list[dict[str, Event]]]  # lane -> per step: event name -> event
@@ -58,36 +58,51 @@ def _compute(plan: Plan, at: dict[str, dict[str, Event]], figures: MeasuredFigur
     for g in plan.stage_groups:
         for lane in g.devices:
             for name, e in at.get(lane, {}).items():
-                if e["category"] in ("forward", "backward"):
+                if e["category"] in ("forward", "backward", "weight"):
                     size = plan.micro_batches[int(name[1:])].size
-                    by_size = figures.compute_s.setdefault(stage_key(g, e["category"]), {})
+                    op = _op_of(plan, e["category"])
+                    by_size = figures.compute_s.setdefault(stage_key(g, op), {})
                     by_size.setdefault(size, []).append(e["dur_s"])
+
+
+def _op_of(plan: Plan, category: str) -> str:
+    """The schedule op a trace category times (split backwards under zero-bubble plans)."""
+    if plan.schedule == "zero_bubble" and category != "forward":
+        return "backward_input" if category == "backward" else "backward_weight"
+    return category
 
 
 def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
                at: dict[str, dict[str, Event]], figures: MeasuredFigures) -> None:
-    """A receive posted before the send times the transfer (send's end to the receiver's
-    start); one posted after it times the handshake and transfer (the receiver's wait, under
-    0.1 ms where the runtime logged none)."""
+    """The receive of an action is posted as the action before it starts. Where the receiver
+    waited for the tensor, a receive posted after the send times the handshake and transfer
+    (from the post); one posted well before it (by more than those take) times the transfer
+    alone (from the send's end). Posts in between mix the two and are left out."""
     groups = plan.group_by_name
+    early: list[tuple[float, float, float]] = []  # (bytes, transfer, post-to-send slack)
     for g in plan.stage_groups:
-        for action in schedule.actions[g.name]:
-            if action.recv_from is None:
+        actions = schedule.actions[g.name]
+        for i, action in enumerate(actions):
+            if action.recv_from is None or i == 0:
                 continue
             src = groups[action.recv_from]
-            tag = ("F" if action.op == "forward" else "B") + str(action.micro_batch)
+            tag, before = action.label, actions[i - 1].label
             nbytes = _transfer_bytes(plan, cost, src, action.op, action.micro_batch)
             for j, lane in enumerate(g.devices):
                 mine, sender = at.get(lane, {}), at.get(src.devices[j % src.tp], {})
                 wait, work, sent = mine.get("recv " + tag), mine.get(tag), sender.get(tag)
-                if work is None or sent is None:
+                prev = mine.get(before)
+                if work is None or sent is None or prev is None or wait is None:
                     continue
                 sent_end_s = sent["start_s"] + sent["dur_s"]
-                posted_s = wait["start_s"] if wait is not None else work["start_s"]
-                if posted_s > sent_end_s:
+                posted_s = prev["start_s"]
+                if posted_s >= sent_end_s:
                     figures.late_recv.append((nbytes, work["start_s"] - posted_s))
-                elif wait is not None:
-                    figures.p2p.append((nbytes, work["start_s"] - sent_end_s))
+                else:
+                    early.append((nbytes, work["start_s"] - sent_end_s, sent_end_s - posted_s))
+    late = [s for _, s in figures.late_recv]
+    handshake_bound_s = max(late) if late else 0.0
+    figures.p2p.extend((b, s) for b, s, slack in early if slack >= handshake_bound_s)
 
 
 def _transfer_bytes(plan: Plan, cost: CostModel, src: StageGroup, op: str, mb: int) -> float:
@@ -101,22 +116,23 @@ def _allreduces(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],
     """A set is timed where every member sums it first (so its start is the last member's
     arrival) and some member sums it last (so that member's sync ends with it): from the
     arrival to those members' (mean) end. Shard-wise sets of a TP degree run side by side."""
-    syncs = sync_sets(plan, cost)
-    order = syncs_in_order(plan, syncs)
+    buckets = sync_buckets(plan, cost.spec)
+    order = {g.name: [b.index for b in buckets if g.name in b.holders] for g in plan.stage_groups}
     kinds = {d.id: d.kind for d in cost.cluster.devices}
     groups = plan.group_by_name
-    for i, s in enumerate(syncs):
-        if any(order[g][0] != i for g in s.groups):
+    for b in buckets:
+        if any(order[g][0] != b.index for g in b.holders):
             continue
-        lanes = [d for g in s.groups for d in groups[g].devices]
+        lanes = [d for g in b.holders for d in groups[g].devices]
         if any("allreduce" not in at.get(lane, {}) for lane in lanes):
             continue
         last_s = max(at[lane]["allreduce"]["start_s"] for lane in lanes)
         ends = [at[d]["allreduce"]["start_s"] + at[d]["allreduce"]["dur_s"]
-                for g in s.groups if order[g][-1] == i for d in groups[g].devices]
-        phases = allreduce_phases([kinds[d] for d in s.devices])
+                for g in b.holders if order[g][-1] == b.index for d in groups[g].devices]
+        phases = allreduce_phases([kinds[d] for d in reductions(plan, b)[0]])
         if ends and phases:
-            figures.allreduce.append((phases, s.nbytes, max(0.0, statistics.fmean(ends) - last_s)))
+            figures.allreduce.append((phases, bucket_bytes(plan, b),
+                                      max(0.0, statistics.fmean(ends) - last_s)))
 
 
 def _optimizer(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],

@@ -3,11 +3,11 @@
 Each stage group runs its schedule actions in the given order (never reordered here): an
 action starts once the group is free and its input has arrived. Sends are asynchronous
 (the runtime isends staged host tensors), but the bytes move only once the receiver has
-posted its receive (gloo's rendezvous): a receiver that comes late still waits the handshake
-and the transfer. Transfers on one (src node, dst node) link go one after another. A group's
-gradient syncs run one after another in the runtime's order (shard-wise sets, then full-tensor
-ones, each by holder names): a sync starts once every member has finished its last backward
-and its earlier syncs; the optimizer runs once all of a group's syncs are done.
+posted its receive (gloo's rendezvous), which it does RECV_AHEAD actions before: a
+receiver that posts late still waits the handshake and the transfer. Transfers between one
+pair of nodes (or of devices, inside a node) go one after another. Gradient sync and the
+optimizer are priced by plan.sync.price_sync (the one definition the runtime and the
+planner use): buckets start under the last weight-gradient actions and overlap compute.
 One heap of timed events: O(events log events).
 """
 
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
-from hetrain.plan.schedule import Action, Schedule
-from hetrain.plan.types import Plan, StageGroup
-from hetrain.sim.sync import SyncSet, syncs_in_order
+from hetrain.plan.schedule import RECV_AHEAD, WEIGHT_GRAD_OPS, Action, Schedule
+from hetrain.plan.sync import FreeSync, SyncBucket, SyncTimeline, price_sync, reductions
+from hetrain.plan.types import Plan
 from hetrain.trace import TraceEvent
 
-_DONE, _ARRIVE, _SYNCED = 0, 1, 2
+_DONE, _ARRIVE = 0, 1
 
 
 @dataclass
@@ -34,7 +34,8 @@ class GroupTime:
 
     busy_s: float = 0.0  # forward, backward and optimizer compute
     comm_wait_s: float = 0.0  # idle while a transfer or sync it needs was in flight
-    last_compute_s: float = 0.0  # end of its last backward
+    last_compute_s: float = 0.0  # end of its last compute action
+    last_weight_grad_s: tuple[float, float] = (0.0, 0.0)  # its last weight-gradient action
     end_s: float = 0.0  # end of its optimizer step
     starts_s: list[float] = field(default_factory=list)  # start of each schedule action
 
@@ -44,16 +45,17 @@ class StepRun:
     step_s: float
     groups: dict[str, GroupTime]
     events: list[TraceEvent]
+    sync: SyncTimeline | None = None
 
 
 class StepEngine:
     """One simulated step. `comm=False` makes every transfer and sync free (compute only)."""
 
     def __init__(self, plan: Plan, cluster: Cluster, cost: CostModel, schedule: Schedule,
-                 syncs: list[SyncSet], *, comm: bool = True, record: bool = True):
+                 buckets: list[SyncBucket], *, comm: bool = True, record: bool = True):
         self.plan, self.cluster, self.cost = plan, cluster, cost
         self.actions = schedule.actions
-        self.syncs, self.comm, self.record = syncs, comm, record
+        self.buckets, self.comm, self.record = buckets, comm, record
         self.groups = plan.group_by_name
         self.time = {g: GroupTime() for g in self.groups}
         self.pos = dict.fromkeys(self.groups, 0)
@@ -64,10 +66,6 @@ class StepEngine:
         self.posted: dict[tuple[str, str, int], float] = {}  # receive posted at
         self.arrived: dict[tuple[str, str, int], tuple[float, float]] = {}  # -> (arrive, sent)
         self.link_free_s: dict[tuple[str, str], float] = {}
-        self.syncs_of = syncs_in_order(plan, syncs)
-        self.waiting_members = [len(s.groups) for s in syncs]
-        self.syncs_done = dict.fromkeys(self.groups, 0)
-        self.sync_ready_s = [0.0] * len(syncs)
         self.events: list[TraceEvent] = []
         self.heap: list[tuple] = []
         self.seq = itertools.count()
@@ -81,10 +79,6 @@ class StepEngine:
                                                              self.plan.seq_len)
         return self._compute_s[key]
 
-    def optimizer_s(self, group: StageGroup) -> float:
-        params = self.cost.spec.range_params(*group.layers) / group.tp
-        return self.cost.optimizer_s(group.kind, params)
-
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> StepRun:
         for g in self.groups:
@@ -93,18 +87,16 @@ class StepEngine:
             now, _, what, payload = heapq.heappop(self.heap)
             if what == _DONE:
                 self._on_done(payload[0], payload[1], now)
-            elif what == _ARRIVE:
-                self._try_start(payload, now)
             else:
-                self._on_synced(payload, now)
+                self._try_start(payload, now)
         stuck = [g for g in self.groups if self.pos[g] < len(self.actions[g])]
         if stuck:
             g = stuck[0]
             raise SimError(f"simulation stalled at stage group {g!r}: action {self.pos[g]} of "
                            f"{len(self.actions[g])} never got its input; the schedule does not "
                            "match the plan")
-        step_s = max(t.end_s for t in self.time.values())
-        return StepRun(step_s=step_s, groups=self.time, events=self.events)
+        sync = self._price_sync()
+        return StepRun(step_s=sync.step_s, groups=self.time, events=self.events, sync=sync)
 
     def _push(self, at_s: float, what: int, payload: object) -> None:
         heapq.heappush(self.heap, (at_s, next(self.seq), what, payload))
@@ -132,12 +124,29 @@ class StepEngine:
         self.pos[g] += 1
         self.time[g].busy_s += dur
         self.time[g].starts_s.append(now)
+        if action.op in WEIGHT_GRAD_OPS:
+            self.time[g].last_weight_grad_s = (now, now + dur)
         self._push(now + dur, _DONE, (g, action))
+        self._post_next(g, now)
         if self.record:
-            name = ("F" if action.op == "forward" else "B") + str(action.micro_batch)
             args = {"group": g, "micro_batch": action.micro_batch, "route": action.route,
                     "stage": action.stage, "samples": size}
-            self._emit(self.groups[g].devices, g, name, action.op, now, dur, args, "compute")
+            category = {"forward": "forward", "backward_weight": "weight"}.get(action.op,
+                                                                            "backward")
+            self._emit(self.groups[g].devices, g, action.label, category, now, dur, args,
+                       "compute")
+
+    def _post_next(self, g: str, now: float) -> None:
+        """The runtime posts the receives of the next RECV_AHEAD actions as it starts an
+        action, so the handshakes and the bytes move under compute."""
+        for nxt in self.actions[g][self.pos[g]:self.pos[g] + RECV_AHEAD]:
+            if nxt.recv_from is None:
+                continue
+            key = (g, nxt.op, nxt.micro_batch)
+            if key not in self.posted:
+                self.posted[key] = now
+                if key in self.sent:
+                    self._transfer(key)
 
     def _on_done(self, g: str, action: Action, now: float) -> None:
         self.busy[g] = False
@@ -150,7 +159,7 @@ class StepEngine:
         if self.pos[g] < len(self.actions[g]):
             self._try_start(g, now)
         else:
-            self._compute_finished(g, now)
+            self.time[g].last_compute_s = now
 
     def _transfer(self, key: tuple[str, str, int]) -> None:
         """Sent and posted: queue the transfer on its link and schedule its arrival."""
@@ -169,7 +178,10 @@ class StepEngine:
             ready_s = max(sent_s, self.posted[key] + self.cost.p2p_handshake_s(a, b))
             total_s = self.cost.p2p_s(a, b, nbytes)
             latency_s = min(total_s, self.cluster.link_latency_s(a, b))
-            link = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
+            nodes = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
+            # Between nodes transfers share the NICs; inside a node each pair has its own
+            # path (NVLink / switch fabric).
+            link = nodes if nodes[0] != nodes[1] else (a, b)
             start = max(ready_s, self.link_free_s.get(link, 0.0))
             # The link is taken for the bytes only: latency of back-to-back messages overlaps.
             self.link_free_s[link] = start + total_s - latency_s
@@ -183,48 +195,35 @@ class StepEngine:
             self._emit([a], g, "send", "comm", start, total_s, args, "comm")
             self._emit([b], action.send_to, "recv", "comm", start, total_s, args, "comm")
 
-    def _compute_finished(self, g: str, now: float) -> None:
-        self.time[g].last_compute_s = now
-        self._next_sync(g, now)
-
-    def _next_sync(self, g: str, now: float) -> None:
-        """The group joins its next sync (blocking, as the runtime's collectives are)."""
-        if self.syncs_done[g] == len(self.syncs_of[g]):
-            self._optimizer(g, now)
-            return
-        i = self.syncs_of[g][self.syncs_done[g]]
-        self.waiting_members[i] -= 1
-        if self.waiting_members[i] == 0:
-            self._start_sync(i, now)
-
-    def _start_sync(self, i: int, start: float) -> None:
-        sync = self.syncs[i]
-        self.sync_ready_s[i] = start
-        dur = self.cost.allreduce_s(list(sync.devices), sync.nbytes) if self.comm else 0.0
-        self._push(start + dur, _SYNCED, i)
+    def _price_sync(self) -> SyncTimeline:
+        """Sync and optimizer from the one definition (plan.sync), then their trace events."""
+        cost = self.cost if self.comm else FreeSync(self.cost)
+        sync = price_sync(self.plan, self.cost.spec, self.buckets, cost,
+                          {g: t.last_weight_grad_s for g, t in self.time.items()},
+                          {g: t.last_compute_s for g, t in self.time.items()})
+        for g, t in self.time.items():
+            # Waiting for a bucket's other holders is a bubble; its collective is comm wait.
+            t.comm_wait_s += sync.comm_wait_s(g, self.buckets)
+            t.busy_s += sync.group_optimizer_s[g]
+            t.end_s = sync.group_end_s[g]
         if self.record:
-            args = {"groups": len(sync.groups), "layers": [sync.layers[0], sync.layers[-1] + 1],
-                    "bytes": sync.nbytes, "devices": len(sync.devices)}
-            for g in sync.groups:
+            self._emit_sync(sync)
+        return sync
+
+    def _emit_sync(self, sync: SyncTimeline) -> None:
+        for bucket, start, dur in zip(self.buckets, sync.bucket_start_s, sync.bucket_s,
+                                      strict=True):
+            if dur <= 0:
+                continue
+            args = {"groups": len(bucket.holders), "layers": list(bucket.layers),
+                    "devices": sum(len(s) for s in reductions(self.plan, bucket))}
+            for g in bucket.holders:
                 self._emit(self.groups[g].devices, g, "allreduce", "comm", start, dur, args,
                            "comm")
-
-    def _on_synced(self, i: int, now: float) -> None:
-        for g in self.syncs[i].groups:
-            self.syncs_done[g] += 1
-            self._next_sync(g, now)
-
-    def _optimizer(self, g: str, now: float) -> None:
-        t = self.time[g]
-        # Waiting for other groups' backwards is a bubble; after that, it is communication.
-        ready_s = max([t.last_compute_s] + [self.sync_ready_s[i] for i in self.syncs_of[g]])
-        t.comm_wait_s += max(0.0, now - ready_s)
-        dur = self.optimizer_s(self.groups[g])
-        t.busy_s += dur
-        t.end_s = now + dur
-        if self.record:
-            self._emit(self.groups[g].devices, g, "optimizer", "optimizer", now, dur,
-                       {"group": g}, "compute")
+        for g in self.groups:
+            dur = sync.group_optimizer_s[g]
+            self._emit(self.groups[g].devices, g, "optimizer", "optimizer",
+                       sync.group_synced_s[g], dur, {"group": g}, "compute")
 
     def _emit(self, devices: list[str], group: str, name: str, category: str, start_s: float,
               dur_s: float, args: dict, stream: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hetrain.trace import TraceEvent
 
-COLOURS = {"forward": "#4c78a8", "backward": "#f58518", "comm": "#54a24b",
+COLOURS = {"forward": "#4c78a8", "backward": "#f58518", "weight": "#e45756", "comm": "#54a24b",
            "optimizer": "#b279a2", "idle": "#e4e4e4"}
 _LABEL_LIMIT = 300  # write "F3"/"B3" on the bars only when there are few enough to read
 
@@ -45,7 +45,8 @@ def draw_gantt(events: list[TraceEvent], path: str | Path, *, title: str | None 
         y, h = (i + 0.1, 0.3) if stream == "comm" else (i - 0.4, 0.8)
         ax.broken_barh(spans, (y, h), color=COLOURS.get(category, "grey"), lw=0.3,
                        edgecolor="white")
-    compute = [e for e in events if e.lane in row and e.category in ("forward", "backward")]
+    compute = [e for e in events
+               if e.lane in row and e.category in ("forward", "backward", "weight")]
     if len(compute) <= _LABEL_LIMIT:
         for e in compute:
             ax.text((e.start_s + e.dur_s / 2) * scale, row[e.lane], e.name, ha="center",

@@ -9,16 +9,16 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
 from hetrain.plan.schedule import Schedule, build_schedule
+from hetrain.plan.sync import sync_buckets
 from hetrain.plan.types import Plan
 from hetrain.plan.validate import validate_plan
 from hetrain.sim.engine import StepEngine
 from hetrain.sim.result import DeviceTime, SimResult
-from hetrain.sim.sync import sync_sets
 
 
 def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
                   schedule: Schedule | None = None, trace: bool = True) -> SimResult:
-    """Simulate one step of `plan`: the shared 1F1B schedule with compute, P2P, gradient sync
+    """Simulate one step of `plan`: the shared schedule with compute, P2P, gradient sync
     and optimizer times from `cost`. `schedule` defaults to build_schedule(plan, cost); pass
     the one the runtime executes to predict that exact order. `trace=False` skips the events
     (faster for search loops)."""
@@ -31,10 +31,10 @@ def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
     elif set(schedule.actions) != set(plan.group_by_name):
         raise SimError("the schedule was built for another plan: its stage groups "
                        f"{sorted(schedule.actions)} differ from the plan's")
-    syncs = sync_sets(plan, cost)
-    run = StepEngine(plan, cluster, cost, schedule, syncs, record=trace).run()
+    buckets = sync_buckets(plan, cost.spec)
+    run = StepEngine(plan, cluster, cost, schedule, buckets, record=trace).run()
     # The same order with free communication: the step it would take if comm were all hidden.
-    bare = StepEngine(plan, cluster, cost, schedule, syncs, comm=False, record=False).run()
+    bare = StepEngine(plan, cluster, cost, schedule, buckets, comm=False, record=False).run()
     if run.step_s <= 0:
         raise SimError("simulated step took no time; the cost model returned zero durations")
     devices = {}

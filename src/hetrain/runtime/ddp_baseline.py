@@ -1,0 +1,110 @@
+"""Plain `DistributedDataParallel` on the CPU: the yardstick for hetrain's own overhead.
+
+The same model, global batch, samples and optimizer as a hetrain data-parallel run on real
+CPU workers (even shares), so the two step times differ only by what hetrain adds."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue as queue_mod
+import statistics
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from hetrain.data.corpus import Corpus
+from hetrain.errors import RuntimeFailure
+from hetrain.model.config import model_config
+from hetrain.model.decoder import build_decoder
+from hetrain.runtime.config import TrainConfig
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: Corpus,
+                global_batch: int, seq_len: int, queue) -> None:
+    torch.set_num_threads(1)  # as hetrain's workers
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=timedelta(seconds=config.op_timeout_s))
+    try:
+        model = build_decoder(model_config(config.model), config.seed)
+        model.to(getattr(torch, config.precision))
+        # The decoder's buffers (rotary tables) are constants: broadcasting them every step
+        # would charge DDP for work hetrain does not do.
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=config.lr,
+                                weight_decay=config.weight_decay, foreach=False)
+        share = global_batch // world
+        rows = slice(rank * share, (rank + 1) * share)
+        steps_s, losses = [], []
+        for step in range(config.steps):
+            t0 = time.perf_counter()
+            inputs, targets = corpus.global_batch(step, global_batch, seq_len)
+            logits = ddp(inputs[rows])
+            loss = F.cross_entropy(logits.flatten(0, 1), targets[rows].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # hetrain ends its step with the global loss's all-reduce; so does this.
+            total = loss.detach().double()
+            dist.all_reduce(total)
+            steps_s.append(time.perf_counter() - t0)
+            losses.append(float(total) / world)
+        queue.put((rank, steps_s, losses))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_run(config: TrainConfig, corpus: Corpus, global_batch: int, seq_len: int,
+            world: int = 2) -> tuple[list[float], list[float]]:
+    """Per-step seconds (slowest rank) and losses of plain DDP over `world` CPU processes."""
+    from hetrain.runtime.launch import free_port
+
+    if global_batch % world:
+        raise RuntimeFailure(f"global batch {global_batch} does not split evenly over {world} "
+                             "DDP workers; use a multiple")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_ddp_worker, daemon=True,
+                         args=(r, world, port, config, corpus, global_batch, seq_len, queue))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = _collect(procs, queue, config.run_timeout_s)
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    by_rank = {r: (s, losses) for r, s, losses in results}
+    step_s = [max(by_rank[r][0][i] for r in by_rank) for i in range(config.steps)]
+    return step_s, by_rank[0][1]
+
+
+def _collect(procs, queue, timeout_s: float) -> list:
+    results: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=0.2))
+            continue
+        except queue_mod.Empty:
+            pass
+        dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeFailure(f"DDP baseline worker {dead[0]} died with exit code "
+                                 f"{procs[dead[0]].exitcode}")
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(f"the DDP baseline did not finish within {timeout_s:.0f} s")
+    return results
+
+
+def steady_median_s(step_s: list[float]) -> float:
+    """Median step, leaving out the first (warm-up)."""
+    return statistics.median(step_s[1:] if len(step_s) > 1 else step_s)
