@@ -172,7 +172,7 @@ class GradSync:
 
     def _zero_step(self, rb: RankBucket, grads: torch.Tensor) -> None:
         rb.collective.reduce_scatter(grads)
-        rb.collective.cross_kind(grads, zero=True)
+        rb.collective.cross_kind(grads)
         flat = self._flat_params(rb, gather=True)
         for (a, b), t in rb.pieces:
             t.data.copy_(flat[a:b])
