@@ -15,12 +15,15 @@ from .helpers import FixedCost, line_cluster, pipeline_plan
 
 def runtime_trace(plan, schedule, result, steps: int) -> list[dict]:
     """The runtime's events for `steps` identical steps of a simulated one: compute, a
-    "recv" wait before an action that waited for its input, "allreduce" from the last
-    backward to the optimizer, "optimizer"."""
+    "recv" wait before an action that waited for its input, a "sync b{index}" per gradient
+    bucket, "optimizer"."""
     by_lane: dict[str, list] = {}
+    syncs: dict[str, list] = {}
     for e in result.events:
         if e.stream == "compute":
             by_lane.setdefault(e.lane, []).append(e)
+        elif e.name == "allreduce":
+            syncs.setdefault(e.lane, []).append(e)
     out = []
     for k in range(steps):
         t0 = k * result.step_s
@@ -35,7 +38,9 @@ def runtime_trace(plan, schedule, result, steps: int) -> list[dict]:
                     out.append(_event(lane, e.name, e.category, t0 + e.start_s, e.dur_s))
                     free_s = e.start_s + e.dur_s
                 opt = events[-1]
-                out.append(_event(lane, "allreduce", "comm", t0 + free_s, opt.start_s - free_s))
+                for e in syncs.get(lane, []):
+                    out.append(_event(lane, f"sync b{e.args['bucket']}", "comm",
+                                      t0 + e.start_s, e.dur_s))
                 out.append(_event(lane, "optimizer", "optimizer", t0 + opt.start_s, opt.dur_s))
     return out
 

@@ -149,7 +149,9 @@ def shard_bounds(weights: list[float], numel: int) -> list[tuple[int, int]]:
 def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
                      buckets: list[SyncBucket]) -> float:
     """Parameters one device of the group steps: its 1/tp of the stage, less, with a sharded
-    optimizer, what other holders step of each shared bucket."""
+    optimizer, what other holders step of each bucket it shares. Shard-wise, a device steps
+    its weight's share of its 1/tp of the bucket among one device per holder; in full-tensor
+    mode (mixed TP degrees) its weight's share of the whole bucket among every device."""
     params = spec.range_params(*group.layers) / group.tp
     if not plan.sharded_optimizer:
         return params
@@ -157,11 +159,13 @@ def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
         if group.name not in bucket.holders:
             continue
         members = [plan.group_by_name[g] for g in bucket.holders]
-        weight = sum(g.shard_weight * (1 if shard_wise(plan, bucket) else g.tp)
-                     for g in members)
-        mine = group.shard_weight * (1 if shard_wise(plan, bucket) else group.tp)
-        shared = bucket.params / (group.tp if shard_wise(plan, bucket) else 1)
-        params -= shared * (1 - mine / weight)
+        held = bucket.params / group.tp
+        if shard_wise(plan, bucket):
+            stepped = held * group.shard_weight / sum(g.shard_weight for g in members)
+        else:
+            stepped = bucket.params * group.shard_weight / sum(g.shard_weight * g.tp
+                                                               for g in members)
+        params -= held - stepped
     return max(params, 0.0)
 
 

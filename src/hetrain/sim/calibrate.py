@@ -1,8 +1,9 @@
 """Read a measured run's trace back into cost figures: per stage action, per transfer, per
 gradient all-reduce and per optimizer step, over the steady steps only.
 
-The runtime's trace has, per device lane and step, "recv F3"/"recv B3" waits, "F3"/"B3"
-compute, one "allreduce" and one "optimizer" event. Nothing here knows how emulated kinds are
+The runtime's trace has, per device lane and step, "recv F3"/"recv B3" waits, "F3"/"B3"/"W3"
+compute, a "sync b{index}" event per gradient bucket on its comm stream, and an "optimizer"
+event. Nothing here knows how emulated kinds are
 paced: durations are read off the clock, so a MeasuredCost built from them checks the
 simulator's scheduling and communication, not the pacing formula.
 """
@@ -113,26 +114,21 @@ def _transfer_bytes(plan: Plan, cost: CostModel, src: StageGroup, op: str, mb: i
 
 def _allreduces(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],
                 figures: MeasuredFigures) -> None:
-    """A set is timed where every member sums it first (so its start is the last member's
-    arrival) and some member sums it last (so that member's sync ends with it): from the
-    arrival to those members' (mean) end. Shard-wise sets of a TP degree run side by side."""
-    buckets = sync_buckets(plan, cost.spec)
-    order = {g.name: [b.index for b in buckets if g.name in b.holders] for g in plan.stage_groups}
+    """Each bucket's sum, from the runtime's "sync b{index}" events on its holders' comm
+    streams: from the last member's start (the collective's rendezvous) to the members' mean
+    end. Shard-wise collectives of a TP degree run side by side and time alike."""
     kinds = {d.id: d.kind for d in cost.cluster.devices}
     groups = plan.group_by_name
-    for b in buckets:
-        if any(order[g][0] != b.index for g in b.holders):
-            continue
+    for b in sync_buckets(plan, cost.spec):
         lanes = [d for g in b.holders for d in groups[g].devices]
-        if any("allreduce" not in at.get(lane, {}) for lane in lanes):
+        events = [at.get(lane, {}).get(f"sync b{b.index}") for lane in lanes]
+        if any(e is None for e in events):
             continue
-        last_s = max(at[lane]["allreduce"]["start_s"] for lane in lanes)
-        ends = [at[d]["allreduce"]["start_s"] + at[d]["allreduce"]["dur_s"]
-                for g in b.holders if order[g][-1] == b.index for d in groups[g].devices]
+        last_s = max(e["start_s"] for e in events)
+        end_s = statistics.fmean(e["start_s"] + e["dur_s"] for e in events)
         phases = allreduce_phases([kinds[d] for d in reductions(plan, b)[0]])
-        if ends and phases:
-            figures.allreduce.append((phases, bucket_bytes(plan, b),
-                                      max(0.0, statistics.fmean(ends) - last_s)))
+        if phases:
+            figures.allreduce.append((phases, bucket_bytes(plan, b), max(0.0, end_s - last_s)))
 
 
 def _optimizer(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],

@@ -215,7 +215,8 @@ class StepEngine:
                                       strict=True):
             if dur <= 0:
                 continue
-            args = {"groups": len(bucket.holders), "layers": list(bucket.layers),
+            args = {"bucket": bucket.index, "groups": len(bucket.holders),
+                    "layers": list(bucket.layers),
                     "devices": sum(len(s) for s in reductions(self.plan, bucket))}
             for g in bucket.holders:
                 self._emit(self.groups[g].devices, g, "allreduce", "comm", start, dur, args,
