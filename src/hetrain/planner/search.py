@@ -231,12 +231,23 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
     single = best_single(cands.templates, cands.micro_batches) if len(sol.choices) > 1 else None
     out = []
     for choice in [sol] + ([single] if single is not None else []):
-        plan = place_plan(cluster, cost.spec, cands.templates, choice.choices,
-                          cands.micro_batch_size, global_batch, options)
-        est = estimate_step(plan, cost)
-        if shards == 1 or _fits(plan, cost, est):
-            out.append((est, plan, sol, cands))
+        placed = place_plan(cluster, cost.spec, cands.templates, choice.choices,
+                            cands.micro_batch_size, global_batch, options)
+        # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient
+        # started just before an input gradient arrives delays it): the same plan under
+        # 1F1B is priced too.
+        for plan in [placed] + ([_as_1f1b(placed)] if placed.schedule != "1f1b" else []):
+            est = estimate_step(plan, cost)
+            if shards == 1 or _fits(plan, cost, est):
+                out.append((est, plan, sol, cands))
     return out
+
+
+def _as_1f1b(plan: Plan) -> Plan:
+    return Plan(model=plan.model, seq_len=plan.seq_len, global_batch=plan.global_batch,
+                stage_groups=[g.model_copy(update={"in_flight_scale": 1.0})
+                              for g in plan.stage_groups],
+                routes=plan.routes, schedule="1f1b", sharded_optimizer=plan.sharded_optimizer)
 
 
 def _fits(plan: Plan, cost: CostModel, est: StepEstimate) -> bool:
