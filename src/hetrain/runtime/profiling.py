@@ -18,6 +18,7 @@ from hetrain.cost.profile import (
     sample_ids,
 )
 from hetrain.errors import CostError
+from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 
 
 def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
@@ -35,9 +36,9 @@ def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
     device = devices[rank]
     tp = len(devices)
     backend = torch_backend(native, torch.device(device).type)
-    dist.init_process_group(backend, rank=rank, world_size=tp,
-                            init_method=f"tcp://127.0.0.1:{port}",
-                            timeout=timedelta(seconds=300))
+    timeout = timedelta(seconds=300)
+    store = dist.TCPStore(LOOPBACK, port, tp, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timeout)
     try:
         full = build_decoder(cfg)
         stage = decoder_stage(full, 0, len(full.layers()))
@@ -58,15 +59,13 @@ def measure_tp_entries(cfg, devices: list[str], native_backend: str, dtype: str,
                        timeout_s: float = 600.0) -> list[ProfileEntry]:
     """One entry per micro-batch size for a group over `devices` (torch devices; "cpu" may
     repeat): per layer, the slowest rank's seconds per token."""
-    from hetrain.runtime.launch import free_port
-
     tp = len(devices)
     ctx = mp.get_context("spawn")
+    store = LoopbackStore(tp, 300.0)  # the rendezvous listens on 127.0.0.1 only
     with tempfile.TemporaryDirectory(prefix="hetrain-profile-") as out:
-        port = free_port()
         procs = [ctx.Process(target=_time_group, daemon=True,
                              args=(cfg, devices, native_backend, dtype, seq_len,
-                                   micro_batch_sizes, repeats, r, port, out))
+                                   micro_batch_sizes, repeats, r, store.port, out))
                  for r in range(tp)]
         for p in procs:
             p.start()
@@ -78,6 +77,7 @@ def measure_tp_entries(cfg, devices: list[str], native_backend: str, dtype: str,
                 if p.is_alive():
                     p.kill()
                     p.join(5)
+            store.close()
         files = [Path(out, f"rank{r}.json") for r in range(tp)]
         if any(not f.exists() for f in files):
             codes = [p.exitcode for p in procs]
