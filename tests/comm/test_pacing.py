@@ -52,7 +52,7 @@ def test_only_emulated_links_are_paced():
 def test_collectives_are_priced_by_the_cost_model():
     p = pacer()
     assert p.collective_s(["h:0", "a:0"], 4e6) == pytest.approx(
-        10.0 * COST.allreduce_s(["h:0", "a:0"], 4e6))
+        10.0 * COST.sync_s(["h:0", "a:0"], 4e6))
     assert p.collective_s(["c:0", "c:1"], 4e6) == 0.0
 
 

@@ -76,8 +76,8 @@ def test_communication_comes_from_the_fits(cluster):
     cost = MeasuredCost(cluster, spec, figures)
     assert cost.p2p_s("h:0", "a:0", 1e4) == pytest.approx(1e-3)
     assert cost.p2p_handshake_s("h:0", "a:0") == pytest.approx(2e-3)
-    assert cost.allreduce_s(["h:0", "h:1", "a:0"], 1e6) == pytest.approx(6e-3)
-    assert cost.allreduce_s(["h:0", "h:1"], 1e6) == pytest.approx(2e-3)
+    assert cost.sync_s(["h:0", "h:1", "a:0"], 1e6) == pytest.approx(6e-3)
+    assert cost.sync_s(["h:0", "h:1"], 1e6) == pytest.approx(2e-3)
     assert cost.optimizer_s("H100", 3e6) == pytest.approx(12e-3)
     # a kind whose optimizer was not measured takes the others'
     assert cost.optimizer_s("A100-80GB", 3e6) == pytest.approx(12e-3)

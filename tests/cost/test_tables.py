@@ -68,9 +68,24 @@ def test_collectives():
     cost = CostModel(CLUSTER, model_spec(model_config("tiny"), 64))
     members = ["h:0", "h:1", "h:2"]
     lat = CLUSTER.link_latency_s("h:0", "h:1")
-    assert cost.allreduce_s(members, 1e6) == ring_allreduce_s(3, 1e6, cost.ring_gbps(members), lat)
+    # one kind: the sharded sum is a ring (reduce-scatter + all-gather)
+    assert cost.sync_s(members, 1e6) == ring_allreduce_s(3, 1e6, cost.ring_gbps(members), lat)
     assert ring_allreduce_s(1, 1e6, 10, 0) == 0.0 and ring_allreduce_s(4, 0, 10, 0) == 0.0
     assert cost.bridge_allreduce_s(1, 1e9) == 0.0
     two, three = cost.bridge_allreduce_s(2, 1e9), cost.bridge_allreduce_s(3, 1e9)
     assert 0 < two < three  # more parties, more to move
     assert two == pytest.approx(1e9 / (20 * 1e9) + 2 * 10e-6)  # default 20 GB/s bridge, 10 us
+
+
+def test_a_sharded_sum_across_kinds_moves_shards_over_the_bridge():
+    cost = CostModel(CLUSTER, model_spec(model_config("tiny"), 64))
+    h, b = ["h:0", "h:1", "h:2", "h:3"], ["b:0", "b:1"]
+    nbytes = 8e6
+    inside = max(cost.sync_s(h, nbytes), cost.sync_s(b, nbytes))  # the rings, side by side
+    # then each of BR104's 2 ranks (the fewer) sums its half with its peer of the other kind
+    lat = CLUSTER.link_latency_s("h:0", "b:0")
+    bw = min(cost.ring_gbps(["h:0", "b:0"]), CLUSTER.links.bridge_gbps) * 1e9
+    bridge = 2 * (1 / 2) * (nbytes / 2) / bw + 2 * lat
+    assert cost.sync_s(h + b, nbytes) == pytest.approx(inside + bridge)
+    # a leader per kind carrying the whole buffer would pay twice the bridge bytes
+    assert cost.sync_s(h + b, nbytes) < inside + 2 * (1 / 2) * nbytes / bw + 2 * lat

@@ -25,11 +25,8 @@ class FixedCost(CostModel):
     def p2p_s(self, src_device, dst_device, nbytes):
         return self.p2p
 
-    def allreduce_s(self, devices, nbytes):
-        return self.sync if len(devices) > 1 and nbytes > 0 else 0.0
-
     def sync_s(self, devices, nbytes):
-        return self.allreduce_s(devices, nbytes)
+        return self.sync if len(devices) > 1 and nbytes > 0 else 0.0
 
     def optimizer_s(self, kind, params):
         return self.opt
@@ -39,9 +36,6 @@ class FreeComm(CostModel):
     """The roofline cost model with free transfers, syncs and optimizer: compute only."""
 
     def p2p_s(self, src_device, dst_device, nbytes):
-        return 0.0
-
-    def allreduce_s(self, devices, nbytes):
         return 0.0
 
     def sync_s(self, devices, nbytes):

@@ -1,10 +1,9 @@
 """Communication across kinds: process groups, sharded sums, overlap thread, staged P2P."""
 
-from hetrain.comm.allreduce import HierarchicalAllReduce, all_reduce_tensors, bucketed
 from hetrain.comm.groups import GroupCache, torch_backend
 from hetrain.comm.overlap import CommThread
 from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.sharded import FlatLayout, ShardedSum
 
-__all__ = ["P2P", "CommThread", "FlatLayout", "GroupCache", "HierarchicalAllReduce",
-           "ShardedSum", "all_reduce_tensors", "bucketed", "tag_of", "torch_backend"]
+__all__ = ["P2P", "CommThread", "FlatLayout", "GroupCache", "ShardedSum", "tag_of",
+           "torch_backend"]

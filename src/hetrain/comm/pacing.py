@@ -22,7 +22,7 @@ class LinkCosts(Protocol):
 
     def p2p_handshake_s(self, src_device: str, dst_device: str) -> float: ...
 
-    def allreduce_s(self, devices: list[str], nbytes: float) -> float: ...
+    def sync_s(self, devices: list[str], nbytes: float) -> float: ...
 
 
 class LinkPacer:
@@ -59,4 +59,4 @@ class LinkPacer:
         kinds = {self.cluster.device_by_id[d].kind for d in devices}
         if not kinds & self.emulated_kinds:
             return 0.0
-        return self.cost.allreduce_s(list(devices), nbytes) * self.time_scale
+        return self.cost.sync_s(list(devices), nbytes) * self.time_scale

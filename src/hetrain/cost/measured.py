@@ -103,7 +103,7 @@ class MeasuredFigures:
 
 
 def allreduce_phases(kinds: Sequence[str]) -> int:
-    """Collectives one after another in comm.HierarchicalAllReduce over ranks of `kinds`: one
+    """Collectives one after another in a gradient bucket's sum over ranks of `kinds`: one
     native all-reduce inside a single kind; else reduce to leaders (when some kind has two or
     more ranks), all-reduce among leaders, broadcast back."""
     counts: dict[str, int] = {}
@@ -160,17 +160,14 @@ class MeasuredCost(CostModel):
     def p2p_handshake_s(self, src_device: str, dst_device: str) -> float:
         return 0.0 if src_device == dst_device else self.handshake_s
 
-    def allreduce_s(self, devices: list[str], nbytes: float) -> float:
+    def sync_s(self, devices: list[str], nbytes: float) -> float:
+        """A gradient bucket's sum, timed as the measured phases of the run's collectives."""
         phases = allreduce_phases([self.cluster.device_by_id[d].kind for d in devices])
         if phases == 0 or nbytes <= 0:
             return 0.0
         if self.phase_fit is None:
             raise CostError("no measured all-reduce to time a gradient sync")
         return phases * self.phase_fit(nbytes)
-
-    def sync_s(self, devices: list[str], nbytes: float) -> float:
-        """A gradient bucket's sum, timed as the measured phases of the run's collectives."""
-        return self.allreduce_s(devices, nbytes)
 
     def optimizer_s(self, kind: str, params: float) -> float:
         fit = self.optimizer_fit.get(kind)

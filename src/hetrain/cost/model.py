@@ -128,30 +128,6 @@ class CostModel:
         return min(self.cluster.link_gbps(a, b)
                    for a, b in zip(devices, devices[1:] + devices[:1], strict=True))
 
-    def allreduce_s(self, devices: list[str], nbytes: float) -> float:
-        """Hierarchical all-reduce as comm/ runs it: reduce inside each kind on its native
-        backend, ring all-reduce between one leader per kind over the host bridge, then
-        broadcast inside each kind. Ranks of one kind work in parallel."""
-        if len(devices) < 2 or nbytes <= 0:
-            return 0.0
-        by_kind: dict[str, list[str]] = {}
-        for d in devices:
-            by_kind.setdefault(self.cluster.device_by_id[d].kind, []).append(d)
-        intra = 0.0
-        for members in by_kind.values():
-            n = len(members)
-            if n > 1:
-                lat = max(self.cluster.link_latency_s(members[0], m) for m in members[1:])
-                intra = max(intra, ring_allreduce_s(n, nbytes, self.ring_gbps(members), lat))
-        k = len(by_kind)
-        bridge = 0.0
-        if k > 1:
-            leaders = [m[0] for m in by_kind.values()]
-            lat = max(self.cluster.link_latency_s(leaders[0], x) for x in leaders[1:])
-            bw = min(self.ring_gbps(leaders), self.cluster.links.bridge_gbps) * 1e9
-            bridge = 2 * (k - 1) / k * nbytes / bw + 2 * (k - 1) * lat
-        return intra + bridge
-
     def sync_s(self, devices: list[str], nbytes: float) -> float:
         """Sharded sum of `nbytes` over `devices` (plan.sync prices every gradient bucket with
         it; comm/ runs it): reduce-scatter inside each kind on its native backend, then each

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hetrain.cost.model import DTYPE_BYTES, CostModel
+from hetrain.cost.model import CostModel
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.schedule import Schedule, build_schedule, transfer_times
 from hetrain.plan.sync import FreeSync, SyncCost, SyncTimeline, price_sync, sync_buckets
@@ -79,41 +79,6 @@ def route_time_s(plan: Plan, route: Route, cost: CostModel) -> float:
 def route_signature(plan: Plan, route: Route) -> tuple:
     return tuple((g.kind, g.tp, tuple(g.layers))
                  for g in (plan.group_by_name[name] for name in route.stages))
-
-
-def gradient_bytes(cost: CostModel, group: StageGroup) -> float:
-    """Gradient bytes each device of the group all-reduces (its 1/tp shard)."""
-    return cost.spec.range_params(*group.layers) * DTYPE_BYTES[group.dtype] / group.tp
-
-
-def group_sync_s(plan: Plan, cost: CostModel) -> dict[str, float]:
-    """Seconds each group spends on its gradient all-reduce (hierarchical, see module doc)."""
-    classes: dict[tuple, list[int]] = {}
-    for r, route in enumerate(plan.routes):
-        classes.setdefault(route_signature(plan, route), []).append(r)
-    class_of = {r: sig for sig, rs in classes.items() for r in rs}
-    order = {g.name: i for i, g in enumerate(plan.stage_groups)}
-    out = {}
-    for g in plan.stage_groups:
-        through = plan.routes_through(g.name)
-        sigs = {class_of[r] for r in through}
-        replicas = set()
-        for sig in sigs:
-            for r in through:
-                if class_of[r] != sig:
-                    continue
-                pos = plan.routes[r].stages.index(g.name)
-                replicas.update(plan.routes[q].stages[pos] for q in classes[sig])
-        leaders = [plan.group_by_name[name].devices[0] for name in sorted(replicas, key=order.get)]
-        nbytes = gradient_bytes(cost, g)
-        parties = len(classes) - len(sigs) + 1
-        out[g.name] = cost.allreduce_s(leaders, nbytes) + cost.bridge_allreduce_s(parties, nbytes)
-    return out
-
-
-def group_optimizer_s(plan: Plan, cost: CostModel) -> dict[str, float]:
-    return {g.name: cost.optimizer_s(g.kind, cost.spec.range_params(*g.layers) / g.tp)
-            for g in plan.stage_groups}
 
 
 @dataclass(frozen=True)
