@@ -157,7 +157,6 @@ class _GroupState:
     held: int = 0  # micro-batches holding activations (until their last backward action)
     peak: int = 0  # of held
     busy: bool = False
-    starts: list = field(default_factory=list)  # of its actions so far
     free_s: float = 0.0  # end of its last action
     comm_wait_s: float = 0.0  # idle while a tensor it needs is on its way
     order: list = field(default_factory=list)
@@ -236,21 +235,19 @@ class _ListScheduler:
             recv, send = nxt, prev
         action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos, recv_from=recv,
                         send_to=send)
+        index = len(st.order)
         start = now
         if recv is not None and self.transfer is not None:
             # posted as the group started the action RECV_AHEAD before; the bytes move after
             # the handshake
             handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
                                                  else "backward", mb.size)
-            ahead = len(st.starts) - RECV_AHEAD
-            posted = st.starts[ahead] if ahead >= 0 else 0.0
+            posted = self.starts.get((g, index - RECV_AHEAD), 0.0)
             start = max(now, max(sent, posted + handshake_s) + bytes_s)
             st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
-        index = len(st.order)
         self.starts[(g, index)] = start
         st.order.append(action)
         st.busy = True
-        st.starts.append(start)
         end = start + self.duration(g, op, mb.size)
         self.ends[(g, index)] = end
         heapq.heappush(self.events, (end, next(self.seq), g, action))
