@@ -107,7 +107,7 @@ def _print_plan(console: Console, plan, cost, estimate, memory, title: str) -> N
     for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
                 "micro-b.", "time s"):
         table.add_column(col, justify="left" if col in ("kind", "layers") else "right")
-    for row in shape_rows(plan, cost, memory):
+    for row in shape_rows(plan, cost, memory, estimate):
         for st in row.stages:
             first = st.stage == 0
             table.add_row(

@@ -24,7 +24,7 @@ class StepEstimate:
     step_s: float
     pipeline_s: float  # slowest route, compute and point-to-point
     sync_s: float  # slowest group, gradient sync + optimizer
-    route_s: list[float]
+    route_s: list[float]  # when each route's last action ends in the schedule's run
     group_sync_s: dict[str, float] = field(default_factory=dict)
     group_optimizer_s: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
@@ -163,7 +163,8 @@ def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
     bubble_share = sum(bubble[g] * n for g, n in devices.items()) / (step * sum(devices.values()))
     sync = {g: tail.group_synced_s[g] - tail.group_last_compute_s[g] for g in busy}
     return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=step - pipeline,
-                        route_s=[route_time_s(plan, route, cost) for route in plan.routes],
+                        route_s=[max(times[g].last_end_s for g in route.stages)
+                                 for route in plan.routes],
                         group_sync_s=sync, group_optimizer_s=dict(tail.group_optimizer_s),
                         tokens_per_s=plan.global_batch * plan.seq_len / step,
                         peak_in_flight={g: t.peak_in_flight for g, t in times.items()},

@@ -66,7 +66,10 @@ def checked_memory_bytes(plan: Plan, cost: CostModel) -> dict[str, float]:
     return check_memory(plan, cost.cluster, fn, schedule.peak_in_flight)
 
 
-def shape_rows(plan: Plan, cost: CostModel, memory_bytes: dict[str, float]) -> list[ShapeRow]:
+def shape_rows(plan: Plan, cost: CostModel, memory_bytes: dict[str, float],
+               estimate: StepEstimate | None = None) -> list[ShapeRow]:
+    """One row per pipeline shape; its time is when its copies' last actions end in the
+    priced schedule (`estimate`), else the 1F1B closed form."""
     by_shape: dict[tuple, list[int]] = {}
     for r, route in enumerate(plan.routes):
         by_shape.setdefault(route_signature(plan, route), []).append(r)
@@ -85,7 +88,8 @@ def shape_rows(plan: Plan, cost: CostModel, memory_bytes: dict[str, float]) -> l
             pipelines=len(routes),
             micro_batches=sorted({plan.routes[r].micro_batches for r in routes}),
             devices=sum(plan.group_by_name[n].tp for n in first.stages),
-            route_s=max(route_time_s(plan, plan.routes[r], cost) for r in routes),
+            route_s=max(estimate.route_s[r] if estimate is not None
+                        else route_time_s(plan, plan.routes[r], cost) for r in routes),
             stages=stages))
     return rows
 
