@@ -52,15 +52,10 @@ class ShapeRow:
         return " > ".join(f"{k}x{n}" + (f"(tp{tp})" if tp > 1 else "") for (k, tp), n in blocks)
 
 
-def memory_fn(plan: Plan, cost: CostModel):
-    """The validator's memory function (plan.validate.plan_memory_fn)."""
-    return plan_memory_fn(plan, cost)
-
-
 def checked_memory_bytes(plan: Plan, cost: CostModel) -> dict[str, float]:
     """Validate the plan (PlanError if it is not runnable) and return each group's bytes per
     device at the peak of the schedule the executors run."""
-    fn = memory_fn(plan, cost)
+    fn = plan_memory_fn(plan, cost)
     validate_plan(plan, cost.cluster, cost.spec)
     schedule = build_schedule(plan, cost)
     return check_memory(plan, cost.cluster, fn, schedule.peak_in_flight)
