@@ -1,4 +1,5 @@
-"""The Python API: `hetrain.fit(model, data, cluster=...)` trains a user's own nn.Module."""
+"""The Python API: `hetrain.fit(model, data, cluster=..., plan=...)` trains a user's own
+nn.Module: a Hugging Face causal LM under any plan, any other module data-parallel."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import ClusterError, DataError, ModelError
-from hetrain.model.adapters import module_spec
+from hetrain.model.loading import as_model
+from hetrain.plan import load_plan
+from hetrain.plan.types import Plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.runtime.launch import train
 from hetrain.runtime.preflight import check_batch, train_config
@@ -44,25 +47,32 @@ def _as_cluster(cluster: Cluster | str | Path) -> Cluster:
 def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None, *,
         cluster: Cluster | str | Path, steps: int = 20, global_batch: int = 48,
         seq_len: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-        precision: str = "float32", time_scale: float | None = None) -> RunResult:
+        precision: str = "float32", time_scale: float | None = None,
+        plan: Plan | str | Path | None = None) -> RunResult:
     """Train `model` (tokens [batch, seq] -> logits, or an output with `.logits`, as
-    Hugging Face causal LMs return) on every device of `cluster`, data-parallel with shares
-    balanced by each kind's speed. Each step equals one-device training on the same global
-    batch. The trained weights are copied back into `model`.
+    Hugging Face causal LMs return) on the devices of `cluster`. Without `plan`: every
+    device, data-parallel with shares balanced by each kind's speed. With `plan` (a Plan or
+    a plan file; its global batch and seq_len apply): any plan form for a Hugging Face causal
+    LM (pipelines cut at its decoder layers, TP groups), data parallelism for other modules.
+    Each step equals one-device training on the same global batch. The trained weights are
+    copied back into `model` (`model.save_pretrained(folder)` then writes them for HF).
 
     Every input is checked before a worker starts: a bad one raises the part's error
     (ConfigError, ClusterError, DataError, ModelError, PlanError), a HetrainError."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch nn.Module, not {type(model).__name__}")
-    config = train_config(model=type(model).__name__, steps=steps, lr=lr,
+    source = as_model(model)
+    config = train_config(model=source.name, steps=steps, lr=lr,
                           weight_decay=weight_decay, seed=seed, precision=precision,
                           time_scale=time_scale)
-    check_batch(global_batch, seq_len, cli=False)
     c = _as_cluster(cluster)
+    if plan is None:
+        check_batch(global_batch, seq_len, cli=False)
+        plan = data_parallel_plan(c, CostModel(c, source.spec(seq_len)), global_batch)
+    elif not isinstance(plan, Plan):
+        plan = load_plan(plan, c)
     corpus = _as_corpus(data, seed)
-    spec = module_spec(model, seq_len, type(model).__name__)
-    plan = data_parallel_plan(c, CostModel(c, spec), global_batch)
-    result = train(c, plan, config.model_copy(update={"model": plan.model}), user_model=model,
+    result = train(c, plan, config.model_copy(update={"model": plan.model}), model=source,
                    corpus=corpus)
     with torch.no_grad():
         for name, p in model.named_parameters():

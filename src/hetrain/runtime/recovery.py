@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus
 from hetrain.errors import RuntimeFailure
+from hetrain.model.source import ModelSource
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.launch import ProgressFn, SuspectFn, check_plan, plan_spec, train
@@ -138,7 +138,7 @@ class _Steps:
 
 def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
                     replan: ReplanFn, max_recoveries: int = 3,
-                    user_model: nn.Module | None = None, corpus: Corpus | None = None,
+                    model: ModelSource | None = None, corpus: Corpus | None = None,
                     out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                     time_scale: float | None = None, on_suspect: SuspectFn | None = None
                     ) -> ResilientResult:
@@ -150,10 +150,10 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     if not config.checkpoint_dir:
         scratch = tempfile.mkdtemp(prefix="hetrain-ckpt-")
         config = config.model_copy(update={"checkpoint_dir": scratch})
-    check_plan(plan, cluster, plan_spec(plan, user_model))  # before the folder is claimed
+    check_plan(plan, cluster, plan_spec(plan, model))  # before the folder is claimed
     try:
         with run_folder(config, plan) as config:  # owned for every attempt
-            return _supervise(cluster, plan, config, replan, max_recoveries, user_model,
+            return _supervise(cluster, plan, config, replan, max_recoveries, model,
                               corpus, out_dir, progress, time_scale, on_suspect)
     finally:
         if scratch is not None:
@@ -161,7 +161,7 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
 
 
 def _supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanFn,
-               max_recoveries: int, user_model: nn.Module | None, corpus: Corpus | None,
+               max_recoveries: int, model: ModelSource | None, corpus: Corpus | None,
                out_dir: str | Path | None, progress: ProgressFn | None,
                time_scale: float | None, on_suspect: SuspectFn | None) -> ResilientResult:
     steps = _Steps(progress)
@@ -171,7 +171,7 @@ def _supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: Replan
         while True:
             steps.start(plan)
             try:
-                result = train(cluster, plan, attempt_config, user_model=user_model,
+                result = train(cluster, plan, attempt_config, model=model,
                                corpus=corpus, out_dir=out_dir, progress=steps,
                                time_scale=time_scale, on_suspect=on_suspect)
             except RuntimeFailure as err:
