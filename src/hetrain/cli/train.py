@@ -14,9 +14,8 @@ from hetrain.cli.main import app, user_errors
 from hetrain.cli.report import per_group_table, per_kind_table, train_progress, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
-from hetrain.errors import ConfigError, ModelError, PlanError
-from hetrain.model.config import model_config
-from hetrain.model.spec import model_spec
+from hetrain.errors import ConfigError, PlanError
+from hetrain.model.loading import MODEL_FORMS, model_and_seq_len
 from hetrain.plan import load_plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
@@ -37,7 +36,8 @@ def train(
     cluster: Path = typer.Option(..., help="cluster YAML"),
     plan: Path | None = typer.Option(None, help="plan JSON/YAML; default: data parallelism "
                                      "with speed-proportional shares"),
-    model: str = typer.Option("tiny", help="model name (tiny, small, ...)"),
+    model: str = typer.Option("tiny", help=f"the model: {MODEL_FORMS}; with --plan: "
+                              "default the plan's"),
     steps: int = typer.Option(20, min=1),
     global_batch: int = typer.Option(48, min=1, help="samples per step (without --plan)"),
     seq_len: int = typer.Option(64, min=2, help="tokens per sample (without --plan)"),
@@ -73,15 +73,13 @@ def train(
     c = load_cluster(cluster)
     if plan is not None:
         p = load_plan(plan, c)
+        if getattr(ctx.get_parameter_source("model"), "name", "") == "COMMANDLINE":
+            p = p.model_copy(update={"model": model})  # the workers resolve the plan's model
         config = config.model_copy(update={"model": p.model})
     else:
         check_batch(global_batch, seq_len, cli=True)
-        cfg = model_config(model)
-        if seq_len > cfg.max_seq_len:
-            raise ModelError(f"--seq-len {seq_len} is longer than {cfg.name}'s max_seq_len "
-                             f"{cfg.max_seq_len}; pass at most that")
-        spec = model_spec(cfg, seq_len)
-        p = data_parallel_plan(c, CostModel(c, spec), global_batch)
+        source, _ = model_and_seq_len(model, seq_len)
+        p = data_parallel_plan(c, CostModel(c, source.spec(seq_len)), global_batch)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     corpus = preflight(c, p, config, out_dir=out_dir, outputs=outputs, cli=True,
                        spawn=not under_torchrun)

@@ -263,3 +263,20 @@ class _Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))
+
+
+def save_hf_folder(model: ModelSource, params: dict[str, torch.Tensor], folder: Path,
+                   metadata: dict[str, str]) -> None:
+    """Trained weights (by their Hugging Face names) and the config as a folder that
+    `from_pretrained` reads: config.json and model.safetensors."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, HFModel):
+        raise ModelError(f"--hf-folder needs a Hugging Face model; {model.name!r} is not one "
+                         "(its parameters export as one safetensors file with --out)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.raw, indent=2) + "\n")
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in params.items()}, str(tmp),
+              metadata={"format": "pt", **metadata})
+    tmp.replace(folder / "model.safetensors")

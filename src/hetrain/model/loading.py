@@ -26,7 +26,8 @@ def load_model(model: str | Path) -> ModelSource:
     if not path.exists():
         raise ModelError(f"unknown model {text!r}; give {MODEL_FORMS}")
     if path.suffix in (".yaml", ".yml"):
-        return DecoderModel(model_yaml(path))
+        # Named by its path: a plan written for it names the file the workers read.
+        return DecoderModel(model_yaml(path).model_copy(update={"name": text}))
     from hetrain.model.hf import HFModel
 
     return HFModel.from_path(path, text)
@@ -68,3 +69,14 @@ def model_yaml(path: Path) -> ModelConfig:
         fix = ("remove it; the fields are " + ", ".join(ModelConfig.model_fields)
                if first["type"] == "extra_forbidden" else first["msg"])
         raise ModelError(f"{path}: field {field!r}: {fix}") from None
+
+
+def model_and_seq_len(model: str | Path, seq_len: int | None) -> tuple[ModelSource, int]:
+    """A `--model` and its `--seq-len` (default: the model's longest), checked together."""
+    source = load_model(model)
+    most = source.max_seq_len or 2048
+    seq = seq_len or most
+    if seq > most:
+        raise ModelError(f"--seq-len {seq} is longer than {source.name}'s "
+                         f"{source.max_seq_field} {most}; pass at most that")
+    return source, seq
