@@ -21,8 +21,7 @@ from torch import nn
 
 from hetrain.errors import ModelError
 from hetrain.model.config import ModelConfig
-from hetrain.model.source import ModelSource, check_tp
-from hetrain.model.spec import ModelSpec, model_spec
+from hetrain.model.source import LlamaShaped, ModelSource
 from hetrain.model.stage import Stage
 
 # config.json field -> ModelConfig field (the reference decoder's shape prices the same).
@@ -77,7 +76,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return raw
 
 
-class HFModel(ModelSource):
+class HFModel(LlamaShaped):
     """A Hugging Face causal LM, from a module, a model folder or a config.json."""
 
     def __init__(self, raw_config: dict[str, Any], name: str, *, module: nn.Module | None = None,
@@ -107,15 +106,6 @@ class HFModel(ModelSource):
         has_weights = path.is_dir() and any((path / f).exists() for f in _WEIGHT_FILES)
         return cls(read_config_json(config_file), name,
                    folder=str(path) if has_weights else None)
-
-    # --- the planner's view ---------------------------------------------------------------
-    def spec(self, seq_len: int) -> ModelSpec:
-        return model_spec(self.cfg, seq_len)
-
-    def tp_sizes(self) -> tuple[int, ...]:
-        c = self.cfg
-        return tuple(t for t in (1, 2, 4, 8)
-                     if c.n_heads % t == 0 and c.kv_heads % t == 0 and c.ffn_dim % t == 0)
 
     # --- weights ----------------------------------------------------------------------------
     def module(self, seed: int) -> nn.Module:
@@ -189,8 +179,7 @@ class HFModel(ModelSource):
         )
 
         tp = mesh.size()
-        c = self.cfg
-        check_tp(self.name, tp, c.n_heads, c.kv_heads, c.ffn_dim)
+        self.check_tp(tp)
         for layer in stage.layers:
             if not isinstance(layer, _Block):
                 continue

@@ -35,8 +35,15 @@ class ModelSource(ABC):
         """Per-layer parameters, FLOPs and activations: what the cost model reads."""
 
     def tp_sizes(self) -> tuple[int, ...]:
-        """Tensor-parallel degrees the model splits into (heads and FFN width divide)."""
+        """Tensor-parallel degrees the planner may use (heads and FFN width divide)."""
         return (1,)
+
+    def check_tp(self, tp: int) -> None:
+        """Raise PlanError when the model cannot be split `tp` ways."""
+        if tp > 1:
+            raise PlanError(f"model {self.name!r} is one whole-model layer: it trains data-"
+                            "parallel only (tp 1); use a Hugging Face causal LM or the "
+                            "reference decoder for tensor parallelism")
 
     def check_trainable(self) -> None:  # noqa: B027 - most models can always be built
         """Raise ModelError when the model cannot be built here (spec-only)."""
@@ -52,9 +59,7 @@ class ModelSource(ABC):
 
     def apply_tensor_parallel(self, stage: Stage, mesh) -> None:
         """Shard the stage's blocks over `mesh` (DTensor plans), in place."""
-        raise PlanError(f"model {self.name!r} is one whole-model layer: it trains data-"
-                        "parallel only (tp 1); use a Hugging Face causal LM or the reference "
-                        "decoder for tensor parallelism")
+        self.check_tp(mesh.size())
 
     @abstractmethod
     def whole(self, seed: int) -> nn.Module:
@@ -62,13 +67,30 @@ class ModelSource(ABC):
         named_parameters() are the canonical names: one-process training, the yardstick."""
 
 
-def check_tp(name: str, tp: int, heads: int, kv_heads: int, ffn: int) -> None:
-    if heads % tp or kv_heads % tp or ffn % tp:
-        raise PlanError(f"tensor parallelism of {tp} does not divide {name}'s {heads} heads / "
-                        f"{kv_heads} kv heads / ffn width {ffn}; use a TP degree that does")
+class LlamaShaped(ModelSource):
+    """A model priced as the reference decoder of its ModelConfig (`self.cfg`)."""
+
+    cfg: ModelConfig
+
+    def spec(self, seq_len: int) -> ModelSpec:
+        return model_spec(self.cfg, seq_len)
+
+    def tp_sizes(self) -> tuple[int, ...]:
+        return tuple(t for t in (1, 2, 4, 8) if self._divides(t))
+
+    def check_tp(self, tp: int) -> None:
+        c = self.cfg
+        if not self._divides(tp):
+            raise PlanError(f"tensor parallelism of {tp} does not divide {self.name}'s "
+                            f"{c.n_heads} heads / {c.kv_heads} kv heads / ffn width "
+                            f"{c.ffn_dim}; use a TP degree that does")
+
+    def _divides(self, tp: int) -> bool:
+        c = self.cfg
+        return c.n_heads % tp == 0 and c.kv_heads % tp == 0 and c.ffn_dim % tp == 0
 
 
-class DecoderModel(ModelSource):
+class DecoderModel(LlamaShaped):
     """The reference decoder (model/decoder.py) of a ModelConfig: a built-in name or a YAML."""
 
     def __init__(self, cfg: ModelConfig):
@@ -78,14 +100,6 @@ class DecoderModel(ModelSource):
         self.hidden_size = cfg.dim
         self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
         self.tie_embeddings = cfg.tie_embeddings
-
-    def spec(self, seq_len: int) -> ModelSpec:
-        return model_spec(self.cfg, seq_len)
-
-    def tp_sizes(self) -> tuple[int, ...]:
-        c = self.cfg
-        return tuple(t for t in (1, 2, 4, 8)
-                     if c.n_heads % t == 0 and c.kv_heads % t == 0 and c.ffn_dim % t == 0)
 
     def check_trainable(self) -> None:
         if not self.cfg.trainable:
@@ -122,8 +136,7 @@ class DecoderModel(ModelSource):
 
         from hetrain.model.decoder import Block
 
-        c = self.cfg
-        check_tp(self.name, mesh.size(), c.n_heads, c.kv_heads, c.ffn_dim)
+        self.check_tp(mesh.size())
         for layer in stage.layers:
             if isinstance(layer, Block):
                 parallelize_module(layer, mesh, {

@@ -97,8 +97,11 @@ def check_batch(global_batch: int, seq_len: int, cli: bool) -> None:
 
 # --- model, data, checkpoint -----------------------------------------------------------------
 def check_model(plan: Plan, model: ModelSource) -> None:
-    """The model can be built here and the plan's sequence length fits it."""
+    """The model can be built here, splits as the plan's TP groups do, and the plan's
+    sequence length fits it."""
     model.check_trainable()
+    for group in plan.stage_groups:
+        model.check_tp(group.tp)
     most = model.max_seq_len
     if most is not None and plan.seq_len > most:
         raise ModelError(f"seq_len {plan.seq_len} is longer than {model.name}'s "
