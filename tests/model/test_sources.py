@@ -4,6 +4,7 @@ specs from a config alone, and bad model files refused in one line (exit 2)."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -73,6 +74,15 @@ def test_hf_stages_chain_to_the_hf_model(config_json):
     assert [source.layer_of(n) for n in ("model.embed_tokens.weight",
                                          "model.layers.2.mlp.up_proj.weight",
                                          "model.norm.weight")] == [0, 3, 5]
+
+
+def test_workers_rebuild_weights_from_the_path_not_a_pickled_copy():
+    pytest.importorskip("transformers")
+    source = load_model(LLAMA_JSON)
+    source.module(seed=0)
+    assert pickle.loads(pickle.dumps(source))._module is None
+    given = as_model(source.module(seed=0))  # a user's module travels with the job
+    assert pickle.loads(pickle.dumps(given))._module is not None
 
 
 def test_a_plain_module_is_one_data_parallel_layer():

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import hetrain
 from hetrain.cluster import load_cluster
 from hetrain.data.corpus import load_corpus
+from hetrain.model.loading import load_model
 from hetrain.plan import expand_plan
 from hetrain.runtime import TrainConfig
 from hetrain.runtime.reference import train_reference
@@ -93,6 +94,10 @@ def test_train_a_config_then_export_a_folder_from_pretrained_reads(tmp_path):
     for name, p in loaded.named_parameters():
         torch.testing.assert_close(p.detach(), ref[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+    # `--model FOLDER` trains on from_pretrained weights (not seeded ones).
+    stage = load_model(folder).build_stage(0, 6, seed=123)
+    for name, p in stage.canonical_parameters():
+        torch.testing.assert_close(p, loaded.get_parameter(name))
 
 
 def hetrain_app():

@@ -29,12 +29,16 @@ _SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "dim",
                  "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                  "intermediate_size": "ffn_dim"}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# Model types whose forward is Llama's loop (embed, layers with rotary and mask, norm, head):
+# their layers run alone exactly. Others train whole (data parallelism) through hetrain.fit.
+LAYERED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def is_hf_causal_lm(module: nn.Module) -> bool:
     """A decoder-only LM laid out as Llama's: model.{embed_tokens, layers, norm}, lm_head."""
     inner = getattr(module, "model", None)
-    return (hasattr(module, "config") and isinstance(getattr(module, "lm_head", None), nn.Linear)
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return (model_type in LAYERED_TYPES and isinstance(getattr(module, "lm_head", None), nn.Linear)
             and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
             and isinstance(inner.layers, nn.ModuleList))
 
@@ -82,13 +86,20 @@ class HFModel(LlamaShaped):
     def __init__(self, raw_config: dict[str, Any], name: str, *, module: nn.Module | None = None,
                  folder: str | None = None):
         self.raw, self.name, self.folder = raw_config, name, folder
-        self._module = module
+        self._module = self._given = module
         self.cfg = shape_config(raw_config, name, name)
         self.n_layers = self.cfg.n_layers + 2
         self.hidden_size = self.cfg.dim
         self.vocab_size, self.max_seq_len = self.cfg.vocab_size, self.cfg.max_seq_len
         self.tie_embeddings = self.cfg.tie_embeddings
         self.max_seq_field = "max_position_embeddings"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Weights that load from the folder or the seed are not pickled to every worker.
+        state = dict(self.__dict__)
+        if state.get("_given") is None:
+            state["_module"] = None
+        return state
 
     @classmethod
     def from_module(cls, module: nn.Module, name: str | None = None) -> HFModel:
@@ -140,9 +151,9 @@ class HFModel(LlamaShaped):
     def build_stage(self, start: int, end: int, seed: int) -> Stage:
         m = self.module(seed)
         if not is_hf_causal_lm(m):
-            raise ModelError(f"{self.name}: not laid out as a causal LM with model.layers, "
-                             "model.embed_tokens, model.norm and lm_head; pass the module to "
-                             "hetrain.fit to train it whole (data parallelism)")
+            raise ModelError(f"{self.name}: model_type {self.raw.get('model_type')!r} is not "
+                             f"one hetrain cuts into layers ({', '.join(LAYERED_TYPES)}); pass "
+                             "the module to hetrain.fit to train it whole (data parallelism)")
         last = self.n_layers - 1
         # One deepcopy for the whole range: a tied head keeps sharing the embedding's weight.
         wanted = {"embed": m.model.embed_tokens if start == 0 else None,
@@ -226,8 +237,11 @@ class _Block(nn.Module):
         self.decoder_layer = layer  # the same module: parameters are listed once
         self.rotary = rotary  # buffers only (inv_freq)
         self.config = config
+        # As the model's own forward picks the mask: per layer type (Qwen2/3), else a
+        # sliding window whenever the config sets one (Mistral).
         types = getattr(config, "layer_types", None)
-        self.sliding = bool(types) and types[index] == "sliding_attention"
+        self.sliding = (types[index] == "sliding_attention" if types else
+                        getattr(config, "sliding_window", None) is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import (
