@@ -13,12 +13,6 @@ from hetrain.cli.main import app, user_errors
 from hetrain.errors import ModelError, PlannerError
 
 
-def tp_sizes_for(cfg) -> tuple[int, ...]:
-    """Tensor-parallel sizes the reference model can be split into (heads and FFN divide)."""
-    return tuple(t for t in (1, 2, 4, 8)
-                 if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0)
-
-
 @app.command()
 @user_errors
 def plan(
@@ -43,7 +37,7 @@ def plan(
     from hetrain.model.config import model_config
     from hetrain.model.spec import model_spec
     from hetrain.planner.report import checked_memory_bytes
-    from hetrain.planner.search import SearchOptions, search_plan
+    from hetrain.planner.search import SearchOptions, search_plan, tp_sizes_for
 
     console = Console()
     clus = load_cluster(cluster)
@@ -63,8 +57,9 @@ def plan(
     memory = checked_memory_bytes(result.plan, cost)
     baselines = _baselines(clus, cost, global_batch, options) if compare or json_out else []
 
-    _print_plan(console, result.plan, cost, result.estimate, memory,
-                title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} tokens")
+    print_plan_table(console, result.plan, cost, result.estimate,
+                     title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} "
+                     "tokens", memory=memory)
     _print_summary(console, result, cost)
     if compare:
         _print_baselines(console, result.estimate, baselines)
@@ -99,11 +94,19 @@ def _baselines(clus, cost, global_batch, options):
     return [homogeneous, *single_kind_plans(clus, cost, global_batch, options)]
 
 
-def _print_plan(console: Console, plan, cost, estimate, memory, title: str) -> None:
-    from hetrain.planner.report import shape_rows
+def print_plan_table(console: Console, plan, cost, estimate, title: str,
+                     memory: dict[str, float] | None = None) -> None:
+    """The plan's pipeline shapes and stages; its caption names the devices left without
+    samples, if any."""
+    from rich.markup import escape
 
+    from hetrain.planner.report import checked_memory_bytes, shape_rows, unused_devices_note
+
+    memory = checked_memory_bytes(plan, cost) if memory is None else memory
+    unused = unused_devices_note(plan, cost.cluster)
     table = Table(title=title, caption="pipelines: copies x devices each; GiB: per device at "
-                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch")
+                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch"
+                  + (f"\n[yellow]{escape(unused)}[/]" if unused else ""))
     for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
                 "micro-b.", "time s"):
         table.add_column(col, justify="left" if col in ("kind", "layers") else "right")

@@ -28,6 +28,7 @@ from hetrain.model.config import model_config
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.layout import META, committed_steps, step_dir
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
 # memory (each worker holds a Python interpreter and torch, a few hundred MB) long before
@@ -109,12 +110,18 @@ def check_model(plan: Plan, user_model: nn.Module | None) -> None:
             raise ModelError(f"seq_len {plan.seq_len} is longer than the model's "
                              f"max_position_embeddings {most}; pass at most that")
         return
-    cfg = model_config(plan.model)
+    check_named_model(plan.model, plan.seq_len)
+
+
+def check_named_model(name: str, seq_len: int, cli: bool = False) -> None:
+    """A model of the catalog that can be built here, and a sequence within its positions."""
+    cfg = model_config(name)
     if not cfg.trainable:
         raise ModelError(f"model {cfg.name!r} is spec-only (too big to build here); train "
                          "tiny, tiny-tied or small, or plan it with `hetrain plan`")
-    if plan.seq_len > cfg.max_seq_len:
-        raise ModelError(f"seq_len {plan.seq_len} is longer than {cfg.name}'s max_seq_len "
+    if seq_len > cfg.max_seq_len:
+        sl = option_name("seq_len", cli)
+        raise ModelError(f"{sl} {seq_len} is longer than {cfg.name}'s max_seq_len "
                          f"{cfg.max_seq_len}; pass --seq-len {cfg.max_seq_len} or less")
 
 
@@ -155,8 +162,6 @@ def check_checkpoint(config: TrainConfig, plan: Plan, cli: bool) -> None:
     check_writable_dir(config.checkpoint_dir, option_name("checkpoint_dir", cli))
     if not config.resume:
         return
-    from hetrain.runtime.checkpoint import META, committed_steps, step_dir
-
     for step in committed_steps(config.checkpoint_dir)[:1]:
         path = step_dir(config.checkpoint_dir, step)
         try:
