@@ -19,14 +19,14 @@ def small_corpus() -> Corpus:
 
 
 def run_plan(cluster, plan, steps=3, time_scale=1e-9, model=None, precision="float64",
-             **cfg):
+             faults=None, **cfg):
     """Train `plan` for `steps` in worker processes (bounded time; always cleaned up).
     A tiny time_scale: emulated kinds are not slowed down, tests only check maths."""
     config = TrainConfig(model=plan.model, steps=steps, op_timeout_s=60, run_timeout_s=240,
                          precision=precision,
                          **cfg)
     return train(cluster, plan, config, model=model, corpus=small_corpus(),
-                 time_scale=time_scale)
+                 time_scale=time_scale, faults=faults)
 
 
 def assert_matches_reference(result, steps=3, model=None, rtol=1e-5, precision="float64",

@@ -11,14 +11,15 @@ from rich.table import Table
 
 from hetrain.cli.main import app, user_errors
 from hetrain.errors import PlannerError
-from hetrain.model.loading import MODEL_FORMS
 
 
 @app.command()
 @user_errors
 def plan(
     cluster: Path = typer.Option(..., help="cluster YAML"),
-    model: str = typer.Option(..., help=f"the model: {MODEL_FORMS}"),
+    model: str = typer.Option(..., help="the model: a built-in name (tiny, small, llama-7b, "
+                              "llama-70b, ...), a Hugging Face config.json or model folder, "
+                              "or a model YAML"),
     global_batch: int = typer.Option(1024, min=1, help="samples per optimizer step"),
     seq_len: int | None = typer.Option(None, min=1, help="tokens per sample [model's maximum]"),
     out: Path | None = typer.Option(None, help="write the plan (JSON) here"),
@@ -53,8 +54,9 @@ def plan(
     memory = checked_memory_bytes(result.plan, cost)
     baselines = _baselines(clus, cost, global_batch, options) if compare or json_out else []
 
-    _print_plan(console, result.plan, cost, result.estimate, memory,
-                title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} tokens")
+    print_plan_table(console, result.plan, cost, result.estimate,
+                     title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} "
+                     "tokens", memory=memory)
     _print_summary(console, result, cost)
     if compare:
         _print_baselines(console, result.estimate, baselines)
@@ -89,11 +91,19 @@ def _baselines(clus, cost, global_batch, options):
     return [homogeneous, *single_kind_plans(clus, cost, global_batch, options)]
 
 
-def _print_plan(console: Console, plan, cost, estimate, memory, title: str) -> None:
-    from hetrain.planner.report import shape_rows
+def print_plan_table(console: Console, plan, cost, estimate, title: str,
+                     memory: dict[str, float] | None = None) -> None:
+    """The plan's pipeline shapes and stages; its caption names the devices left without
+    samples, if any."""
+    from rich.markup import escape
 
+    from hetrain.planner.report import checked_memory_bytes, shape_rows, unused_devices_note
+
+    memory = checked_memory_bytes(plan, cost) if memory is None else memory
+    unused = unused_devices_note(plan, cost.cluster)
     table = Table(title=title, caption="pipelines: copies x devices each; GiB: per device at "
-                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch")
+                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch"
+                  + (f"\n[yellow]{escape(unused)}[/]" if unused else ""))
     for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
                 "micro-b.", "time s"):
         table.add_column(col, justify="left" if col in ("kind", "layers") else "right")

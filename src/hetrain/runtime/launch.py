@@ -36,14 +36,17 @@ from hetrain.runtime.emulation import (
     seconds_per_sample,
 )
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
+from hetrain.runtime.faults import Faults
+from hetrain.runtime.job import Job
+from hetrain.runtime.loop import run_worker
 from hetrain.runtime.preflight import preflight
+from hetrain.runtime.records import StepRecord
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.runlock import RunComplete, run_folder
 from hetrain.runtime.watchdog import beat_key, supervised_worker
-from hetrain.runtime.worker import Job, run_worker
 
-ProgressFn = Callable[[dict], None]  # rank 0's record of each step
+ProgressFn = Callable[[StepRecord], None]  # rank 0's record of each step
 SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
 WORKER_LOG = "workers.log"
 
@@ -67,7 +70,8 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
-                         model: ModelSource, real: dict[str, list[str]] | None = None) -> float:
+                         model: ModelSource,
+                         real: dict[str, list[str]] | None = None) -> float:
     """Time scale of the emulated kinds: anchored on the measured speed of the real kind that
     carries the most samples when the job has one, else on the CPU's."""
     real = real_devices_by_kind(plan, cost.cluster) if real is None else real
@@ -94,25 +98,34 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
 def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
           model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-          time_scale: float | None = None, on_suspect: SuspectFn | None = None) -> RunResult:
+          time_scale: float | None = None, on_suspect: SuspectFn | None = None,
+          faults: Faults | None = None) -> RunResult:
     """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters.
     Every input is checked first (runtime/preflight.py), before anything is written. With
     `config.checkpoint_dir`, this process owns the folder for the run and continues the
-    folder's run by default (runtime/runlock.py); RunComplete when it is already done."""
+    folder's run by default (runtime/runlock.py); RunComplete when it is already done.
+    `faults`: tests only (runtime/faults.py). Most callers want runtime.entry.run_training,
+    which adds resilience and torchrun."""
     model = plan_model(plan, model)
     corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
-    spec = model.spec(plan.seq_len)
-    estimated = check_plan(plan, cluster, spec)
+    check_plan(plan, cluster, model.spec(plan.seq_len))
     with run_folder(config, plan) as config:
-        return _train(cluster, plan, config, spec, estimated, model, corpus, out_dir,
-                      progress, time_scale, on_suspect)
+        return run_attempt(cluster, plan, config, model=model, corpus=corpus,
+                           out_dir=out_dir, progress=progress, time_scale=time_scale,
+                           on_suspect=on_suspect, faults=faults)
 
 
-def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
-           estimated: dict[str, float], model: ModelSource, corpus: Corpus | None,
-           out_dir: str | Path | None, progress: ProgressFn | None,
-           time_scale: float | None, on_suspect: SuspectFn | None) -> RunResult:
+def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
+                model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
+                out_dir: str | Path | None = None, progress: ProgressFn | None = None,
+                time_scale: float | None = None, on_suspect: SuspectFn | None = None,
+                faults: Faults | None = None) -> RunResult:
+    """One launch of the workers, its inputs already checked and the checkpoint folder
+    (if any) already owned by this process."""
+    model = plan_model(plan, model)
+    spec = model.spec(plan.seq_len)
+    estimated = check_plan(plan, cluster, spec)  # cheap; a re-plan's plan is checked here
     corpus = corpus or load_corpus(config.data, config.seed)
     real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
     emulated = set(plan.kinds()) - set(real)
@@ -130,7 +143,7 @@ def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=str(out), time_scale=scale,
               emulated=emulated, torch_device_of=_real_devices(plan, real),
               model=model, corpus=corpus, master_addr=LOOPBACK,
-              master_port=store.port, progress=ctx.Queue())
+              master_port=store.port, progress=ctx.Queue(), faults=faults)
     try:
         _spawn_and_wait(job, ctx, progress, store, on_suspect)
         result = gather_result(job, out, estimated)
@@ -253,7 +266,7 @@ def _drain(job: Job, progress: ProgressFn | None, beats: Heartbeats) -> None:
             record = job.progress.get_nowait()
         except queue_mod.Empty:
             return
-        beats.note_step(record["step_s"])
+        beats.note_step(record.step_s)
         if progress is not None:
             progress(record)
 

@@ -28,6 +28,7 @@ from hetrain.model.source import ModelSource
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.layout import META, committed_steps, step_dir
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
 # memory (each worker holds a Python interpreter and torch, a few hundred MB) long before
@@ -102,10 +103,16 @@ def check_model(plan: Plan, model: ModelSource) -> None:
     model.check_trainable()
     for group in plan.stage_groups:
         model.check_tp(group.tp)
+    check_seq_len(model, plan.seq_len)
+
+
+def check_seq_len(model: ModelSource, seq_len: int, cli: bool = False) -> None:
+    """A sequence within the model's positions."""
     most = model.max_seq_len
-    if most is not None and plan.seq_len > most:
-        raise ModelError(f"seq_len {plan.seq_len} is longer than {model.name}'s "
-                         f"{model.max_seq_field} {most}; pass --seq-len {most} or less")
+    if most is not None and seq_len > most:
+        raise ModelError(f"{option_name('seq_len', cli)} {seq_len} is longer than "
+                         f"{model.name}'s {model.max_seq_field} {most}; pass --seq-len {most} "
+                         "or less")
 
 
 def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
@@ -134,8 +141,6 @@ def check_checkpoint(config: TrainConfig, plan: Plan, cli: bool) -> None:
     check_writable_dir(config.checkpoint_dir, option_name("checkpoint_dir", cli))
     if not config.resume:
         return
-    from hetrain.runtime.checkpoint import META, committed_steps, step_dir
-
     for step in committed_steps(config.checkpoint_dir)[:1]:
         path = step_dir(config.checkpoint_dir, step)
         try:
