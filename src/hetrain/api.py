@@ -1,4 +1,5 @@
-"""The Python API: `hetrain.fit(model, data, cluster=...)` trains a user's own nn.Module."""
+"""The Python API: `hetrain.fit(model, data, cluster=..., plan=...)` trains a user's own
+nn.Module: a Hugging Face causal LM under any plan, any other module data-parallel."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from hetrain.cluster.loading import load_cluster
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import ClusterError, ConfigError, DataError, ModelError, RuntimeFailure
+from hetrain.model.loading import as_model
+from hetrain.plan.types import Plan
 from hetrain.runtime.job_config import JobConfig, job_from_dict, load_job
 from hetrain.runtime.results import RunResult
 from hetrain.training import plan_job, run_job
@@ -62,11 +65,15 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
         global_batch: int | None = None, seq_len: int | None = None, lr: float | None = None,
         weight_decay: float | None = None, seed: int | None = None,
         precision: str | None = None, time_scale: float | None = None,
+        plan: Plan | str | Path | dict[str, Any] | None = None,
         **sections: dict[str, Any]) -> RunResult:
     """Train `model` (tokens [batch, seq] -> logits, or an output with `.logits`, as
-    Hugging Face causal LMs return) on every device of `cluster`, data-parallel with shares
-    balanced by each kind's speed. Each step equals one-device training on the same global
-    batch. The trained weights are copied back into `model`.
+    Hugging Face causal LMs return) on the devices of `cluster`. Without a plan: every
+    device, data-parallel with shares balanced by each kind's speed. With `plan` (a Plan or
+    a plan file; its global batch and seq_len apply): any plan form for a Hugging Face causal
+    LM (pipelines cut at its decoder layers, TP groups), data parallelism for other modules.
+    Each step equals one-device training on the same global batch. The trained weights are
+    copied back into `model` (`model.save_pretrained(folder)` then writes them for HF).
 
     The job's settings come in the sections of a job file (`job`: a JobConfig, a dict of
     sections or the path of a TOML/YAML file), then section keywords (e.g.
@@ -77,12 +84,18 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
     (ConfigError, ClusterError, DataError, ModelError, PlanError), a HetrainError."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch nn.Module, not {type(model).__name__}")
+    source = as_model(model)
+    plan_obj = plan if isinstance(plan, Plan) else None
+    if isinstance(plan, str | Path):
+        sections["plan"] = {**sections.get("plan", {}), "path": str(plan)}
+    elif isinstance(plan, dict):
+        sections["plan"] = plan
     spec = _as_job(job)
     unknown = set(sections) - set(JobConfig.model_fields)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown keyword; the sections are "
                           f"{', '.join(JobConfig.model_fields)}")
-    values: dict[str, Any] = {"model.name": type(model).__name__}
+    values: dict[str, Any] = {"model.name": source.name}
     for section, body in sections.items():
         if not isinstance(body, dict):
             raise ConfigError(f"{section}: a dict of the section's fields, not "
@@ -97,8 +110,8 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
         raise ClusterError("cluster: give a Cluster or the path of a cluster YAML")
     clus = _as_cluster(cluster if cluster is not None else spec.cluster.path)
     corpus = _as_corpus(data if data is not None else spec.data.path, spec.schedule.seed)
-    planned = plan_job(spec, cluster=clus, user_model=model)
-    result = run_job(planned, user_model=model, corpus=corpus)
+    planned = plan_job(spec, cluster=clus, model=source, plan=plan_obj)
+    result = run_job(planned, model=source, corpus=corpus)
     if result is None:  # a torchrun rank: the job's weights are in its checkpoints
         raise RuntimeFailure("hetrain.fit does not run under torchrun; use `hetrain train`")
     with torch.no_grad():

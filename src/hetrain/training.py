@@ -21,21 +21,20 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus
 from hetrain.errors import ConfigError, HetrainError
-from hetrain.model.adapters import module_spec
-from hetrain.model.config import model_config
-from hetrain.model.spec import model_spec
+from hetrain.model.loading import as_model, load_model
+from hetrain.model.source import ModelSource
 from hetrain.plan import load_plan
 from hetrain.plan.types import Plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.estimate import StepEstimate
 from hetrain.planner.replan import data_parallel_replan
-from hetrain.planner.search import SearchOptions, search_plan, tp_sizes_for
+from hetrain.planner.search import SearchOptions, search_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.entry import RunHooks, run_training
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.job_config import JobConfig
 from hetrain.runtime.launch import check_plan, plan_spec
-from hetrain.runtime.preflight import check_batch, check_named_model, option_name
+from hetrain.runtime.preflight import check_batch, check_seq_len, option_name
 from hetrain.runtime.results import RunResult
 
 PLAN_FILE = "plan.json"  # the plan a run trained, in its checkpoint folder or --out-dir
@@ -55,9 +54,9 @@ class PlannedJob:
     search_s: float | None = None
     note: str | None = None  # why the search's plan is not the one trained, one line
 
-    def cost_model(self, user_model: nn.Module | None = None) -> CostModel:
+    def cost_model(self, model: ModelSource | nn.Module | None = None) -> CostModel:
         """The costs the plan is priced with (for its table)."""
-        return CostModel(self.cluster, plan_spec(self.plan, user_model))
+        return CostModel(self.cluster, plan_spec(self.plan, model))
 
     @property
     def plan_path(self) -> Path | None:
@@ -67,33 +66,33 @@ class PlannedJob:
 
 
 def plan_job(job: JobConfig, *, cluster: Cluster | None = None,
-             user_model: nn.Module | None = None, cli: bool = False) -> PlannedJob:
-    """The job's cluster and plan; errors name the flag (`cli`) or the section.field."""
+             model: ModelSource | nn.Module | None = None, plan: Plan | None = None,
+             cli: bool = False) -> PlannedJob:
+    """The job's cluster and plan (`plan`, else the job's plan file, else planned); errors
+    name the flag (`cli`) or the section.field. A user's module (`model`) without a plan
+    trains data-parallel, as hetrain.fit always has."""
     config = job.train_config()
     if cluster is None:
         if not job.cluster.path:
             raise ConfigError(f"{option_name('cluster', cli) if cli else 'cluster'}: give the "
                               "cluster YAML (or path in the job file's [cluster] section)")
         cluster = load_cluster(job.cluster.path)
-    if job.plan.path:
-        plan = load_plan(job.plan.path, cluster)
+    if plan is not None or job.plan.path:
+        plan = plan if plan is not None else load_plan(job.plan.path, cluster)
         config = config.model_copy(update={"model": plan.model})
         return PlannedJob(job, cluster, plan, config, "file")
     gb, seq_len = job.plan.global_batch, job.plan.seq_len
     check_batch(gb, seq_len, cli=cli)
-    if user_model is not None:  # a user's module runs whole on each device
-        cost = CostModel(cluster, module_spec(user_model, seq_len, config.model))
-        return PlannedJob(job, cluster, data_parallel_plan(cluster, cost, gb), config,
-                          "data_parallel")
-    check_named_model(config.model, seq_len, cli)  # before the planner prices it
-    cfg = model_config(config.model)
-    cost = CostModel(cluster, model_spec(cfg, seq_len))
+    source = as_model(model) if model is not None else load_model(config.model)
+    source.check_trainable()  # before the planner prices it
+    check_seq_len(source, seq_len, cli)
+    cost = CostModel(cluster, source.spec(seq_len))
     dp = PlannedJob(job, cluster, data_parallel_plan(cluster, cost, gb), config,
                     "data_parallel")
-    if not job.plan.search:
+    if model is not None or not job.plan.search:
         return dp
     try:
-        result = search_plan(cluster, cost, gb, SearchOptions(tp_sizes=tp_sizes_for(cfg)))
+        result = search_plan(cluster, cost, gb, SearchOptions(tp_sizes=source.tp_sizes()))
         check_plan(result.plan, cluster, cost.spec)  # what the runtime will accept
     except HetrainError as err:
         dp.note = f"planner: {err}; training data parallelism instead"
@@ -102,7 +101,7 @@ def plan_job(job: JobConfig, *, cluster: Cluster | None = None,
                       result.search_s)
 
 
-def run_job(planned: PlannedJob, *, user_model: nn.Module | None = None,
+def run_job(planned: PlannedJob, *, model: ModelSource | nn.Module | None = None,
             corpus: Corpus | None = None, hooks: RunHooks | None = None, cli: bool = False,
             faults: Faults | None = None) -> RunResult | None:
     """Train the planned job (runtime.entry.run_training); the plan is saved beside the run
@@ -113,7 +112,7 @@ def run_job(planned: PlannedJob, *, user_model: nn.Module | None = None,
                (logging.trace_file, option_name("trace", cli) if cli else "logging.trace_file")]
     return run_training(
         planned.cluster, planned.plan, planned.config, replan=data_parallel_replan(),
-        user_model=user_model, corpus=corpus, out_dir=logging.out_dir,
+        model=model, corpus=corpus, out_dir=logging.out_dir,
         hooks=RunHooks(_then(lambda: _save_plan(planned), hooks.on_start), hooks.progress,
                        hooks.on_suspect),
         outputs=outputs, cli=cli, faults=faults)

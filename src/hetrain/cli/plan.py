@@ -10,14 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from hetrain.cli.main import app, user_errors
-from hetrain.errors import ModelError, PlannerError
+from hetrain.errors import PlannerError
 
 
 @app.command()
 @user_errors
 def plan(
     cluster: Path = typer.Option(..., help="cluster YAML"),
-    model: str = typer.Option(..., help="model name: tiny, small, llama-7b, llama-70b, ..."),
+    model: str = typer.Option(..., help="the model: a built-in name (tiny, small, llama-7b, "
+                              "llama-70b, ...), a Hugging Face config.json or model folder, "
+                              "or a model YAML"),
     global_batch: int = typer.Option(1024, min=1, help="samples per optimizer step"),
     seq_len: int | None = typer.Option(None, min=1, help="tokens per sample [model's maximum]"),
     out: Path | None = typer.Option(None, help="write the plan (JSON) here"),
@@ -34,25 +36,20 @@ def plan(
     from hetrain.cluster.loading import load_cluster
     from hetrain.cost.model import CostModel
     from hetrain.cost.profile import Profile
-    from hetrain.model.config import model_config
-    from hetrain.model.spec import model_spec
+    from hetrain.model.loading import model_and_seq_len
     from hetrain.planner.report import checked_memory_bytes
-    from hetrain.planner.search import SearchOptions, search_plan, tp_sizes_for
+    from hetrain.planner.search import SearchOptions, search_plan
 
     console = Console()
     clus = load_cluster(cluster)
-    cfg = model_config(model)
-    seq = seq_len or cfg.max_seq_len
-    if seq > cfg.max_seq_len:
-        raise ModelError(f"--seq-len {seq} is longer than {cfg.name}'s max_seq_len "
-                         f"{cfg.max_seq_len}; pass at most that")
-    spec = model_spec(cfg, seq)
+    source, seq = model_and_seq_len(model, seq_len)
+    spec = source.spec(seq)
     prof = None
     if profile is not None:
         prof = Profile.load(profile)
-        prof.check_layers(spec.n_layers, cfg.name)
+        prof.check_layers(spec.n_layers, source.name)
     cost = CostModel(clus, spec, prof)
-    options = SearchOptions(tp_sizes=tp_sizes_for(cfg), dtype=dtype)
+    options = SearchOptions(tp_sizes=source.tp_sizes(), dtype=dtype)
     result = search_plan(clus, cost, global_batch, options)
     memory = checked_memory_bytes(result.plan, cost)
     baselines = _baselines(clus, cost, global_batch, options) if compare or json_out else []

@@ -54,7 +54,8 @@ def train(
                                        "checkpoint, logging); flags override it"),
     cluster: Path | None = typer.Option(None, help="cluster YAML"),
     plan: Path | None = typer.Option(None, help="plan JSON/YAML; default: the planner's"),
-    model: str = typer.Option("tiny", help="model name (tiny, small, ...)"),
+    model: str = typer.Option("tiny", help="the model: a built-in name (tiny, small, ...), a "
+                              "Hugging Face config.json or model folder, or a model YAML"),
     steps: int = typer.Option(20, min=1),
     global_batch: int = typer.Option(48, min=1, help="samples per step (without --plan)"),
     seq_len: int = typer.Option(64, min=2, help="tokens per sample (without --plan)"),

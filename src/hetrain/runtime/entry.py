@@ -18,6 +18,7 @@ from torch import nn
 
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus
+from hetrain.model.source import ModelSource
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.faults import Faults
@@ -25,6 +26,7 @@ from hetrain.runtime.launch import (
     ProgressFn,
     SuspectFn,
     check_plan,
+    plan_model,
     plan_spec,
     run_attempt,
     torchrun_main,
@@ -54,7 +56,7 @@ def under_torchrun() -> bool:
 
 
 def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-                 replan: ReplanFn | None = None, user_model: nn.Module | None = None,
+                 replan: ReplanFn | None = None, model: ModelSource | nn.Module | None = None,
                  corpus: Corpus | None = None, out_dir: str | Path | None = None,
                  hooks: RunHooks | None = None, time_scale: float | None = None,
                  outputs: Iterable[tuple[str | Path | None, str]] = (), cli: bool = False,
@@ -66,10 +68,11 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     errors name options as flags. RunComplete when the folder's run is already done."""
     hooks = hooks or RunHooks()
     torchrun = under_torchrun()
-    corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
+    model = plan_model(plan, model)  # a user's module as the model object
+    corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale, outputs=outputs, cli=cli,
                        spawn=not torchrun)
-    check_plan(plan, cluster, plan_spec(plan, user_model))
+    check_plan(plan, cluster, plan_spec(plan, model))
     if torchrun:
         # torchrun's elastic agent supervises; each rank resumes from the checkpoints.
         torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT))
@@ -78,8 +81,8 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         if hooks.on_start is not None:
             hooks.on_start()
         if config.checkpoint_dir and replan is not None:
-            return supervise(cluster, plan, config, replan, max_recoveries, user_model, corpus,
+            return supervise(cluster, plan, config, replan, max_recoveries, model, corpus,
                              out_dir, hooks.progress, time_scale, hooks.on_suspect, faults)
-        return run_attempt(cluster, plan, config, user_model=user_model, corpus=corpus,
+        return run_attempt(cluster, plan, config, model=model, corpus=corpus,
                            out_dir=out_dir, progress=hooks.progress, time_scale=time_scale,
                            on_suspect=hooks.on_suspect, faults=faults)

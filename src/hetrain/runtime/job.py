@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus
+from hetrain.model.source import ModelSource
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.faults import Faults
@@ -24,7 +23,7 @@ class Job:
     time_scale: float
     emulated: set[str]
     torch_device_of: dict[str, str] = field(default_factory=dict)  # device id -> "cuda:0"
-    user_model: nn.Module | None = None
+    model: ModelSource | None = None  # None: the plan's model by name or path (load_model)
     corpus: Corpus | None = None
     master_addr: str = "127.0.0.1"
     master_port: int = 29500

@@ -5,7 +5,6 @@ one line naming the cause; their tracebacks go to a log file in the run folder."
 
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -23,10 +22,9 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import HetrainError, RuntimeFailure
-from hetrain.model.adapters import module_spec
-from hetrain.model.config import model_config
-from hetrain.model.decoder import build_decoder
-from hetrain.model.spec import ModelSpec, model_spec
+from hetrain.model.loading import as_model, load_model
+from hetrain.model.source import ModelSource
+from hetrain.model.spec import ModelSpec
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan
 from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
@@ -46,7 +44,6 @@ from hetrain.runtime.records import StepRecord
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.runlock import RunComplete, run_folder
-from hetrain.runtime.stage import WholeModel
 from hetrain.runtime.watchdog import beat_key, supervised_worker
 
 ProgressFn = Callable[[StepRecord], None]  # rank 0's record of each step
@@ -54,10 +51,14 @@ SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
 WORKER_LOG = "workers.log"
 
 
-def plan_spec(plan: Plan, user_model: nn.Module | None) -> ModelSpec:
-    if user_model is not None:
-        return module_spec(user_model, plan.seq_len, plan.model)
-    return model_spec(model_config(plan.model), plan.seq_len)
+def plan_model(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSource:
+    """The model object a run trains: the one given (a user's module: as_model), else the
+    one the plan names."""
+    return as_model(model) if model is not None else load_model(plan.model)
+
+
+def plan_spec(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSpec:
+    return plan_model(plan, model).spec(plan.seq_len)
 
 
 def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float]:
@@ -69,7 +70,7 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
-                         user_model: nn.Module | None,
+                         model: ModelSource,
                          real: dict[str, list[str]] | None = None) -> float:
     """Time scale of the emulated kinds: anchored on the measured speed of the real kind that
     carries the most samples when the job has one, else on the CPU's."""
@@ -83,20 +84,19 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
     kind = next((k for k in kind_of[best] if k in real), kind_of[best][0])
     device = real[kind][0] if kind in real else "cpu"
     inputs, targets = corpus.global_batch(0, route.micro_batch_size, plan.seq_len)
-    model = WholeModel(copy.deepcopy(user_model)) if user_model is not None else \
-        build_decoder(model_config(plan.model), config.seed)
+    whole = model.build_stage(0, model.n_layers, config.seed)
     if device != "cpu":
         bind_process(cost.cluster.kinds[kind], device)
-    model.to(device=device, dtype=getattr(torch, config.precision))
-    per_sample = seconds_per_sample(model, inputs, targets, device)
-    model.zero_grad(set_to_none=True)
+    whole.to(device=device, dtype=getattr(torch, config.precision))
+    per_sample = seconds_per_sample(whole, inputs, targets, device)
+    whole.zero_grad(set_to_none=True)
     if kind in real:
         return anchored_time_scale(plan, cost, kind, per_sample)
     return auto_time_scale(plan, cost, per_sample, len(plan.devices()))
 
 
 def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-          user_model: nn.Module | None = None, corpus: Corpus | None = None,
+          model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
           time_scale: float | None = None, on_suspect: SuspectFn | None = None,
           faults: Faults | None = None) -> RunResult:
@@ -106,30 +106,32 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     folder's run by default (runtime/runlock.py); RunComplete when it is already done.
     `faults`: tests only (runtime/faults.py). Most callers want runtime.entry.run_training,
     which adds resilience and torchrun."""
-    corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
+    model = plan_model(plan, model)
+    corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
-    check_plan(plan, cluster, plan_spec(plan, user_model))
+    check_plan(plan, cluster, model.spec(plan.seq_len))
     with run_folder(config, plan) as config:
-        return run_attempt(cluster, plan, config, user_model=user_model, corpus=corpus,
+        return run_attempt(cluster, plan, config, model=model, corpus=corpus,
                            out_dir=out_dir, progress=progress, time_scale=time_scale,
                            on_suspect=on_suspect, faults=faults)
 
 
 def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-                user_model: nn.Module | None = None, corpus: Corpus | None = None,
+                model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
                 out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                 time_scale: float | None = None, on_suspect: SuspectFn | None = None,
                 faults: Faults | None = None) -> RunResult:
     """One launch of the workers, its inputs already checked and the checkpoint folder
     (if any) already owned by this process."""
-    spec = plan_spec(plan, user_model)
+    model = plan_model(plan, model)
+    spec = model.spec(plan.seq_len)
     estimated = check_plan(plan, cluster, spec)  # cheap; a re-plan's plan is checked here
     corpus = corpus or load_corpus(config.data, config.seed)
     real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
     emulated = set(plan.kinds()) - set(real)
     cost = CostModel(cluster, spec)
     scale = time_scale or config.time_scale or (
-        calibrate_time_scale(plan, cost, corpus, config, user_model, real) if emulated
+        calibrate_time_scale(plan, cost, corpus, config, model, real) if emulated
         else 1.0)
     keep = out_dir is not None
     out = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="hetrain-run-"))
@@ -140,7 +142,7 @@ def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     store = LoopbackStore(len(plan.devices()), config.op_timeout_s)
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=str(out), time_scale=scale,
               emulated=emulated, torch_device_of=_real_devices(plan, real),
-              user_model=user_model, corpus=corpus, master_addr=LOOPBACK,
+              model=model, corpus=corpus, master_addr=LOOPBACK,
               master_port=store.port, progress=ctx.Queue(), faults=faults)
     try:
         _spawn_and_wait(job, ctx, progress, store, on_suspect)

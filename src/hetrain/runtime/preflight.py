@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from torch import nn
 
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
-from hetrain.model.config import model_config
+from hetrain.model.loading import load_model
+from hetrain.model.source import ModelSource
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
@@ -97,43 +97,22 @@ def check_batch(global_batch: int, seq_len: int, cli: bool) -> None:
 
 
 # --- model, data, checkpoint -----------------------------------------------------------------
-def check_model(plan: Plan, user_model: nn.Module | None) -> None:
-    """The plan's sequence length fits the model; a named model can be built here."""
-    if user_model is not None:
-        if not isinstance(user_model, nn.Module):
-            raise ModelError(f"model must be a torch nn.Module, not {type(user_model).__name__}")
-        if not any(p.requires_grad for p in user_model.parameters()):
-            raise ModelError("model has no trainable parameters; nothing to train")
-        cfg = getattr(user_model, "config", None)
-        most = getattr(cfg, "max_position_embeddings", None)
-        if isinstance(most, int) and plan.seq_len > most:
-            raise ModelError(f"seq_len {plan.seq_len} is longer than the model's "
-                             f"max_position_embeddings {most}; pass at most that")
-        return
-    check_named_model(plan.model, plan.seq_len)
+def check_model(plan: Plan, model: ModelSource) -> None:
+    """The model can be built here, splits as the plan's TP groups do, and the plan's
+    sequence length fits it."""
+    model.check_trainable()
+    for group in plan.stage_groups:
+        model.check_tp(group.tp)
+    check_seq_len(model, plan.seq_len)
 
 
-def check_named_model(name: str, seq_len: int, cli: bool = False) -> None:
-    """A model of the catalog that can be built here, and a sequence within its positions."""
-    cfg = model_config(name)
-    if not cfg.trainable:
-        raise ModelError(f"model {cfg.name!r} is spec-only (too big to build here); train "
-                         "tiny, tiny-tied or small, or plan it with `hetrain plan`")
-    if seq_len > cfg.max_seq_len:
-        sl = option_name("seq_len", cli)
-        raise ModelError(f"{sl} {seq_len} is longer than {cfg.name}'s max_seq_len "
-                         f"{cfg.max_seq_len}; pass --seq-len {cfg.max_seq_len} or less")
-
-
-def model_vocab(plan: Plan, user_model: nn.Module | None) -> int | None:
-    if user_model is None:
-        return model_config(plan.model).vocab_size
-    vocab = getattr(getattr(user_model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and vocab > 0:
-        return vocab
-    # A plain module: its first embedding table bounds the token ids it can take.
-    embed = next((m for m in user_model.modules() if isinstance(m, nn.Embedding)), None)
-    return embed.num_embeddings if embed is not None else None
+def check_seq_len(model: ModelSource, seq_len: int, cli: bool = False) -> None:
+    """A sequence within the model's positions."""
+    most = model.max_seq_len
+    if most is not None and seq_len > most:
+        raise ModelError(f"{option_name('seq_len', cli)} {seq_len} is longer than "
+                         f"{model.name}'s {model.max_seq_field} {most}; pass --seq-len {most} "
+                         "or less")
 
 
 def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
@@ -225,7 +204,7 @@ def _is_main_guard(node: ast.stmt) -> bool:
 
 # --- all of it -------------------------------------------------------------------------------
 def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-              user_model: nn.Module | None = None, corpus: Corpus | None = None,
+              model: ModelSource | None = None, corpus: Corpus | None = None,
               out_dir: str | Path | None = None, time_scale: float | None = None,
               outputs: Iterable[tuple[str | Path | None, str]] = (), cli: bool = False,
               spawn: bool = True) -> Corpus:
@@ -238,10 +217,11 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         check_writable_file(path, option)
     check_writable_dir(out_dir, option_name("out_dir", cli))
     check_checkpoint(config, plan, cli)
-    check_model(plan, user_model)
+    model = model if model is not None else load_model(plan.model)
+    check_model(plan, model)
     if spawn:
         check_worker_count(plan)
         check_main_guard()
     corpus = corpus if corpus is not None else load_corpus(config.data, config.seed)
-    check_corpus(corpus, plan, model_vocab(plan, user_model))
+    check_corpus(corpus, plan, model.vocab_size)
     return corpus

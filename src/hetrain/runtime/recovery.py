@@ -32,10 +32,18 @@ from torch import nn
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus
 from hetrain.errors import RuntimeFailure
+from hetrain.model.source import ModelSource
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.faults import Faults
-from hetrain.runtime.launch import ProgressFn, SuspectFn, check_plan, plan_spec, run_attempt
+from hetrain.runtime.launch import (
+    ProgressFn,
+    SuspectFn,
+    check_plan,
+    plan_model,
+    plan_spec,
+    run_attempt,
+)
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.records import StepRecord
 from hetrain.runtime.results import Attempt, Recovery, RunResult
@@ -70,7 +78,7 @@ class _Steps:
 
 def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
                     replan: ReplanFn, max_recoveries: int = 3,
-                    user_model: nn.Module | None = None, corpus: Corpus | None = None,
+                    model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
                     out_dir: str | Path | None = None, progress: ProgressFn | None = None,
                     time_scale: float | None = None, on_suspect: SuspectFn | None = None,
                     faults: Faults | None = None) -> RunResult:
@@ -85,11 +93,12 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         config = config.model_copy(update={"checkpoint_dir": scratch})
     try:
         # Checked once, before the folder is claimed; each attempt's plan again (cheap).
-        corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
+        model = plan_model(plan, model)  # a user's module as the model object
+        corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                            out_dir=out_dir, time_scale=time_scale)
-        check_plan(plan, cluster, plan_spec(plan, user_model))
+        check_plan(plan, cluster, plan_spec(plan, model))
         with run_folder(config, plan) as config:  # owned for every attempt
-            return supervise(cluster, plan, config, replan, max_recoveries, user_model,
+            return supervise(cluster, plan, config, replan, max_recoveries, model,
                              corpus, out_dir, progress, time_scale, on_suspect, faults)
     finally:
         if scratch is not None:
@@ -97,7 +106,7 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
 
 
 def supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanFn,
-              max_recoveries: int, user_model: nn.Module | None, corpus: Corpus | None,
+              max_recoveries: int, model: ModelSource | nn.Module | None, corpus: Corpus | None,
               out_dir: str | Path | None, progress: ProgressFn | None,
               time_scale: float | None, on_suspect: SuspectFn | None,
               faults: Faults | None) -> RunResult:
@@ -110,7 +119,7 @@ def supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanF
         while True:
             steps.start(plan)
             try:
-                result = run_attempt(cluster, plan, attempt_config, user_model=user_model,
+                result = run_attempt(cluster, plan, attempt_config, model=model,
                                      corpus=corpus, out_dir=out_dir, progress=steps,
                                      time_scale=time_scale, on_suspect=on_suspect,
                                      faults=faults)

@@ -8,7 +8,6 @@ comm thread; the optimizer.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -23,10 +22,7 @@ from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import load_corpus
-from hetrain.model.adapters import module_spec
-from hetrain.model.config import model_config
-from hetrain.model.decoder import build_decoder
-from hetrain.model.spec import model_spec
+from hetrain.model.loading import load_model
 from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
 from hetrain.plan.sync import SyncBucket, ready_fraction
 from hetrain.plan.types import MicroBatch, StageGroup
@@ -36,13 +32,7 @@ from hetrain.runtime.grad_sync import GradSync
 from hetrain.runtime.job import Job
 from hetrain.runtime.memory import ActivationMeter, state_bytes
 from hetrain.runtime.records import StepRecord, WorkerReport
-from hetrain.runtime.stage import (
-    Stage,
-    WholeModel,
-    apply_tensor_parallel,
-    decoder_stage,
-    full_tensor,
-)
+from hetrain.runtime.stage import Stage, full_tensor
 
 
 class Worker:
@@ -102,29 +92,20 @@ class Worker:
         tp_groups = {sg.name: self.cache.get([self.rank_of[d] for d in sg.devices],
                                              self.backend_of[sg.kind])
                      for sg in job.plan.stage_groups}
-        if job.user_model is not None:
-            # Tensors pickled to spawned workers live in shared memory: without a private copy
-            # every worker's optimizer would step the same weights.
-            self.stage: Stage | WholeModel = WholeModel(copy.deepcopy(job.user_model))
-            self.n_layers, self.tied = 1, False
-            self.spec = module_spec(job.user_model, job.plan.seq_len, job.plan.model)
-            self.params = [(name, 0, p) for name, p in self.stage.canonical_parameters()]
-            self.dim = 0
-        else:
-            cfg = model_config(job.plan.model)
-            full = build_decoder(cfg, job.config.seed)
-            self.spec = model_spec(cfg, job.plan.seq_len)
-            self.n_layers, self.tied, self.dim = len(full.layers()), cfg.tie_embeddings, cfg.dim
-            self.stage = decoder_stage(full, *g.layers)
-            del full
-            if g.tp > 1:
-                from torch.distributed.device_mesh import DeviceMesh
+        # The model object builds this group's layers; every process the same weights.
+        self.model = job.model if job.model is not None else load_model(job.plan.model)
+        self.spec = self.model.spec(job.plan.seq_len)
+        self.n_layers, self.tied = self.model.n_layers, self.model.tie_embeddings
+        self.dim = self.model.hidden_size  # elements per token sent between stages
+        self.stage: Stage = self.model.build_stage(*g.layers, job.config.seed)
+        if g.tp > 1:
+            from torch.distributed.device_mesh import DeviceMesh
 
-                mesh = DeviceMesh.from_group(tp_groups[g.name], self.device.type,
-                                             mesh=torch.tensor(tp_ranks))
-                apply_tensor_parallel(self.stage, mesh)
-            self.params = [(name, _layer_of(name, self.n_layers), p)
-                           for name, p in self.stage.canonical_parameters()]
+            mesh = DeviceMesh.from_group(tp_groups[g.name], self.device.type,
+                                         mesh=torch.tensor(tp_ranks))
+            self.model.apply_tensor_parallel(self.stage, mesh)
+        self.params = [(name, self.model.layer_of(name), p)
+                       for name, p in self.stage.canonical_parameters()]
         self.dtype = getattr(torch, job.config.precision)
         self.stage.to(device=self.device, dtype=self.dtype)
 
@@ -227,7 +208,7 @@ class Worker:
         else:
             x = saved.inp = received.requires_grad_(True)
         with self.meter.forward(mb.id):
-            if self.split and received is None and isinstance(self.stage, Stage):
+            if self.split and received is None and self.model.n_layers > 1:
                 # Stage 0 under zero-bubble splits after the embedding: the blocks' input is
                 # then a leaf, so the input-gradient action can run (and keep what the
                 # weight gradients need); the embedding's gradient waits for the weight one.
@@ -350,11 +331,3 @@ _COMPUTE = {"forward": Worker._forward, "backward": Worker._backward,
             "backward_input": Worker._backward_input, "backward_weight": Worker._backward_weight}
 _CATEGORY = {"forward": "forward", "backward": "backward", "backward_input": "backward",
              "backward_weight": "weight"}
-
-
-def _layer_of(name: str, n_layers: int) -> int:
-    if name.startswith("embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return n_layers - 1
