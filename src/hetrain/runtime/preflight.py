@@ -26,6 +26,7 @@ from hetrain.model.config import model_config
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.emulation import real_devices_by_kind
 from hetrain.runtime.layout import META, committed_steps, step_dir
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
@@ -212,6 +213,7 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     if spawn:
         check_worker_count(plan)
         check_main_guard()
+        real_devices_by_kind(plan, cluster)  # a `mode: real` kind that cannot run here
     corpus = corpus if corpus is not None else load_corpus(config.data, config.seed)
     check_corpus(corpus, plan, model_vocab(plan, user_model))
     return corpus
