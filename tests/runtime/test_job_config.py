@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import hetrain
 from hetrain.errors import ConfigError
 from hetrain.runtime import TrainConfig
 from hetrain.runtime.job_config import JobConfig, OptimizerSection, job_from_dict
 from tests.refusals import THREE, Reached, sandboxed
-
-
-class Bigram(nn.Module):
-    def __init__(self, vocab: int = 256):
-        super().__init__()
-        self.embed, self.out = nn.Embedding(vocab, 8), nn.Linear(8, vocab)
-
-    def forward(self, tokens):
-        return self.out(self.embed(tokens))
+from tests.runtime.test_preflight import Bigram
 
 
 def test_the_sections_defaults_are_the_runtimes():

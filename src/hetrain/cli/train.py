@@ -82,7 +82,7 @@ def train(
     """Train a model on the cluster's devices, emulating kinds that are not present."""
     # Every input is checked before any output, any file written or any worker started.
     job = _job(ctx, config, locals())
-    if ctx.get_parameter_source("resume").name == "COMMANDLINE" and not job.checkpoint.dir:
+    if _given(ctx, "resume") and not job.checkpoint.dir:
         raise ConfigError("--resume needs --checkpoint-dir: give the folder")
     planned = plan_job(job, cli=True)
     console = Console()
@@ -122,11 +122,15 @@ def train(
 def _job(ctx: typer.Context, path: Path | None, values: dict[str, Any]) -> JobConfig:
     """The job file (or the defaults) with the flags given on the command line over it."""
     job = load_job(path) if path is not None else JobConfig()
-    given = {name: values[name] for name in FLAGS
-             if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    given = {name: values[name] for name in FLAGS if _given(ctx, name)}
     overrides = {FLAGS[name][0]: str(v) if isinstance(v, Path) else v
                  for name, v in given.items()}
     return job.with_values(overrides, {key: flag for key, flag in FLAGS.values()})
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the flag was on the command line (typer's own click: compare by name)."""
+    return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
 
 
 def _print_plan(console: Console, planned: PlannedJob) -> None:

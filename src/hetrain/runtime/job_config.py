@@ -122,7 +122,7 @@ class JobConfig(_Section):
         return job_from_dict(data, "", names or {})
 
 
-# What to do about a field that is out of range, by field name.
+# What to do about a field that is out of range, by field name (of a section or TrainConfig).
 FIXES = {
     "lr": "a learning rate must be a finite number > 0, e.g. 1e-3",
     "min_lr": "a learning rate must be a finite number >= 0",
@@ -131,7 +131,9 @@ FIXES = {
     "weight_decay": "weight decay must be a finite number >= 0",
     "op_timeout_s": "a timeout must be a finite number of seconds > 0",
     "hang_timeout_s": "a timeout must be a finite number of seconds > 0",
+    "run_timeout_s": "a timeout must be a finite number of seconds > 0",
     "every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
+    "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
     "precision": "use float32 or float64",
     "seed": "pass a whole number in [0, 2**32)",
     "global_batch": "pass a whole number of samples >= 1",

@@ -16,9 +16,6 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
 
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus, load_corpus
@@ -28,6 +25,7 @@ from hetrain.model.source import ModelSource
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.emulation import real_devices_by_kind
 from hetrain.runtime.layout import META, committed_steps, step_dir
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
@@ -38,38 +36,10 @@ MAX_LOCAL_WORKERS = 64
 # targets (16 bytes a token), so 2**27 tokens is already 2 GiB per worker.
 MAX_TOKENS_PER_STEP = 2**27
 
-# What to do about a field of TrainConfig that is out of range.
-_FIXES = {
-    "lr": "a learning rate must be a finite number > 0, e.g. 1e-3",
-    "steps": "pass a whole number of steps >= 1",
-    "time_scale": "an emulation stretch must be a finite number > 0; leave it out to calibrate",
-    "weight_decay": "weight decay must be a finite number >= 0",
-    "op_timeout_s": "a timeout must be a finite number of seconds > 0",
-    "run_timeout_s": "a timeout must be a finite number of seconds > 0",
-    "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
-    "precision": "use float32 or float64",
-    "seed": "pass a whole number in [0, 2**32)",
-}
-
-
 def option_name(field: str, cli: bool) -> str:
     """How the user spelled `field`: `--time-scale` on the command line, `time_scale` in
     Python."""
     return "--" + field.replace("_", "-") if cli else field
-
-
-def train_config(cli: bool = False, **fields: Any) -> TrainConfig:
-    """A TrainConfig from user values; ConfigError naming the option and the fix."""
-    try:
-        return TrainConfig(**fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "options"
-        got = first.get("input")
-        fix = _FIXES.get(field, first["msg"])
-        if first["type"] == "extra_forbidden":
-            fix = "unknown option; check its spelling"
-        raise ConfigError(f"{option_name(field, cli)}: {fix} (got {got!r})") from None
 
 
 def check_positive(value: float | int | None, name: str, whole: bool = False) -> None:
@@ -222,6 +192,7 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     if spawn:
         check_worker_count(plan)
         check_main_guard()
+        real_devices_by_kind(plan, cluster)  # a `mode: real` kind that cannot run here
     corpus = corpus if corpus is not None else load_corpus(config.data, config.seed)
     check_corpus(corpus, plan, model.vocab_size)
     return corpus
