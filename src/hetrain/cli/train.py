@@ -57,6 +57,7 @@ def train(
                                               "before a worker is lost; default: a few steps, "
                                               ">= 20"),
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports here"),
+    precision: str = typer.Option("float32", help="float32, or float64 (exactness checks)"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
     # Every input is checked before any output, any file written or any worker started.
@@ -66,7 +67,8 @@ def train(
     config = train_config(cli=True, model=model, steps=steps, seed=seed, lr=lr, data=data,
                           time_scale=time_scale, trace=trace is not None,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                          resume=resume, fresh=fresh, hang_timeout_s=hang_timeout)
+                          resume=resume, fresh=fresh, hang_timeout_s=hang_timeout,
+                          precision=precision)
     outputs = [(json_path, "--json"), (trace, "--trace")]
     for path, option in outputs:
         check_writable_file(path, option)
@@ -87,7 +89,9 @@ def train(
                        spawn=not under_torchrun)
     check_plan(p, c, plan_spec(p, None))
     if under_torchrun:
-        torchrun_main(c, p, config, str(out_dir or "out/torchrun"))
+        # After an elastic restart without some nodes: the survivors' plan, as below.
+        torchrun_main(c, p, config, str(out_dir or "out/torchrun"),
+                      replan=data_parallel_replan())
         return
     # Own the checkpoint folder before any output (taken: one line, exit 2); the command's
     # click context releases it when the command ends.
