@@ -35,6 +35,7 @@ from hetrain.runtime.runlock import RUN, RunComplete, read_run, run_folder
 from hetrain.runtime.worker import Job
 
 NODES_ENV = "HETRAIN_NODES"
+UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]
 
 
@@ -234,6 +235,17 @@ def broadcast_json(obj: Any, src: int) -> Any:
     return json.loads(bytes(buf.tolist()))
 
 
+def check_restartable() -> None:
+    """torchrun's c10d rendezvous shares its store with the workers and keeps the previous
+    attempt's keys in it, so a restarted group cannot form (pytorch issue #135712): refuse
+    restarts on a shared store before any step, with the fix."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        raise RuntimeFailure(f"torchrun --max-restarts {restarts} with its shared store cannot "
+                             "re-form the workers after a restart (pytorch issue #135712); set "
+                             f"{UNSHARED_STORE}=1 in each agent's environment")
+
+
 def run_rank(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
              replan: ReplanFn | None = None) -> None:
     """Process entry under torchrun: place this rank, own the folder (plan rank 0), train."""
@@ -241,6 +253,7 @@ def run_rank(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
     from hetrain.runtime.watchdog import die_with_parent
 
     die_with_parent(os.getppid())  # a worker never outlives its agent
+    check_restartable()
     torch.set_num_threads(1)
     layout, rank, procs = init_ranks(cluster, plan, config, replan)
     if layout.replanned:  # the survivors' plan is checked as a given one is
