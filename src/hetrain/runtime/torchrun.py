@@ -55,8 +55,12 @@ class Layout:
 
     cluster: Cluster  # without the nodes no agent holds
     plan: Plan
-    plan_rank: list[int]  # by torchrun rank
-    replanned: bool
+    plan_rank: list[int | None]  # by torchrun rank; None: idle (the survivors' plan needs
+    replanned: bool              # fewer devices on its host than the agent started)
+
+    @property
+    def world(self) -> int:
+        return len(self.plan.devices())
 
 
 def agent_nodes(cluster: Cluster, plan: Plan, group_rank: int, group_world: int
@@ -115,16 +119,15 @@ def rank_layout(cluster: Cluster, plan: Plan, config: TrainConfig, procs: list[P
     local: dict[tuple[str, ...], list[str]] = {
         nodes: [d for d in devices if cluster.device_by_id[d].node in nodes] for nodes in agents}
     for nodes, world in agents.items():
-        if len(local[nodes]) != world:
+        # A re-plan may leave devices out: their processes idle. A given plan is matched.
+        if len(local[nodes]) > world or (len(local[nodes]) < world and not replanned):
             raise RuntimeFailure(
                 f"the torchrun agent holding {', '.join(nodes)} started {world} processes but "
                 f"the plan has {len(local[nodes])} devices there; pass --nproc-per-node "
                 f"{len(local[nodes])}")
-    if len(procs) != len(devices):
-        raise RuntimeFailure(f"torchrun started {len(procs)} processes but the plan uses "
-                             f"{len(devices)} devices; pass --nproc-per-node to match")
-    return Layout(cluster, plan, [rank_of[local[p.nodes][p.local_rank]] for p in procs],
-                  replanned)
+    ranks = [rank_of[local[p.nodes][p.local_rank]] if p.local_rank < len(local[p.nodes])
+             else None for p in procs]
+    return Layout(cluster, plan, ranks, replanned)
 
 
 def init_ranks(cluster: Cluster, plan: Plan, config: TrainConfig,
@@ -187,15 +190,17 @@ def _own_folder(config: TrainConfig, plan: Plan, restarted: bool,
     return {"run_id": claimed.run_id, "resume": claimed.resume, "fresh": False}
 
 
-def regroup(layout: Layout, rank: int, config: TrainConfig) -> int:
-    """Re-form the process group in the plan's rank order; returns this process's rank."""
+def regroup(layout: Layout, rank: int, config: TrainConfig) -> int | None:
+    """Re-form the process group in the plan's rank order; returns this process's rank
+    (None: idle, not in the group)."""
     token = broadcast_json({"token": secrets.token_hex(8)}, 0)["token"]
     store = _store(rank, len(layout.plan_rank), config.op_timeout_s)  # before the group goes
     dist.destroy_process_group()
     plan_rank = layout.plan_rank[rank]
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"hetrain/{token}/", store),
-                            rank=plan_rank, world_size=len(layout.plan_rank),
-                            timeout=timedelta(seconds=config.op_timeout_s))
+    if plan_rank is not None:
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"hetrain/{token}/", store),
+                                rank=plan_rank, world_size=layout.world,
+                                timeout=timedelta(seconds=config.op_timeout_s))
     return plan_rank
 
 
@@ -269,9 +274,11 @@ def run_rank(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
             dist.destroy_process_group()
             return
         plan_rank = regroup(layout, rank, config)
+        if plan_rank is None:
+            return  # the survivors' plan has no device for this process: it ends, with 0
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         job = _job(layout, config, out_dir, procs[rank].nodes)
-        _worker_entry(job, plan_rank, len(layout.plan_rank))
+        _worker_entry(job, plan_rank, layout.world)
 
 
 def _job(layout: Layout, config: TrainConfig, out_dir: str, nodes: tuple[str, ...]) -> Job:
