@@ -1,13 +1,15 @@
 """Two torchrun agents on this machine (c10d rendezvous, `--nnodes 2`), each one host of the
 cluster YAML: training is exact against one process with ranks placed per host; a worker
 killed under `--max-restarts 1` restarts the group and the run resumes exactly from its last
-checkpoint; a run folder another run owns is refused by a torchrun job."""
+checkpoint; a host lost under `--nnodes 1:2` leaves the survivors to resume exactly on their
+own plan; a run folder another run owns is refused by a torchrun job."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,15 +55,20 @@ def job(tmp_path):
     return tmp_path
 
 
-def agents(job: Path, steps: int, time_scale: str, max_restarts: int = 0) -> list:
-    """One torchrun agent per host, started at once; each in its own session (killed whole)."""
-    endpoint = f"127.0.0.1:{free_port()}"
+def agents(job: Path, steps: int, time_scale: str, max_restarts: int = 0,
+           elastic: bool = False) -> list:
+    """One torchrun agent per host, each in its own session (killed whole). `elastic`: 1 to 2
+    nodes; host-a starts first and hosts the rendezvous store (a host that goes takes the
+    c10d store with it), and a lost host is given up within seconds."""
+    port = free_port()
+    nnodes = ["--nnodes", "1:2", "--rdzv-conf", "last_call_timeout=10,keep_alive_interval=1,"
+              "keep_alive_max_attempt=2"] if elastic else ["--nnodes", "2"]
     procs = []
     for i, (host, n) in enumerate(HOSTS):
         env = {**os.environ, "HETRAIN_NODES": host, "GLOO_SOCKET_IFNAME": "lo",
                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-               str(i), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id",
+        cmd = [sys.executable, "-m", "torch.distributed.run", *nnodes, "--node-rank", str(i),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
                f"test-{os.getpid()}", "--nproc-per-node", str(n), "--max-restarts",
                str(max_restarts), "--monitor-interval", "0.2", "-m", "hetrain", "train",
                "--cluster", str(TWO_HOSTS), "--plan", "plan.yaml", "--steps", str(steps),
@@ -70,12 +77,25 @@ def agents(job: Path, steps: int, time_scale: str, max_restarts: int = 0) -> lis
         with open(job / f"{host}.log", "w") as log:  # the child keeps its own copy
             procs.append(subprocess.Popen(cmd, cwd=job, env=env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True))
+        if elastic and i == 0:
+            _wait_listening(port, procs[0])
     return procs
+
+
+def _wait_listening(port: int, agent: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and agent.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"the rendezvous store on port {port} did not come up")
 
 
 def wait_all(procs: list, job: Path, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    for p, (host, _) in zip(procs, HOSTS, strict=True):
+    for p, (host, _) in zip(procs, HOSTS, strict=False):
         code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
         assert code == 0, f"agent {host}: exit {code}\n" + (job / f"{host}.log").read_text()[-3000:]
 
@@ -142,17 +162,26 @@ def test_two_agents_place_ranks_per_host_and_train_exactly(job):
         assert f'"run_id": "{run_id}"' in meta
 
 
+def wait_first_checkpoint(procs: list, job: Path, timeout_s: float = 150) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not committed_steps(job / "ckpt"):  # step 3: paced steps leave time to act
+        assert time.monotonic() < deadline, (job / "host-a.log").read_text()[-3000:]
+        assert all(p.poll() is None for p in procs), (job / "host-a.log").read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def first_steps(job: Path) -> set[int]:
+    """The first step of the last attempt's workers (0: it did not resume)."""
+    return {rep["steps"][0]["step"] for rep in reports(job).values()}
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_worker_restarts_the_group_and_resumes_exactly(job):
     steps = 12
     procs = agents(job, steps=steps, time_scale="5e3", max_restarts=1)
     try:
-        deadline = time.monotonic() + 150
-        while not committed_steps(job / "ckpt"):  # the first checkpoint (step 3)
-            assert time.monotonic() < deadline, (job / "host-a.log").read_text()[-3000:]
-            assert all(p.poll() is None for p in procs), (job / "host-a.log").read_text()
-            time.sleep(0.05)
+        wait_first_checkpoint(procs, job)
         (victim,) = children(procs[1].pid)  # host-b's only worker
         os.kill(victim, signal.SIGKILL)
         wait_all(procs, job)
@@ -160,8 +189,30 @@ def test_killed_worker_restarts_the_group_and_resumes_exactly(job):
         kill_all(procs)
     assert_exact(job, steps)
     # The reports are the restarted attempt's: it began at a checkpoint, not at step 0.
-    first = {r: rep["steps"][0]["step"] for r, rep in reports(job).items()}
-    assert len(set(first.values())) == 1 and 0 < first[0] < steps and first[0] % 3 == 0
+    (first,) = first_steps(job)
+    assert 0 < first < steps and first % 3 == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_lost_host_resumes_exactly_on_the_survivors_plan(job):
+    steps = 12
+    procs = agents(job, steps=steps, time_scale="5e3", max_restarts=1, elastic=True)
+    try:
+        wait_first_checkpoint(procs, job)
+        _, first_meta = read_model(step_dir(job / "ckpt", committed_steps(job / "ckpt")[0]))
+        os.killpg(procs[1].pid, signal.SIGKILL)  # host-b goes: its agent and its worker
+        wait_all(procs[:1], job)
+    finally:
+        kill_all(procs)
+    assert_exact(job, steps)
+    devices = [d for g in first_meta["plan"]["stage_groups"] for d in g["devices"]]
+    assert "host-b:0" in devices  # the first attempt ran on both hosts
+    _, meta = read_model(step_dir(job / "ckpt", steps))
+    survivors = [d for g in meta["plan"]["stage_groups"] for d in g["devices"]]
+    assert survivors and all(d.startswith("host-a:") for d in survivors)
+    (first,) = first_steps(job)
+    assert 0 < first < steps and first % 3 == 0
 
 
 @pytest.mark.timeout(120)
