@@ -11,7 +11,14 @@ from hetrain.errors import RuntimeFailure
 from hetrain.plan import expand_plan
 from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
-from hetrain.runtime.torchrun import NODES_ENV, Proc, agent_nodes, rank_layout
+from hetrain.runtime.torchrun import (
+    NODES_ENV,
+    UNSHARED_STORE,
+    Proc,
+    agent_nodes,
+    check_restartable,
+    rank_layout,
+)
 from tests.conftest import EXAMPLES
 
 CONFIG = TrainConfig(model="tiny", steps=1)
@@ -82,3 +89,15 @@ def test_agent_nodes_from_the_environment_or_the_group_rank(cluster, plan, monke
     assert agent_nodes(cluster, plan, 1, 2) == ("host-b",)
     with pytest.raises(RuntimeFailure, match="set HETRAIN_NODES"):
         agent_nodes(cluster, plan, 0, 3)
+
+
+def test_restarts_on_torchrun_shared_store_are_refused_with_the_fix(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(RuntimeFailure, match=f"set {UNSHARED_STORE}=1"):
+        check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # the agents were told
+    check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restart: the store is harmless
+    check_restartable()

@@ -161,6 +161,9 @@ def claim_folder(config: TrainConfig, plan: Plan, owner: int, rank: int, restart
             decision = {"complete": str(done), "step": done.step}
         except HetrainError as err:
             decision = {"error": str(err), "type": type(err).__name__}
+        except OSError as err:  # the peers wait on this answer: never leave them without one
+            decision = {"error": f"cannot use checkpoint folder {config.checkpoint_dir}: "
+                        f"{err.strerror or err}", "type": "CheckpointError"}
     decision = broadcast_json(decision, owner)
     if "complete" in decision:
         raise RunComplete(decision["complete"], decision["step"])
