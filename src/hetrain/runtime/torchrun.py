@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from hetrain.runtime.worker import Job
 
 NODES_ENV = "HETRAIN_NODES"
 UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+DONE, LEFT = "done", "left"  # store keys: the workers have finished; idle processes gone
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]
 
 
@@ -193,18 +195,35 @@ def _own_folder(config: TrainConfig, plan: Plan, restarted: bool,
     return {"run_id": claimed.run_id, "resume": claimed.resume, "fresh": False}
 
 
-def regroup(layout: Layout, rank: int, config: TrainConfig) -> int | None:
+def regroup(layout: Layout, rank: int, config: TrainConfig) -> tuple[int | None, dist.Store]:
     """Re-form the process group in the plan's rank order; returns this process's rank
-    (None: idle, not in the group)."""
+    (None: idle, not in the group) and the attempt's store."""
     token = broadcast_json({"token": secrets.token_hex(8)}, 0)["token"]
-    store = _store(rank, len(layout.plan_rank), config.op_timeout_s)  # before the group goes
+    base = _store(rank, len(layout.plan_rank), config.op_timeout_s)  # before the group goes
+    store = dist.PrefixStore(f"hetrain/{token}/", base)
     dist.destroy_process_group()
     plan_rank = layout.plan_rank[rank]
     if plan_rank is not None:
-        dist.init_process_group("gloo", store=dist.PrefixStore(f"hetrain/{token}/", store),
-                                rank=plan_rank, world_size=layout.world,
+        dist.init_process_group("gloo", store=store, rank=plan_rank, world_size=layout.world,
                                 timeout=timedelta(seconds=config.op_timeout_s))
-    return plan_rank
+    return plan_rank, store
+
+
+def _hold_until_done(store: dist.Store) -> None:
+    """An idle process stays until plan rank 0 is done (without the agent's store, torchrun's
+    rank 0 hosts the one the group uses, and may be idle), then says it leaves."""
+    while not store.check([DONE]):
+        time.sleep(0.5)
+    store.add(LEFT, 1)
+
+
+def _release_idle(store: dist.Store, idle: int, timeout_s: float = 30.0) -> None:
+    """Plan rank 0, the workers done: let the idle processes go, and wait for them (one of
+    them may host the store this process reads)."""
+    store.set(DONE, "1")
+    deadline = time.monotonic() + timeout_s
+    while idle and store.add(LEFT, 0) < idle and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _store(rank: int, world: int, timeout_s: float) -> dist.Store:
@@ -276,12 +295,15 @@ def run_rank(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
                 print(done, flush=True)
             dist.destroy_process_group()
             return
-        plan_rank = regroup(layout, rank, config)
-        if plan_rank is None:
-            return  # the survivors' plan has no device for this process: it ends, with 0
+        plan_rank, store = regroup(layout, rank, config)
+        if plan_rank is None:  # the survivors' plan has no device for this process
+            _hold_until_done(store)
+            return
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         job = _job(layout, config, out_dir, procs[rank].nodes)
         _worker_entry(job, plan_rank, layout.world)
+        if plan_rank == 0:  # every rank passed the workers' last barrier
+            _release_idle(store, layout.plan_rank.count(None))
 
 
 def _job(layout: Layout, config: TrainConfig, out_dir: str, nodes: tuple[str, ...]) -> Job:
