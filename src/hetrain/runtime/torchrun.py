@@ -8,7 +8,9 @@ unset: one agent holds them all, or agent k the k-th node the plan uses); its pr
 that host's plan devices in plan order, by LOCAL_RANK. Every process gathers the others'
 nodes over a first process group (torchrun's ranks), computes the same layout, and the
 process of plan rank 0 owns the checkpoint folder (runtime/runlock.py) for the attempt and
-hands the run id to the others; then the group is re-formed in the plan's order.
+hands the run id to the others; then the group is re-formed in the plan's order. After an
+elastic restart without some hosts, the plan is `replan`'s for the survivors; processes it
+leaves without a device idle until the others are done.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class Layout:
 
     cluster: Cluster  # without the nodes no agent holds
     plan: Plan
-    plan_rank: list[int | None]  # by torchrun rank; None: idle (the survivors' plan needs
-    replanned: bool              # fewer devices on its host than the agent started)
+    plan_rank: list[int | None]  # by torchrun rank; None: idle (no plan device left for it)
+    replanned: bool  # the survivors' plan, not the given one
 
     @property
     def world(self) -> int:
