@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from hetrain.data.corpus import Corpus, default_corpus
@@ -63,3 +65,10 @@ def assert_params_match_reference(params, model, steps, global_batch, seq_len, l
     if losses:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[-len(losses):]),
                                    rtol=1e-5, atol=1e-6)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -42,6 +42,7 @@ FLAGS = {
     "resume": ("checkpoint.resume", "--resume"), "fresh": ("checkpoint.fresh", "--fresh"),
     "hang_timeout": ("cluster.hang_timeout_s", "--hang-timeout"),
     "out_dir": ("logging.out_dir", "--out-dir"),
+    "precision": ("schedule.precision", "--precision"),
 }
 
 
@@ -78,6 +79,7 @@ def train(
                                               ">= 20"),
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports (and the plan) "
                                         "here"),
+    precision: str = typer.Option("float32", help="float32, or float64 (exactness checks)"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
     # Every input is checked before any output, any file written or any worker started.

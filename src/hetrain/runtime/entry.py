@@ -75,7 +75,7 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     check_plan(plan, cluster, plan_spec(plan, model))
     if torchrun:
         # torchrun's elastic agent supervises; each rank resumes from the checkpoints.
-        torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT))
+        torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT), replan)
         return None
     with run_folder(config, plan) as config:  # owned for every attempt
         if hooks.on_start is not None:

@@ -48,6 +48,7 @@ from hetrain.runtime.watchdog import beat_key, supervised_worker
 
 ProgressFn = Callable[[StepRecord], None]  # rank 0's record of each step
 SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
+ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]  # a plan for the survivors
 WORKER_LOG = "workers.log"
 
 
@@ -301,21 +302,10 @@ def _error_names(cls: type) -> set[str]:
 _HETRAIN_ERRORS = _error_names(HetrainError) | {"TrainingDiverged"}
 
 
-def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str) -> None:
-    """Entry under torchrun: this process is one rank (RANK/WORLD_SIZE from the environment)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != len(plan.devices()):
-        raise RuntimeFailure(f"torchrun started {world} processes but the plan uses "
-                             f"{len(plan.devices())} devices; pass --nproc-per-node to match")
-    real = real_devices_by_kind(plan, cluster)
-    devices = _real_devices(plan, real)
-    own, local_rank = plan.devices()[rank], os.environ.get("LOCAL_RANK")
-    if local_rank is not None and devices.get(own, "cpu") != "cpu":
-        # torchrun starts one process per local device: bind by local rank.
-        devices[own] = f"{devices[own].split(':')[0]}:{local_rank}"
-    scale = config.time_scale or 1.0
-    job = Job(cluster=cluster, plan=plan, config=config, out_dir=out_dir, time_scale=scale,
-              emulated=set(plan.kinds()) - set(real), torch_device_of=devices)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    _worker_entry(job, rank, world, init_method="env://")
+def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
+                  replan: ReplanFn | None = None) -> None:
+    """Entry under torchrun: this process is one rank of one agent (runtime/torchrun.py places
+    it on the plan, or on `replan`'s plan for the nodes present after an elastic restart)."""
+    from hetrain.runtime.torchrun import run_rank
+
+    run_rank(cluster, plan, config, out_dir, replan)

@@ -23,7 +23,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import (
     ProgressFn,
+    ReplanFn,
     SuspectFn,
     check_plan,
     plan_model,
@@ -48,8 +49,6 @@ from hetrain.runtime.preflight import preflight
 from hetrain.runtime.records import StepRecord
 from hetrain.runtime.results import Attempt, Recovery, RunResult
 from hetrain.runtime.runlock import run_folder
-
-ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]
 
 
 class _Steps:
