@@ -33,6 +33,7 @@ def train_loop(worker: Worker) -> list[dict]:
     steps = []
     for step in range(start, cfg.steps):
         _inject_fault(worker, step)
+        worker.recipe.begin(step)  # seed (seed, rank, step), learning rate of the step
         record = worker.run_step(step)
         if not math.isfinite(record["loss"]):  # all-reduced: every rank stops here alike
             raise TrainingDiverged(f"the loss is {record['loss']} at step {step}; stopped"

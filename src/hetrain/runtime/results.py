@@ -25,6 +25,7 @@ class RunResult:
     params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     events: list[dict] = field(repr=False, default_factory=list)
     late_s: float = 0.0
+    records: list[dict] = field(repr=False, default_factory=list)  # rank 0's step records
 
     @property
     def final_loss(self) -> float:
@@ -100,4 +101,4 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
     return RunResult(plan=plan, losses=losses, step_s=step_s, tokens_per_s=tokens_per_s,
                      per_kind=per_kind, per_group=per_group, emulated=sorted(job.emulated),
                      time_scale=job.time_scale, params=params, events=events,
-                     late_s=max(rep["late_s"] for rep in reports))
+                     late_s=max(rep["late_s"] for rep in reports), records=steps0)
