@@ -76,15 +76,17 @@ def _clipped_some(result) -> None:
 
 @pytest.mark.slow
 def test_clipping_under_a_pipeline_with_uneven_data_parallelism_and_tp(cluster):
-    """Tied embeddings (held by the first and last stages), a TP-2 stage (replicated norms
-    counted once), pipelines of uneven depth: the norm is one process's norm."""
+    """Tied embeddings (held by first and last stages), TP-2 holders summing shard by shard
+    (replicated norms counted once) and with TP-1 holders (full tensors), pipelines split
+    differently with 3 and 2 micro-batches: the norm is one process's norm."""
     plan = expand_plan({"model": "tiny-tied", "seq_len": 16, "micro_batch_size": 2,
                         "pipelines": [
                             {"micro_batches": 3, "stages": [
                                 {"kind": "H100", "tp": 2, "layers": [0, 3]},
-                                {"kind": "A100-80GB", "layers": [3, 6]}]},
+                                {"kind": "A100-80GB", "tp": 2, "layers": [3, 6]}]},
                             {"micro_batches": 2, "stages": [
-                                {"kind": "BR104", "layers": [0, 6]}]}]}, cluster)
+                                {"kind": "A100-80GB", "tp": 2, "layers": [0, 2]},
+                                {"kind": "BR104", "layers": [2, 6]}]}]}, cluster)
     result = run_plan(cluster, plan, steps=4, **RECIPE)
     assert_matches_reference(result, steps=4, **RECIPE)
     _clipped_some(result)
