@@ -44,11 +44,15 @@ def _as_cluster(cluster: Cluster | str | Path) -> Cluster:
 def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None, *,
         cluster: Cluster | str | Path, steps: int = 20, global_batch: int = 48,
         seq_len: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-        precision: str = "float32", time_scale: float | None = None) -> RunResult:
+        precision: str = "float32", time_scale: float | None = None,
+        warmup_steps: int = 0, lr_schedule: str = "constant", min_lr: float = 0.0,
+        grad_clip: float | None = None) -> RunResult:
     """Train `model` (tokens [batch, seq] -> logits, or an output with `.logits`, as
     Hugging Face causal LMs return) on every device of `cluster`, data-parallel with shares
     balanced by each kind's speed. Each step equals one-device training on the same global
-    batch. The trained weights are copied back into `model`.
+    batch. The trained weights are copied back into `model`. The recipe: AdamW (decay on
+    matrices only), `warmup_steps` of linear warm-up, then a constant or cosine `lr_schedule`
+    down to `min_lr`; `grad_clip` bounds the global gradient norm (runtime/recipe.py).
 
     Every input is checked before a worker starts: a bad one raises the part's error
     (ConfigError, ClusterError, DataError, ModelError, PlanError), a HetrainError."""
@@ -56,7 +60,8 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
         raise ModelError(f"model must be a torch nn.Module, not {type(model).__name__}")
     config = train_config(model=type(model).__name__, steps=steps, lr=lr,
                           weight_decay=weight_decay, seed=seed, precision=precision,
-                          time_scale=time_scale)
+                          time_scale=time_scale, warmup_steps=warmup_steps,
+                          lr_schedule=lr_schedule, min_lr=min_lr, grad_clip=grad_clip)
     check_batch(global_batch, seq_len, cli=False)
     c = _as_cluster(cluster)
     corpus = _as_corpus(data, seed)

@@ -126,9 +126,8 @@ def test_resumed_mid_schedule_equals_uninterrupted(cluster, tmp_path):
 
 def test_reference_clip_matches_torch():
     """The reference's clipping is torch's: a limit above every norm changes nothing."""
-    from tests.helpers import small_corpus
-
     from hetrain.runtime.reference import train_reference
+    from tests.helpers import small_corpus
 
     base = {"model": "tiny", "steps": 2, "precision": "float64"}
     free, _ = train_reference(TrainConfig(**base), small_corpus(), 4, 16)

@@ -42,8 +42,16 @@ def train(
     global_batch: int = typer.Option(48, min=1, help="samples per step (without --plan)"),
     seq_len: int = typer.Option(64, min=2, help="tokens per sample (without --plan)"),
     lr: float = typer.Option(1e-3),
+    warmup_steps: int = typer.Option(0, min=0, help="linear learning-rate warm-up steps"),
+    lr_schedule: str = typer.Option("constant", help="after warm-up: constant or cosine "
+                                    "(decay to --min-lr at the last step)"),
+    min_lr: float = typer.Option(0.0, min=0.0, help="floor of the cosine schedule"),
+    grad_clip: float | None = typer.Option(None, help="clip the global gradient norm to this"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not on norms, biases)"),
     seed: int = typer.Option(0),
-    data: str | None = typer.Option(None, help="text file or folder; default: Python stdlib"),
+    data: str | None = typer.Option(None, help="text file or folder, or a token file "
+                                    "(.bin, see `hetrain data prepare`) or folder of them; "
+                                    "default: Python stdlib"),
     time_scale: float | None = typer.Option(None, help="emulation stretch; default calibrated"),
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
     trace: Path | None = typer.Option(None, help="write a Chrome trace of the measured steps"),
@@ -64,6 +72,8 @@ def train(
     if not checkpoint_dir and getattr(source, "name", "") == "COMMANDLINE":
         raise ConfigError("--resume needs --checkpoint-dir: give the folder")
     config = train_config(cli=True, model=model, steps=steps, seed=seed, lr=lr, data=data,
+                          warmup_steps=warmup_steps, lr_schedule=lr_schedule, min_lr=min_lr,
+                          grad_clip=grad_clip, weight_decay=weight_decay,
                           time_scale=time_scale, trace=trace is not None,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                           resume=resume, fresh=fresh, hang_timeout_s=hang_timeout)

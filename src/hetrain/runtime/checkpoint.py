@@ -6,7 +6,8 @@ A checkpoint folder (`checkpoint_dir`):
     step-000006/             one committed checkpoint
         .metadata            torch.distributed.checkpoint (DCP) index of every tensor
         __<rank>_0.distcp    DCP data, one file per writing rank
-        meta.json            step, model, seed, precision, run id, and the plan it was taken under
+        meta.json            step, model, seed, precision, run id, recipe, and the plan it was
+                             taken under
         manifest.json        size and SHA-256 of every other file; written last
     step-000009.tmp/         being written, or left by a crash: never read
     run.json, .lock          the folder's run and its owner (runtime/runlock.py)
@@ -34,7 +35,11 @@ Why this layout:
   folder's run (run.json) are candidates: a folder never mixes runs.
 - The data position is the step: the batch of step k is a pure function of (seed, k).
   Training draws no random numbers after the seeded init; rank 0's CPU RNG state is still
-  stored and restored on every rank, for user models that do (dropout).
+  stored and restored on every rank, for user models that do (dropout); each step reseeds
+  every worker from (seed, rank, step) (runtime/recipe.py), so a resumed run draws what an
+  uninterrupted one would.
+- The learning-rate schedule and clipping are pure functions of (settings, step): meta.json
+  keeps the settings (`recipe`), and a resume under other settings says so once.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from hetrain.errors import CheckpointError
 from hetrain.plan.io import atomic_write_text
+from hetrain.runtime.recipe import recipe_changes, recipe_state
 from hetrain.runtime.safe_load import SafeReader
 from hetrain.runtime.stage import full_tensor
 
@@ -275,7 +281,7 @@ def _commit(worker: Worker, root: Path, tmp: Path, final: Path, step: int) -> No
     job = worker.job
     meta = {"format": FORMAT, "step": step, "model": job.plan.model, "seed": job.config.seed,
             "precision": job.config.precision, "saved_at": time.time(),
-            "run_id": job.config.run_id or "legacy",
+            "run_id": job.config.run_id or "legacy", "recipe": recipe_state(job.config),
             "plan": job.plan.model_dump(mode="json")}
     _write_synced(tmp / META, json.dumps(meta, indent=1))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -344,6 +350,9 @@ def load_latest(worker: Worker, root: str | Path) -> int:
     if meta["model"] != worker.job.plan.model:
         raise CheckpointError(f"checkpoint {found.path} holds model {meta['model']!r}, the plan "
                               f"trains {worker.job.plan.model!r}")
+    changed = recipe_changes(meta.get("recipe"), worker.job.config)
+    if changed and worker.rank == 0:
+        print(f"hetrain: {changed}", file=sys.stderr, flush=True)
     reader = SafeReader(found.path)
     stored = set(reader.read_metadata().state_dict_metadata)
     zero_state: dict[int, dict[str, torch.Tensor]] = {}

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,8 +38,10 @@ from hetrain.runtime.emulation import (
     real_devices_by_kind,
     seconds_per_sample,
 )
+from hetrain.runtime.events import events_folder, write_events
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
 from hetrain.runtime.preflight import preflight
+from hetrain.runtime.recipe import dropout_note
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.runlock import RunComplete, run_folder
@@ -104,9 +107,16 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
                        out_dir=out_dir, time_scale=time_scale)
     spec = plan_spec(plan, user_model)
     estimated = check_plan(plan, cluster, spec)
+    note = dropout_note(user_model)  # once per run, before any worker starts
+    if note:
+        print(f"hetrain: {note}", file=sys.stderr, flush=True)
     with run_folder(config, plan) as config:
-        return _train(cluster, plan, config, spec, estimated, user_model, corpus, out_dir,
-                      progress, time_scale, on_suspect)
+        result = _train(cluster, plan, config, spec, estimated, user_model, corpus, out_dir,
+                        progress, time_scale, on_suspect)
+        folder = events_folder(config, out_dir)
+        if folder is not None:
+            write_events(folder, result, cluster, spec)
+        return result
 
 
 def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,

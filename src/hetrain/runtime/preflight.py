@@ -48,6 +48,10 @@ _FIXES = {
     "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
     "precision": "use float32 or float64",
     "seed": "pass a whole number in [0, 2**32)",
+    "warmup_steps": "pass a whole number of steps >= 0",
+    "lr_schedule": "use constant or cosine",
+    "min_lr": "a learning-rate floor must be a finite number >= 0",
+    "grad_clip": "a gradient-norm limit must be a finite number > 0; leave it out for none",
 }
 
 
@@ -136,8 +140,8 @@ def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
         raise DataError(f"data {corpus.name}: {len(corpus)} tokens, fewer than one sample needs "
                         f"(seq_len + 2 = {need}); use a longer text or a shorter seq_len")
     if vocab is not None:
-        top = int(corpus.tokens.max())
-        if top >= vocab or int(corpus.tokens.min()) < 0:
+        low, top = corpus.token_range()
+        if top >= vocab or low < 0:
             raise DataError(f"data {corpus.name}: token id {top} is outside the model's "
                             f"vocabulary of {vocab}; give token ids in [0, {vocab})")
 

@@ -67,6 +67,27 @@ def clip_coefficient(config: TrainConfig, norm: float) -> float:
     return min(1.0, config.grad_clip / (norm + CLIP_EPS))
 
 
+RECIPE_FIELDS = ("lr", "warmup_steps", "lr_schedule", "min_lr", "steps", "weight_decay",
+                 "grad_clip")
+
+
+def recipe_state(config: TrainConfig) -> dict:
+    """What a checkpoint stores of the recipe: with the step it fixes every later step's
+    learning rate and clipping (both pure functions of settings and step; no other state)."""
+    return {key: getattr(config, key) for key in RECIPE_FIELDS}
+
+
+def recipe_changes(saved: dict | None, config: TrainConfig) -> str | None:
+    """One line naming recipe settings that differ from a checkpoint's, or None."""
+    if not saved:
+        return None
+    now = recipe_state(config)
+    diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RECIPE_FIELDS
+            if k in saved and saved[k] != now[k]]
+    return ("the recipe differs from the checkpoint's (" + ", ".join(diff) + "); later steps "
+            "follow the new settings") if diff else None
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A torch seed from (seed, rank, step): reproducible runs with dropout, independent masks
     across ranks and steps, and a resumed run draws what the uninterrupted one drew."""

@@ -26,6 +26,7 @@ class RunResult:
     events: list[dict] = field(repr=False, default_factory=list)
     late_s: float = 0.0
     records: list[dict] = field(repr=False, default_factory=list)  # rank 0's step records
+    kind_busy: dict[str, list[float]] = field(repr=False, default_factory=dict)  # per step
 
     @property
     def final_loss(self) -> float:
@@ -98,7 +99,19 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
         k["busy"] /= k["devices"]
         k["tokens_per_s"] = k["share"] * tokens_per_s
     events = [e for rep in reports for e in rep["events"]]
+    kind_busy = _kind_busy(reports)
     return RunResult(plan=plan, losses=losses, step_s=step_s, tokens_per_s=tokens_per_s,
                      per_kind=per_kind, per_group=per_group, emulated=sorted(job.emulated),
                      time_scale=job.time_scale, params=params, events=events,
-                     late_s=max(rep["late_s"] for rep in reports), records=steps0)
+                     late_s=max(rep["late_s"] for rep in reports), records=steps0,
+                     kind_busy=kind_busy)
+
+
+def _kind_busy(reports: list[dict]) -> dict[str, list[float]]:
+    """Per kind, each step's busy share (compute ÷ step time) averaged over its devices."""
+    by_kind: dict[str, list[list[float]]] = {}
+    for rep in reports:
+        by_kind.setdefault(rep["kind"], []).append(
+            [s["busy_s"] / s["step_s"] if s["step_s"] > 0 else 0.0 for s in rep["steps"]])
+    return {k: [statistics.mean(col) for col in zip(*rows, strict=True)]
+            for k, rows in by_kind.items()}
