@@ -41,6 +41,7 @@ def test_prepare_train_and_read_the_events(tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads(summary.read_text())
     losses, kinds = figures["losses"], set(figures["per_kind"])
+    assert len(figures["grad_norm"]) == 3 and figures["lr"][0] == pytest.approx(3e-3)
     config = TrainConfig(steps=3, lr=3e-3, warmup_steps=1, lr_schedule="cosine", min_lr=1e-4,
                          grad_clip=2.5, weight_decay=0.1)
     _, ref = train_reference(config, load_corpus(data), 24, 16)

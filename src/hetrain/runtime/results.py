@@ -42,6 +42,8 @@ class RunResult:
             "tokens_per_s": self.tokens_per_s,
             "final_loss": self.final_loss,
             "losses": self.losses,
+            "lr": [r.get("lr") for r in self.records],
+            "grad_norm": [r.get("grad_norm") for r in self.records],
             "step_s": self.step_s,
             "per_kind": self.per_kind,
             "per_group": self.per_group,
