@@ -52,10 +52,11 @@ def make_config(model, steps, precision="float64", **cfg):
 
 
 def assert_params_match_reference(params, model, steps, global_batch, seq_len, losses=None,
-                                  rtol=1e-5, precision="float64"):
+                                  rtol=1e-5, precision="float64", **cfg):
     """`params` (and, when given, the losses of the last len(losses) steps) equal one-process
-    training for `steps`: for runs that resumed from a checkpoint or ran under several plans."""
-    config = TrainConfig(model=model, steps=steps, precision=precision)
+    training for `steps`: for runs that resumed from a checkpoint or ran under several plans.
+    `cfg`: more TrainConfig fields (the recipe)."""
+    config = TrainConfig(model=model, steps=steps, precision=precision, **cfg)
     ref, ref_losses = train_reference(config, small_corpus(), global_batch, seq_len)
     ref = {k: v for k, v in ref.items() if k != "head.out.weight" or k in params}
     assert set(params) == set(ref), set(params) ^ set(ref)

@@ -23,7 +23,9 @@ from hetrain.training import plan_job, run_job
 KEYWORDS = {"steps": "schedule.steps", "seed": "schedule.seed",
             "precision": "schedule.precision", "global_batch": "plan.global_batch",
             "seq_len": "plan.seq_len", "lr": "optimizer.lr",
-            "weight_decay": "optimizer.weight_decay", "time_scale": "cluster.time_scale"}
+            "weight_decay": "optimizer.weight_decay", "time_scale": "cluster.time_scale",
+            "warmup_steps": "optimizer.warmup_steps", "lr_schedule": "optimizer.lr_schedule",
+            "min_lr": "optimizer.min_lr", "grad_clip": "optimizer.grad_clip"}
 
 
 def _as_corpus(data: Corpus | torch.Tensor | str | Path | None, seed: int) -> Corpus:
@@ -65,6 +67,8 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
         global_batch: int | None = None, seq_len: int | None = None, lr: float | None = None,
         weight_decay: float | None = None, seed: int | None = None,
         precision: str | None = None, time_scale: float | None = None,
+        warmup_steps: int | None = None, lr_schedule: str | None = None,
+        min_lr: float | None = None, grad_clip: float | None = None,
         plan: Plan | str | Path | dict[str, Any] | None = None,
         **sections: dict[str, Any]) -> RunResult:
     """Train `model` (tokens [batch, seq] -> logits, or an output with `.logits`, as
@@ -74,6 +78,9 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
     LM (pipelines cut at its decoder layers, TP groups), data parallelism for other modules.
     Each step equals one-device training on the same global batch. The trained weights are
     copied back into `model` (`model.save_pretrained(folder)` then writes them for HF).
+    The recipe: AdamW (decay on matrices only), `warmup_steps` of linear warm-up, then a
+    constant or cosine `lr_schedule` down to `min_lr`; `grad_clip` bounds the global
+    gradient norm (runtime/recipe.py).
 
     The job's settings come in the sections of a job file (`job`: a JobConfig, a dict of
     sections or the path of a TOML/YAML file), then section keywords (e.g.
@@ -103,7 +110,8 @@ def fit(model: nn.Module, data: Corpus | torch.Tensor | str | Path | None = None
         values.update({f"{section}.{field}": value for field, value in body.items()})
     flat = {"steps": steps, "seed": seed, "precision": precision, "global_batch": global_batch,
             "seq_len": seq_len, "lr": lr, "weight_decay": weight_decay,
-            "time_scale": time_scale}
+            "time_scale": time_scale, "warmup_steps": warmup_steps,
+            "lr_schedule": lr_schedule, "min_lr": min_lr, "grad_clip": grad_clip}
     values.update({KEYWORDS[k]: v for k, v in flat.items() if v is not None})
     spec = spec.with_values(values, {v: k for k, v in KEYWORDS.items()})
     if cluster is None and spec.cluster.path is None:

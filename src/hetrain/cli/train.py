@@ -43,6 +43,10 @@ FLAGS = {
     "hang_timeout": ("cluster.hang_timeout_s", "--hang-timeout"),
     "out_dir": ("logging.out_dir", "--out-dir"),
     "precision": ("schedule.precision", "--precision"),
+    "warmup_steps": ("optimizer.warmup_steps", "--warmup-steps"),
+    "lr_schedule": ("optimizer.lr_schedule", "--lr-schedule"),
+    "min_lr": ("optimizer.min_lr", "--min-lr"), "grad_clip": ("optimizer.grad_clip", "--grad-clip"),
+    "weight_decay": ("optimizer.weight_decay", "--weight-decay"),
 }
 
 
@@ -63,8 +67,16 @@ def train(
     search: bool = typer.Option(True, help="without --plan: search the fastest plan; "
                                 "--no-search: data parallelism with speed-proportional shares"),
     lr: float = typer.Option(1e-3),
+    warmup_steps: int = typer.Option(0, min=0, help="linear learning-rate warm-up steps"),
+    lr_schedule: str = typer.Option("constant", help="after warm-up: constant or cosine "
+                                    "(decay to --min-lr at the last step)"),
+    min_lr: float = typer.Option(0.0, min=0.0, help="floor of the cosine schedule"),
+    grad_clip: float | None = typer.Option(None, help="clip the global gradient norm to this"),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not on norms, biases)"),
     seed: int = typer.Option(0),
-    data: str | None = typer.Option(None, help="text file or folder; default: Python stdlib"),
+    data: str | None = typer.Option(None, help="text file or folder, or a token file "
+                                    "(.bin, see `hetrain data prepare`) or folder of them; "
+                                    "default: Python stdlib"),
     time_scale: float | None = typer.Option(None, help="emulation stretch; default calibrated"),
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
     trace: Path | None = typer.Option(None, help="write a Chrome trace of the measured steps"),

@@ -45,8 +45,16 @@ class Corpus:
                             f"= {seq_len + 2}; use a longer text or a shorter --seq-len")
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         starts = torch.randint(0, len(self) - seq_len - 1, (batch_size,), generator=gen)
-        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()])
+        windows = torch.stack([self.window(s, seq_len + 1) for s in starts.tolist()])
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+    def window(self, start: int, length: int) -> torch.Tensor:
+        """Token ids [start, start + length) as int64."""
+        return self.tokens[start : start + length]
+
+    def token_range(self) -> tuple[int, int]:
+        """The smallest and largest token id."""
+        return int(self.tokens.min()), int(self.tokens.max())
 
 
 def default_corpus(seed: int = 0, max_bytes: int = 4_000_000) -> Corpus:
@@ -94,4 +102,9 @@ def _read(path: Path) -> bytes:
 
 
 def load_corpus(data: str | Path | None, seed: int = 0) -> Corpus:
-    return default_corpus(seed) if data in (None, "", "default") else text_corpus(data, seed)
+    """The stdlib default, a token file or folder of them (data/tokens.py), or text."""
+    if data in (None, "", "default"):
+        return default_corpus(seed)
+    from hetrain.data.tokens import is_token_data, token_corpus
+
+    return token_corpus(data, seed) if is_token_data(data) else text_corpus(data, seed)

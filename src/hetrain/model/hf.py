@@ -145,6 +145,9 @@ class HFModel(LlamaShaped):
                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
                              ) from None
 
+    def user_module(self) -> nn.Module | None:
+        return self._given
+
     def whole(self, seed: int) -> nn.Module:
         return copy.deepcopy(self.module(seed))
 

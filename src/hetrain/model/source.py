@@ -45,6 +45,10 @@ class ModelSource(ABC):
                             "parallel only (tp 1); use a Hugging Face causal LM or the "
                             "reference decoder for tensor parallelism")
 
+    def user_module(self) -> nn.Module | None:
+        """The user's own module this object wraps (None: built here from a name or path)."""
+        return None
+
     def check_trainable(self) -> None:  # noqa: B027 - most models can always be built
         """Raise ModelError when the model cannot be built here (spec-only)."""
 
@@ -178,6 +182,9 @@ class WholeModule(ModelSource):
                           output_elems_per_token=0.0)
         return ModelSpec(name=self.name, seq_len=seq_len, dim=dim, vocab_size=vocab,
                          tie_embeddings=False, layers=[layer])
+
+    def user_module(self) -> nn.Module:
+        return self.module
 
     def check_trainable(self) -> None:
         if not any(p.requires_grad for p in self.module.parameters()):

@@ -6,7 +6,8 @@ A checkpoint folder (`checkpoint_dir`):
     step-000006/             one committed checkpoint
         .metadata            torch.distributed.checkpoint (DCP) index of every tensor
         __<rank>_0.distcp    DCP data, one file per writing rank
-        meta.json            step, model, seed, precision, run id, and the plan it was taken under
+        meta.json            step, model, seed, precision, run id, recipe, and the plan it was
+                             taken under
         manifest.json        size and SHA-256 of every other file; written last
     step-000009.tmp/         being written, or left by a crash: never read
     run.json, .lock          the folder's run and its owner (runtime/runlock.py)
@@ -34,7 +35,11 @@ Why this layout:
   folder's run (run.json) are candidates: a folder never mixes runs.
 - The data position is the step: the batch of step k is a pure function of (seed, k).
   Training draws no random numbers after the seeded init; rank 0's CPU RNG state is still
-  stored and restored on every rank, for user models that do (dropout).
+  stored and restored on every rank, for user models that do (dropout); each step reseeds
+  every worker from (seed, rank, step) (runtime/recipe.py), so a resumed run draws what an
+  uninterrupted one would.
+- The learning-rate schedule and clipping are pure functions of (settings, step): meta.json
+  keeps the settings (`recipe`), and a resume under other settings says so once.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from hetrain.runtime.layout import META as META
 from hetrain.runtime.layout import committed_steps as committed_steps
 from hetrain.runtime.layout import run_steps as run_steps
 from hetrain.runtime.layout import step_dir as step_dir
+from hetrain.runtime.recipe import recipe_changes
 from hetrain.runtime.safe_load import SafeReader
 from hetrain.runtime.stage import full_tensor
 
@@ -93,6 +99,7 @@ class TrainState:
     seed: int
     precision: str
     run_id: str | None
+    recipe: dict[str, Any] = field(default_factory=dict)  # runtime.recipe.recipe_state
 
 
 # --- verification ----------------------------------------------------------------------------
@@ -253,7 +260,7 @@ def _state_to_save(train: TrainState) -> dict[str, torch.Tensor]:
 def _commit(state: TrainState, root: Path, tmp: Path, final: Path, step: int) -> None:
     meta = {"format": FORMAT, "step": step, "model": state.plan.model, "seed": state.seed,
             "precision": state.precision, "saved_at": time.time(),
-            "run_id": state.run_id or "legacy",
+            "run_id": state.run_id or "legacy", "recipe": state.recipe,
             "plan": state.plan.model_dump(mode="json")}
     _write_synced(tmp / META, json.dumps(meta, indent=1))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
@@ -312,6 +319,9 @@ def load_latest(train: TrainState, root: str | Path) -> int:
     if meta["model"] != train.plan.model:
         raise CheckpointError(f"checkpoint {found.path} holds model {meta['model']!r}, the plan "
                               f"trains {train.plan.model!r}")
+    changed = recipe_changes(meta.get("recipe"), train.recipe)
+    if changed and train.rank == 0:
+        print(f"hetrain: {changed}", file=sys.stderr, flush=True)
     reader = SafeReader(found.path)
     stored = set(reader.read_metadata().state_dict_metadata)
     zero_state: dict[int, dict[str, torch.Tensor]] = {}

@@ -16,6 +16,14 @@ class TrainConfig(BaseModel):
                       "from it; bounded so they stay within torch's 64-bit seeds")
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # The recipe (runtime/recipe.py reads these): warm-up, schedule, global-norm clipping.
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up from lr/N to lr")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="after warm-up: constant, or cosine decay to min_lr "
+        "at the last step")
+    min_lr: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    grad_clip: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                    description="max global gradient norm; None: off")
     precision: Literal["float32", "float64"] = Field(
         default="float32", description="math of every worker; float64 makes exactness tests "
         "immune to the summation order Adam amplifies for near-zero gradients")

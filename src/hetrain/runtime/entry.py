@@ -26,6 +26,7 @@ from hetrain.runtime.launch import (
     ProgressFn,
     SuspectFn,
     check_plan,
+    note_dropout,
     plan_model,
     plan_spec,
     run_attempt,
@@ -77,6 +78,7 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         # torchrun's elastic agent supervises; each rank resumes from the checkpoints.
         torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT), replan)
         return None
+    note_dropout(model)
     with run_folder(config, plan) as config:  # owned for every attempt
         if hooks.on_start is not None:
             hooks.on_start()

@@ -13,7 +13,13 @@ divided by the degree), sums, and keeps its shard.
 
 ZeRO-1 (`plan.sharded_optimizer`): a rank keeps AdamW state only for its pieces of the flat
 buckets it sums (comm.sharded.FlatLayout), steps them right after their sum, and the updated
-parameters are gathered instead of the gradients. AdamW is elementwise, so this is exact.
+parameters are gathered instead of the gradients. AdamW is elementwise, so this is exact
+(pieces are cut where weight decay starts or stops applying). With gradient clipping on
+(`defer_zero`), the step of the pieces waits for the global norm (runtime/recipe.py):
+`finish_deferred` runs it once the norm is known.
+
+Each bucket also adds the squares of the summed gradient elements this rank owns to
+`norm_sq` (each element owned once over all members: the global norm counts it once).
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class RankBucket:
     tp_group: object | None = None  # full mode + ZeRO: gathers full parameter values
     pieces: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
+    norm_ranges: list[tuple[int, int]] = field(default_factory=list)  # elements it counts
+    deferred: torch.Tensor | None = None  # ZeRO + clipping: summed gradients awaiting the norm
 
 
 class GradSync:
@@ -98,9 +106,13 @@ class GradSync:
                     if name == group.name and self.mine and self.mine[-1].bucket is bucket:
                         self.mine[-1].tp_group = tp_group
         self.zero = plan.sharded_optimizer
+        for rb in self.mine:
+            rb.norm_ranges = self._norm_ranges(rb)
         if self.zero:
             for rb in self.mine:
                 self._make_pieces(rb, make_optimizer)
+        self.defer_zero = False  # set per step by the recipe (clipping on)
+        self.norm_sq = 0.0  # this rank's share of the squared global norm, this step
         self.zero_params = {id(p) for rb in self.mine for _, p in rb.params} if self.zero \
             else set()
         self.zero_steps = 0
@@ -130,12 +142,41 @@ class GradSync:
                                          for _, p in mine[bucket.index])
         return sizes
 
+    def _spans(self, rb: RankBucket) -> list[tuple[int, int, nn.Parameter]]:
+        """Each parameter's [start, end) in the bucket's flat buffer."""
+        spans, offset = [], 0
+        for _, p in rb.params:
+            n = p.numel() if rb.full_mode else _local(p).numel()
+            spans.append((offset, offset + n, p))
+            offset += n
+        return spans
+
+    def _norm_ranges(self, rb: RankBucket) -> list[tuple[int, int]]:
+        """Elements whose squares this rank adds to the norm: its owned pieces, less (shard
+        by shard, TP rank > 0) replicated weights, which TP rank 0's collective counts."""
+        skip_replicas = not rb.full_mode and self.tp > 1 and self.tp_index > 0
+        counted = [(a, b) for a, b, p in self._spans(rb) if not (skip_replicas and
+                                                                   _replicated(p))]
+        return _intersect(rb.collective.layout.zero_pieces(self.rank), counted)
+
     def _make_pieces(self, rb: RankBucket, make_optimizer) -> None:
+        from hetrain.runtime.recipe import decays
+
         flat = self._flat_params(rb, gather=False)
-        rb.pieces = [((a, b), flat[a:b].clone().requires_grad_(True))
-                     for a, b in rb.collective.layout.zero_pieces(self.rank)]
+        decayed = [(a, b) for a, b, p in self._spans(rb) if decays(p)]
+        plain = [(a, b) for a, b, p in self._spans(rb) if not decays(p)]
+        owned = rb.collective.layout.zero_pieces(self.rank)
+        # Pieces cut where weight decay starts or stops: one AdamW group each.
+        cuts = sorted([(r, True) for r in _intersect(owned, decayed)]
+                      + [(r, False) for r in _intersect(owned, plain)])
+        rb.pieces = [((a, b), flat[a:b].clone().requires_grad_(True)) for (a, b), _ in cuts]
         if rb.pieces:
-            rb.optimizer = make_optimizer([t for _, t in rb.pieces])
+            rb.optimizer = make_optimizer([(t, d) for (_, t), (_, d) in
+                                           zip(rb.pieces, cuts, strict=True)])
+
+    def synced_params(self) -> set[int]:
+        """ids of the parameters whose gradient squares the buckets count."""
+        return {id(p) for rb in self.mine for _, p in rb.params}
 
     # --- one step ----------------------------------------------------------------------------
     def launch(self, ready_at_s: Callable[[SyncBucket], float]) -> None:
@@ -154,7 +195,7 @@ class GradSync:
                 from None
         finally:
             self.pending.clear()
-        if self.zero and self.mine:
+        if self.zero and self.mine and all(rb.deferred is None for rb in self.mine):
             self.zero_steps += 1
 
     def _run_bucket(self, rb: RankBucket, ready_at_s: float) -> None:
@@ -164,19 +205,42 @@ class GradSync:
         t0 = time.perf_counter()
         grads = self._flat_grads(rb)
         if self.zero:
-            self._zero_step(rb, grads)
+            rb.collective.reduce_scatter(grads)
+            rb.collective.cross_kind(grads)
+            self._add_norm_sq(rb, grads)
+            if self.defer_zero:  # the step waits for the global norm (finish_deferred)
+                rb.deferred = grads
+                for _, p in rb.params:
+                    p.grad = None
+            else:
+                self._zero_step(rb, grads)
         else:
             rb.collective.sum(grads)
+            self._add_norm_sq(rb, grads)
             self._write_grads(rb, grads)
         self.event(f"sync b{rb.bucket.index}", "comm", t0, time.perf_counter())
 
-    def _zero_step(self, rb: RankBucket, grads: torch.Tensor) -> None:
-        rb.collective.reduce_scatter(grads)
-        rb.collective.cross_kind(grads)
+    def _add_norm_sq(self, rb: RankBucket, grads: torch.Tensor) -> None:
+        for a, b in rb.norm_ranges:
+            self.norm_sq += float(grads[a:b].double().pow(2).sum())
+
+    def finish_deferred(self, coef: float) -> None:
+        """ZeRO + clipping: step every bucket's pieces with gradients times `coef`, in the
+        global bucket order, on the comm thread (it owns the sync's process groups)."""
+        todo = [rb for rb in self.mine if rb.deferred is not None]
+        for rb in todo:
+            self.pending.append(self.thread.submit(
+                lambda rb=rb: self._zero_step(rb, rb.deferred, coef)))
+        self.wait()
+
+    def _zero_step(self, rb: RankBucket, grads: torch.Tensor, coef: float = 1.0) -> None:
+        """Step this rank's pieces (their gradients summed in `grads`), gather the updated
+        parameters."""
+        rb.deferred = None
         flat = self._flat_params(rb, gather=True)
         for (a, b), t in rb.pieces:
             t.data.copy_(flat[a:b])
-            t.grad = grads[a:b].clone()
+            t.grad = grads[a:b] * coef if coef != 1.0 else grads[a:b].clone()
         if rb.optimizer is not None:
             rb.optimizer.step()
         for (a, b), t in rb.pieces:
@@ -281,6 +345,18 @@ class GradSync:
     def close(self) -> None:
         if self.thread is not None:
             self.thread.close()
+
+
+def _intersect(ranges: list[tuple[int, int]], others: list[tuple[int, int]]
+               ) -> list[tuple[int, int]]:
+    """Non-empty overlaps of two lists of [start, end) ranges."""
+    out = []
+    for a, b in ranges:
+        for c, d in others:
+            lo, hi = max(a, c), min(b, d)
+            if lo < hi:
+                out.append((lo, hi))
+    return sorted(out)
 
 
 def _agree_on_sizes(mine: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:

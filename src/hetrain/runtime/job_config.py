@@ -105,6 +105,8 @@ class JobConfig(_Section):
         return TrainConfig(
             model=self.model.name, steps=self.schedule.steps, seed=self.schedule.seed,
             lr=self.optimizer.lr, weight_decay=self.optimizer.weight_decay,
+            warmup_steps=self.optimizer.warmup_steps, lr_schedule=self.optimizer.lr_schedule,
+            min_lr=self.optimizer.min_lr, grad_clip=self.optimizer.grad_clip,
             precision=self.schedule.precision, data=self.data.path,
             time_scale=self.cluster.time_scale, op_timeout_s=self.cluster.op_timeout_s,
             hang_timeout_s=self.cluster.hang_timeout_s, trace=self.logging.trace_file is not None,

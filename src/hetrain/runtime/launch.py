@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,11 +36,13 @@ from hetrain.runtime.emulation import (
     real_devices_by_kind,
     seconds_per_sample,
 )
+from hetrain.runtime.events import events_folder, write_events
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.job import Job
 from hetrain.runtime.loop import run_worker
 from hetrain.runtime.preflight import preflight
+from hetrain.runtime.recipe import dropout_note
 from hetrain.runtime.records import StepRecord
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
@@ -111,6 +114,7 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
     check_plan(plan, cluster, model.spec(plan.seq_len))
+    note_dropout(model)
     with run_folder(config, plan) as config:
         return run_attempt(cluster, plan, config, model=model, corpus=corpus,
                            out_dir=out_dir, progress=progress, time_scale=time_scale,
@@ -159,7 +163,17 @@ def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     if not result.losses:  # resumed at a checkpoint at or past `steps`
         raise RunComplete(f"the run is already at step {config.steps} or past it; nothing to "
                           "do", config.steps)
+    folder = events_folder(config, out_dir)
+    if folder is not None:  # TensorBoard: each attempt appends its steps
+        write_events(folder, result, cluster, spec)
     return result
+
+
+def note_dropout(model: ModelSource) -> None:
+    """Once per run, before any worker starts: active dropout is not plan-invariant."""
+    note = dropout_note(model.user_module())
+    if note:
+        print(f"hetrain: {note}", file=sys.stderr, flush=True)
 
 
 def _keep_worker_log(out: Path, config: TrainConfig, keep: bool) -> Path | None:

@@ -68,6 +68,7 @@ def train_loop(worker: Worker) -> list[StepRecord]:
     steps = []
     for step in range(start, cfg.steps):
         before_step(faults, worker.rank, step, [p for _, _, p in worker.params])
+        worker.recipe.begin(step)  # seed (seed, rank, step), learning rate of the step
         record = worker.run_step(step)
         if not math.isfinite(record.loss):  # all-reduced: every rank stops here alike
             raise TrainingDiverged(f"the loss is {record.loss} at step {step}; stopped"

@@ -92,8 +92,8 @@ def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
         raise DataError(f"data {corpus.name}: {len(corpus)} tokens, fewer than one sample needs "
                         f"(seq_len + 2 = {need}); use a longer text or a shorter seq_len")
     if vocab is not None:
-        top = int(corpus.tokens.max())
-        if top >= vocab or int(corpus.tokens.min()) < 0:
+        low, top = corpus.token_range()
+        if top >= vocab or low < 0:
             raise DataError(f"data {corpus.name}: token id {top} is outside the model's "
                             f"vocabulary of {vocab}; give token ids in [0, {vocab})")
 

@@ -22,6 +22,9 @@ class StepRecord:
     busy_s: float  # computing
     sync_s: float  # waiting on the gradient sums (exposed sync)
     optimizer_s: float
+    lr: float = 0.0  # the step's learning rate (runtime/recipe.py)
+    grad_norm: float = 0.0  # global gradient norm before clipping
+    clipped: bool = False
 
 
 @dataclass

@@ -57,6 +57,7 @@ class _Steps:
     def __init__(self, forward: ProgressFn | None):
         self.forward = forward
         self.loss: dict[int, float] = {}
+        self.record: dict[int, StepRecord] = {}  # the last attempt's record of each step
         self.attempt: list[tuple[int, float]] = []  # (step, completed at) in this attempt
         self.attempts: list[Attempt] = []
 
@@ -66,6 +67,7 @@ class _Steps:
 
     def __call__(self, record: StepRecord) -> None:
         self.loss[record.step] = record.loss
+        self.record[record.step] = record
         self.attempt.append((record.step, time.time()))
         if self.attempts[-1].first_step < 0:
             self.attempts[-1].first_step = record.step
@@ -142,6 +144,7 @@ def supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanF
             attempts = [a for a in steps.attempts if a.first_step >= 0]
             return dataclasses.replace(
                 result, losses=losses, recoveries=recoveries, attempts=attempts,
+                records=[steps.record[s] for s in sorted(steps.record)],
                 stopped=stopping.is_set() or short, first_step=min(steps.loss, default=0))
 
 

@@ -10,6 +10,7 @@ from hetrain.data.corpus import Corpus
 from hetrain.model.loading import as_model, load_model
 from hetrain.model.source import ModelSource
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.recipe import adamw, decays, lr_at, set_lr
 
 
 def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_len: int,
@@ -18,7 +19,8 @@ def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_
                     first_step: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Parameters (by full-model name) and losses after `config.steps` AdamW steps on the
     whole global batch at once, mean cross-entropy over all tokens. `model`: the model object
-    (or a user's module); default, the one `config.model` names."""
+    (or a user's module); default, the one `config.model` names. With the config's recipe
+    (learning-rate schedule, decay on matrices only, global-norm clipping)."""
     source = load_model(config.model) if model is None else as_model(model)
     whole = source.whole(config.seed)
     named = dict(whole.named_parameters())
@@ -27,15 +29,17 @@ def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_
         with torch.no_grad():
             for name, p in named.items():
                 p.copy_(start_params[name])
-    opt = torch.optim.AdamW(list(named.values()), lr=config.lr,
-                            weight_decay=config.weight_decay, foreach=False)
+    opt = adamw(config, [(p, decays(p)) for p in named.values()])
     losses = []
     for step in range(first_step, config.steps):
+        set_lr([opt], lr_at(config, step))
         inputs, targets = corpus.global_batch(step, global_batch, seq_len)
         out = whole(inputs)
         logits = getattr(out, "logits", out)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(named.values()), config.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

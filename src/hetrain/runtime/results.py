@@ -79,6 +79,8 @@ class RunResult:
     attempts: list[Attempt] = field(default_factory=list)  # one per launch of the workers
     recoveries: list[Recovery] = field(default_factory=list)
     stopped: bool = False  # SIGTERM: checkpointed and stopped before config.steps
+    records: list[StepRecord] = field(repr=False, default_factory=list)  # rank 0's, this run
+    kind_busy: dict[str, list[float]] = field(repr=False, default_factory=dict)  # per step
 
     @property
     def final_loss(self) -> float:
@@ -94,6 +96,8 @@ class RunResult:
             "tokens_per_s": self.tokens_per_s,
             "final_loss": self.final_loss,
             "losses": self.losses,
+            "lr": [r.lr for r in self.records],
+            "grad_norm": [r.grad_norm for r in self.records],
             "step_s": self.step_s,
             "per_kind": self.per_kind,
             "per_group": self.per_group,
@@ -160,4 +164,15 @@ def gather_result(job: Job, out: Path, estimated_bytes: dict[str, float]) -> Run
                      per_kind=per_kind, per_group=per_group, emulated=sorted(job.emulated),
                      time_scale=job.time_scale, params=params, events=events,
                      late_s=max(rep.late_s for rep in reports), first_step=first,
-                     attempts=[Attempt(first, losses, plan.devices(), step_s)])
+                     attempts=[Attempt(first, losses, plan.devices(), step_s)],
+                     records=list(steps0), kind_busy=_kind_busy(reports))
+
+
+def _kind_busy(reports: list[WorkerReport]) -> dict[str, list[float]]:
+    """Per kind, each step's busy share (compute / step time) averaged over its devices."""
+    by_kind: dict[str, list[list[float]]] = {}
+    for rep in reports:
+        by_kind.setdefault(rep.kind, []).append(
+            [s.busy_s / s.step_s if s.step_s > 0 else 0.0 for s in rep.steps])
+    return {k: [statistics.mean(col) for col in zip(*rows, strict=True)]
+            for k, rows in by_kind.items()}

@@ -31,6 +31,7 @@ from hetrain.runtime.emulation import Pacer
 from hetrain.runtime.grad_sync import GradSync
 from hetrain.runtime.job import Job
 from hetrain.runtime.memory import ActivationMeter, state_bytes
+from hetrain.runtime.recipe import StepRecipe, adamw, decays, recipe_state
 from hetrain.runtime.records import StepRecord, WorkerReport
 from hetrain.runtime.stage import Stage, full_tensor
 
@@ -74,15 +75,18 @@ class Worker:
                                   self._adamw, cfg.op_timeout_s, self._event)
         # With ZeRO-1 the gradients of shared weights are cleared by the sync once it has
         # stepped them: this optimizer then steps only weights held by one group.
-        self.optimizer = self._adamw([p for _, _, p in self.params])
+        self.optimizer = self._adamw([(p, decays(p)) for _, _, p in self.params])
+        self.recipe = StepRecipe(cfg, rank, self.tp_index, self.params, self.grad_sync,
+                                 self._optimizers)
         self.pacer = Pacer(self.kind in job.emulated, job.time_scale)
         self.meter = ActivationMeter()
         self.inv_tokens = 1.0 / (plan.global_batch * plan.seq_len)
 
-    def _adamw(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-        cfg = self.job.config
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 foreach=False)
+    def _adamw(self, params: list[tuple[torch.Tensor, bool]]) -> torch.optim.Optimizer:
+        return adamw(self.job.config, params)  # (tensor, decays) pairs: runtime/recipe.py
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + [rb.optimizer for rb in self.grad_sync.mine if rb.optimizer]
 
     # --- set-up ------------------------------------------------------------------------------
     def _build_model(self) -> None:
@@ -135,6 +139,7 @@ class Worker:
         # shared weights were already stepped shard by shard on the comm thread.
         t_sync = time.perf_counter()
         self.grad_sync.wait()
+        self.recipe.before_optimizer()  # the global norm; clipping (waits for it when on)
         t_opt = time.perf_counter()
         self._event("allreduce", "comm", t_sync, t_opt)
         self.optimizer.step()
@@ -145,10 +150,12 @@ class Worker:
         # also ends the step for all ranks.
         if not (self.stage.last and self.tp_index == 0):
             st.loss_sum.zero_()
-        dist.all_reduce(st.loss_sum)
-        return StepRecord(step=step, loss=float(st.loss_sum),
-                          step_s=time.perf_counter() - t_step, busy_s=st.busy_s,
-                          sync_s=t_opt - t_sync, optimizer_s=t_end - t_opt)
+        sums = torch.stack([st.loss_sum, self.recipe.unreduced_norm_sq()])
+        dist.all_reduce(sums)
+        lr, grad_norm, clipped = self.recipe.record(float(sums[1]))
+        return StepRecord(step=step, loss=float(sums[0]), step_s=time.perf_counter() - t_step,
+                          busy_s=st.busy_s, sync_s=t_opt - t_sync, optimizer_s=t_end - t_opt,
+                          lr=lr, grad_norm=grad_norm, clipped=clipped)
 
     def _run_action(self, action: Action, st: _StepState, start_sync: bool,
                     ahead: list[Action]) -> None:
@@ -282,7 +289,8 @@ class Worker:
         return TrainState(rank=self.rank, rank_devices=self.job.rank_devices, plan=self.job.plan,
                           group=self.group.name, tp_index=self.tp_index, params=self.params,
                           optimizer=self.optimizer, grad_sync=self.grad_sync, seed=cfg.seed,
-                          precision=cfg.precision, run_id=cfg.run_id)
+                          precision=cfg.precision, run_id=cfg.run_id,
+                          recipe=recipe_state(cfg))
 
     def report(self, steps: list[StepRecord]) -> WorkerReport:
         params = self.full_parameters()
