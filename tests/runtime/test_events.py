@@ -24,7 +24,7 @@ RECIPE = ["--lr", "3e-3", "--warmup-steps", "1", "--lr-schedule", "cosine", "--m
 
 
 def test_prepare_train_and_read_the_events(tmp_path):
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator as accumulator
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)))
     data = tmp_path / "train.bin"
