@@ -6,10 +6,10 @@ action starts once the group is free and its input has arrived. Sends are asynch
 posted its receive (gloo's rendezvous), which it does RECV_AHEAD actions before: a
 receiver that posts late still waits the handshake and the transfer. Transfers between one
 pair of nodes (or of devices, inside a node) share the link: the bytes of one go after
-those of the other, while their latencies (the cost model's p2p time of no bytes) overlap. Gradient sync and the
-optimizer are priced by plan.sync.price_sync (the one definition the runtime and the
-planner use): buckets start under the last weight-gradient actions and overlap compute.
-One heap of timed events: O(events log events).
+those of the other, while their latencies (the cost model's p2p time of no bytes) overlap.
+Gradient sync and the optimizer are priced by plan.sync.price_sync (the one definition the
+runtime and the planner use): buckets start under the last weight-gradient actions and
+overlap compute. One heap of timed events: O(events log events).
 """
 
 from __future__ import annotations
