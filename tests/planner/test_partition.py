@@ -94,6 +94,8 @@ def test_scaled_slots_bound_the_larger_micro_batch(blocks, sizes):
     smaller, _ = partitioner(sizes[0])
     larger, _ = partitioner(sizes[1])
     bound = ScaledSlots(smaller, larger, {"fast": [1, 2], "slow": [1, 2]})
+    assert bound.slot_s(blocks) == larger.slot_s(blocks)  # not partitioned at the smaller
+    smaller.slot_s(blocks)
     exact = larger.slot_s(blocks)
     assert bound.slot_s(blocks) <= exact
     # never below the smaller size's own slot (times grow with the micro-batch)

@@ -237,6 +237,10 @@ class Partitioner:
         ends[:len(tail)] = tail
         return first + int(np.maximum(band.cost[a], ends).argmin())
 
+    def solved(self, blocks: Blocks) -> bool:
+        """Whether the whole pipeline's partition is in the memo."""
+        return (None, blocks) in self._best
+
     def slot_s(self, blocks: Blocks) -> float:
         """The slowest stage of the best partition; inf when nothing fits."""
         best = self._best.get((None, blocks))
@@ -266,15 +270,17 @@ class Partitioner:
 
 class ScaledSlots:
     """Lower bounds on the slots of a larger micro-batch size, from a smaller size's exact
-    partitions. For a factor r, every stage time per range (compute with or without
-    recomputation) at the larger size is at least r times the smaller's less some d_c, every
-    wait at least r times less d_w (the figures of the two tables say how much); a range that
-    fits in memory at the larger size fits at the smaller. So the larger size's best
+    partitions (the larger size's exact slot where the smaller has none). For a factor r,
+    every stage time per range (compute with or without recomputation) at the larger size is
+    at least r times the smaller's less some d_c, every wait at least r times less d_w (the
+    figures of the two tables say how much); a range that fits in memory at the larger size
+    fits at the smaller. So the larger size's best
     partition, priced at the smaller size, bounds: slot >= r * smaller slot - d_c - 2 d_w,
     for every r tried (those near the typical growth, and 1)."""
 
     def __init__(self, smaller: Partitioner, larger: Partitioner, tps: dict[str, list[int]]):
         self.smaller = smaller
+        self.larger = larger
         compute, waits = _pairs(smaller, larger, tps)
         ratios = compute[1] / compute[0]
         self.terms = []
@@ -284,9 +290,13 @@ class ScaledSlots:
             self.terms.append((r, d_c + 2 * d_w))
 
     def solve_many(self, pipelines: Iterable[Blocks]) -> None:
-        self.smaller.solve_many(pipelines)
+        """Pipelines the smaller size has not partitioned get the larger size's exact
+        partition (as costly, and kept should the larger size be searched)."""
+        self.larger.solve_many(p for p in pipelines if not self.smaller.solved(p))
 
     def slot_s(self, blocks: Blocks) -> float:
+        if not self.smaller.solved(blocks):
+            return self.larger.slot_s(blocks)
         slot = self.smaller.slot_s(blocks)
         if not np.isfinite(slot):
             return slot
