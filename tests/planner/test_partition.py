@@ -13,7 +13,7 @@ from hetrain.cost import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.model import model_config, model_spec
 from hetrain.planner.links import BoundaryComm, LinkModel
-from hetrain.planner.partition import Partitioner
+from hetrain.planner.partition import Partitioner, ScaledSlots
 from tests.planner.brute import brute_partition
 
 # Two made-up kinds with little memory, so that stages need recomputation or do not fit.
@@ -68,3 +68,35 @@ def test_recomputation_only_where_needed():
     assert best is not None and any(best.recompute)  # the fast kind's 0.05 GiB is tight
     without, _ = partitioner(2, allow_recompute=False)
     assert without.slot_s((("fast", 1, 3, True), ("slow", 1, 2, True))) >= best.slot_s
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pipelines=st.lists(st.lists(block, min_size=1, max_size=3), min_size=2, max_size=5),
+       mbs=st.sampled_from([1, 2]), split=st.integers(0, 5))
+def test_many_pipelines_at_once_match_one_at_a_time(pipelines, mbs, split):
+    """solve_many shares suffixes between pipelines and computes only the starts each needs;
+    in two calls, the second may need starts the first left out."""
+    pipelines = [tuple(p) for p in pipelines]
+    together, _ = partitioner(mbs)
+    together.solve_many(pipelines[split:])
+    together.solve_many(pipelines)
+    for blocks in pipelines:
+        alone, _ = partitioner(mbs)
+        assert together.slot_s(blocks) == alone.slot_s(blocks)
+        assert together.best(blocks) == alone.best(blocks)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=st.lists(block, min_size=1, max_size=3), sizes=st.sampled_from([(1, 2), (1, 4),
+                                                                               (2, 4)]))
+def test_scaled_slots_bound_the_larger_micro_batch(blocks, sizes):
+    blocks = tuple(blocks)
+    smaller, _ = partitioner(sizes[0])
+    larger, _ = partitioner(sizes[1])
+    bound = ScaledSlots(smaller, larger, {"fast": [1, 2], "slow": [1, 2]})
+    assert bound.slot_s(blocks) == larger.slot_s(blocks)  # not partitioned at the smaller
+    smaller.slot_s(blocks)
+    exact = larger.slot_s(blocks)
+    assert bound.slot_s(blocks) <= exact
+    # never below the smaller size's own slot (times grow with the micro-batch)
+    assert bound.slot_s(blocks) >= smaller.slot_s(blocks) * (1 - 1e-8)

@@ -6,17 +6,22 @@ time T" favours (copies continuous, each taking as many micro-batches as fit bef
 Bisecting T gives a lower bound on the pipeline time; at a few times around it the LP's
 support and the templates with the best reduced cost under its device prices are kept
 (column selection, as in cutting-stock).
+
+A micro-batch size whose LP cannot beat the best plan so far even on lower bounds of its
+slots (scaled from a smaller size's partitions) is left before any partition is computed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linprog
 
-from hetrain.planner.templates import Template
+from hetrain.planner.partition import ScaledSlots
+from hetrain.planner.templates import Shape, Template, TemplateBuilder
 
 
 def per_copy_micro_batches(templates: list[Template], deadline_s: float,
@@ -92,3 +97,18 @@ def screen_templates(templates: list[Template], capacity: dict[tuple[str, int], 
         for i in np.argsort(-reduced)[:per_margin]:
             chosen[int(i)] = None
     return Screen(list(chosen), bound)
+
+
+def beyond_reach(builder: TemplateBuilder, slots: ScaledSlots, exact: list[Template],
+                 shapes: list[Shape], capacity_of, micro_batches: int, beat_s: float) -> bool:
+    """Whether the LP relaxation cannot finish the batch within `beat_s` even with lower
+    bounds on the slots of `shapes` (and the `exact` outlines as they are): then no plan of
+    this micro-batch size beats `beat_s`, and the shapes need no partition."""
+    if not np.isfinite(beat_s):
+        return False
+    optimistic = copy.copy(builder)
+    optimistic.partitioner = slots
+    slots.solve_many(map(builder.keys, shapes))
+    outlines = exact + [t for t in map(optimistic.outline, shapes) if t is not None]
+    return bool(outlines) and not CoverLP(outlines, capacity_of(outlines),
+                                          micro_batches).covers(beat_s)

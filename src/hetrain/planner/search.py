@@ -31,9 +31,9 @@ from hetrain.planner.counts import CountSolution, best_single, capacities, choos
 from hetrain.planner.estimate import StepEstimate, estimate_step
 from hetrain.planner.feasibility import explain_infeasible
 from hetrain.planner.links import BoundaryComm, LinkModel
-from hetrain.planner.partition import MEMORY_SLACK, Partitioner
+from hetrain.planner.partition import MEMORY_SLACK, Partitioner, ScaledSlots
 from hetrain.planner.placement import place_plan
-from hetrain.planner.screening import CoverLP, screen_templates
+from hetrain.planner.screening import CoverLP, beyond_reach, screen_templates
 from hetrain.planner.templates import (
     Block,
     Template,
@@ -123,11 +123,13 @@ def plan_kinds(cluster: Cluster, options: SearchOptions) -> dict[str, int]:
 
 def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, global_batch: int,
                      micro_batch_size: int, options: SearchOptions,
-                     beat_s: float = np.inf, optimizer_shards: int = 1) -> Candidates:
+                     beat_s: float = np.inf, optimizer_shards: int = 1,
+                     partitioners: dict[int, Partitioner] | None = None) -> Candidates:
     """Templates for one micro-batch size. Every shape when there are few, else single-kind
     shapes and proportional mixed ones. Unless the search is exhaustive, only the templates
     that screening keeps are completed, and none when not even the LP relaxation finishes
-    the batch within `beat_s`."""
+    the batch within `beat_s`. `partitioners` (by micro-batch size) keeps each size's
+    partitions, from which larger sizes get lower bounds."""
     counts = plan_kinds(cluster, options)
     n_layers = cost.spec.n_layers
     tps = {k: tp_options(cluster, k, options.tp_sizes) for k in counts}
@@ -137,6 +139,8 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     partitioner = Partitioner(tables, dtypes, micro_batch_size,
                               BoundaryComm(cost, links, dtypes, micro_batch_size),
                               options.allow_recompute, optimizer_shards)
+    partitioners = {} if partitioners is None else partitioners
+    smaller = max((m for m in partitioners if m < micro_batch_size), default=None)
     max_shapes = min(sum(counts.values()), options.max_shapes)
     every_shape = all_shapes_count(counts, tps, n_layers) <= options.shape_budget
     exhaustive = every_shape and max_shapes == sum(counts.values())
@@ -150,15 +154,24 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
         return Candidates(micro_batch_size, micro_batches, templates, capacity, max_shapes,
                           True, bound)
     if every_shape:
-        outlines = [t for t in map(builder.outline, all_shapes(counts, tps, n_layers)) if t]
+        shapes = list(all_shapes(counts, tps, n_layers))
+        partitioner.solve_many(map(builder.keys, shapes))  # every DP at once, then read off
+        outlines = [t for t in map(builder.outline, shapes) if t]
     else:
         singles = [(Block(k, tp, c),) for k in counts
                    for tp, c in block_options(counts[k], tps[k], n_layers)]
+        partitioner.solve_many(map(builder.keys, singles))
         outlines = [t for t in map(builder.outline, singles) if t is not None]
         best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
         order = {k: (-cluster.kinds[k].memory_gib,
                      -cluster.kinds[k].peak_flops(partitioner.dtypes[k])) for k in counts}
-        mixed = proportional_shapes(counts, best_tps, n_layers, order.get)
+        mixed = list(proportional_shapes(counts, best_tps, n_layers, order.get))
+        if smaller is not None and beyond_reach(
+                builder, ScaledSlots(partitioners[smaller], partitioner, best_tps), outlines,
+                mixed, lambda ts: capacities(ts, cluster), micro_batches, beat_s):
+            return Candidates(micro_batch_size, micro_batches, [], {}, max_shapes, False, np.inf)
+        partitioners[micro_batch_size] = partitioner  # its partitions are computed below
+        partitioner.solve_many(map(builder.keys, mixed))  # every DP at once, then read off
         outlines += [t for t in map(builder.outline, mixed) if t is not None]
     capacity = capacities(outlines, cluster)
     if not outlines or not CoverLP(outlines, capacity, micro_batches).covers(beat_s):
@@ -202,12 +215,13 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
         if priced:
             break
         best: tuple[CountSolution, Candidates] | None = None
+        partitioners: dict[int, Partitioner] = {}
         for mbs in options.micro_batch_sizes:
             if global_batch % mbs:
                 continue
             beat_s = np.inf if best is None else best[0].step_s
             cands = build_candidates(cluster, cost, tables, global_batch, mbs, options, beat_s,
-                                     shards)
+                                     shards, partitioners)
             built += len(cands.templates)
             exhaustive &= cands.exhaustive
             if cands.pipeline_bound_s >= beat_s:

@@ -5,10 +5,11 @@ action starts once the group is free and its input has arrived. Sends are asynch
 (the runtime isends staged host tensors), but the bytes move only once the receiver has
 posted its receive (gloo's rendezvous), which it does RECV_AHEAD actions before: a
 receiver that posts late still waits the handshake and the transfer. Transfers between one
-pair of nodes (or of devices, inside a node) go one after another. Gradient sync and the
-optimizer are priced by plan.sync.price_sync (the one definition the runtime and the
-planner use): buckets start under the last weight-gradient actions and overlap compute.
-One heap of timed events: O(events log events).
+pair of nodes (or of devices, inside a node) share the link: the bytes of one go after
+those of the other, while their latencies (the cost model's p2p time of no bytes) overlap.
+Gradient sync and the optimizer are priced by plan.sync.price_sync (the one definition the
+runtime and the planner use): buckets start under the last weight-gradient actions and
+overlap compute. One heap of timed events: O(events log events).
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ class StepEngine:
         else:
             ready_s = max(sent_s, self.posted[key] + self.cost.p2p_handshake_s(a, b))
             total_s = self.cost.p2p_s(a, b, nbytes)
-            latency_s = min(total_s, self.cluster.link_latency_s(a, b))
+            # The cost model's own latency (a measured one is the fit's fixed part, not the
+            # cluster's spec figure), so that only the bytes' time occupies the link.
+            latency_s = min(total_s, self.cost.p2p_s(a, b, 0.0))
             nodes = (self.cluster.device_by_id[a].node, self.cluster.device_by_id[b].node)
             # Between nodes transfers share the NICs; inside a node each pair has its own
             # path (NVLink / switch fabric).
