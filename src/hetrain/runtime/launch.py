@@ -38,6 +38,7 @@ from hetrain.runtime.emulation import (
     seconds_per_sample,
 )
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
+from hetrain.runtime.precision import param_dtype
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
@@ -84,7 +85,7 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
         build_decoder(model_config(plan.model), config.seed)
     if device != "cpu":
         bind_process(cost.cluster.kinds[kind], device)
-    model.to(device=device, dtype=getattr(torch, config.precision))
+    model.to(device=device, dtype=param_dtype(config.precision))
     per_sample = seconds_per_sample(model, inputs, targets, device)
     model.zero_grad(set_to_none=True)
     if kind in real:

@@ -28,6 +28,7 @@ from hetrain.model.config import model_config
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.precision import check_precision
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
 # memory (each worker holds a Python interpreter and torch, a few hundred MB) long before
@@ -46,7 +47,7 @@ _FIXES = {
     "op_timeout_s": "a timeout must be a finite number of seconds > 0",
     "run_timeout_s": "a timeout must be a finite number of seconds > 0",
     "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
-    "precision": "use float32 or float64",
+    "precision": "use float32, float64, bf16 or fp16",
     "seed": "pass a whole number in [0, 2**32)",
 }
 
@@ -234,6 +235,8 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     check_writable_dir(out_dir, option_name("out_dir", cli))
     check_checkpoint(config, plan, cli)
     check_model(plan, user_model)
+    check_precision(config.precision, plan.sharded_optimizer,
+                    [cluster.kinds[k].flops for k in plan.kinds()])
     if spawn:
         check_worker_count(plan)
         check_main_guard()

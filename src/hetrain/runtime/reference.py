@@ -10,6 +10,7 @@ from hetrain.data.corpus import Corpus
 from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.precision import param_dtype
 from hetrain.runtime.stage import WholeModel
 
 
@@ -24,7 +25,7 @@ def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_
     else:
         model = build_decoder(model_config(config.model), config.seed)
         named = dict(model.named_parameters())
-    model.to(getattr(torch, config.precision))
+    model.to(param_dtype(config.precision))
     if start_params is not None:
         with torch.no_grad():
             for name, p in named.items():

@@ -79,7 +79,8 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
         mode = "emulated" if rep["emulated"] else "real"
         k = per_kind.setdefault(rep["kind"], {
             "devices": 0, "share": 0.0, "busy": 0.0, "mode": mode,
-            "device_type": job.torch_device_of.get(rep["device"], "cpu").split(":")[0]})
+            "device_type": job.torch_device_of.get(rep["device"], "cpu").split(":")[0],
+            "dtype": rep["dtype"]})
         k["devices"] += 1
         k["busy"] += statistics.mean(busy) if busy else 0.0
         if rep["tp_index"] == 0:

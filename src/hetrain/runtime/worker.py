@@ -38,6 +38,7 @@ from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import Pacer
 from hetrain.runtime.grad_sync import GradSync
 from hetrain.runtime.memory import ActivationMeter, state_bytes
+from hetrain.runtime.precision import loss_scaler, param_dtype, precision_of
 from hetrain.runtime.stage import (
     Stage,
     WholeModel,
@@ -89,6 +90,8 @@ class Worker:
             for k in plan.kinds()
         }
         self.corpus = job.corpus or load_corpus(cfg.data, cfg.seed)
+        self.precision = precision_of(cfg.precision, kinds[self.kind].flops)
+        self.scaler = loss_scaler(cfg.precision, [kinds[k].flops for k in plan.kinds()])
         self.events: list[dict] = []
         self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self._build_model()
@@ -149,7 +152,8 @@ class Worker:
                 apply_tensor_parallel(self.stage, mesh)
             self.params = [(name, _layer_of(name, self.n_layers), p)
                            for name, p in self.stage.canonical_parameters()]
-        self.dtype = getattr(torch, job.config.precision)
+        self.dtype = param_dtype(job.config.precision)  # master weights
+        self.act_dtype = self.precision.activation_dtype  # sent between stages
         self.stage.to(device=self.device, dtype=self.dtype)
 
     def _peer_ranks(self, group_name: str, receiving: bool) -> list[int]:
@@ -180,7 +184,8 @@ class Worker:
         self.grad_sync.wait()
         t_opt = time.perf_counter()
         self._event("allreduce", "comm", t_sync, t_opt)
-        self.optimizer.step()
+        if self.scaler.unscale_or_skip(self._weights(), step):  # fp16: skipped on overflow
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()
         self._event("optimizer", "optimizer", t_opt, t_end)
@@ -203,7 +208,7 @@ class Worker:
                 size = plan.micro_batches[nxt.micro_batch].size
                 (src,) = self._peer_ranks(nxt.recv_from, receiving=True)
                 self.p2p.post((size, plan.seq_len, self.dim), src,
-                              tag_of(nxt.micro_batch, nxt.is_backward), self.dtype)
+                              tag_of(nxt.micro_batch, nxt.is_backward), self.act_dtype)
         result = _COMPUTE[action.op](self, mb, received, st)
         # An emulated kind has its result only once its paced compute is over: send after,
         # or the next stage would start before this one could have finished.
@@ -227,7 +232,7 @@ class Worker:
         shape = (mb.size, self.job.plan.seq_len, self.dim)
         (src,) = self._peer_ranks(action.recv_from, receiving=True)
         received = self.p2p.recv(shape, src, tag_of(mb.id, action.is_backward), self.device,
-                                 self.dtype)
+                                 self.act_dtype)
         t0 = time.perf_counter()
         if t0 - t_wait > 1e-4:
             self._event(f"recv {action.label}", "comm", t_wait, t0)
@@ -251,20 +256,25 @@ class Worker:
         else:
             x = saved.inp = received.requires_grad_(True)
         with self.meter.forward(mb.id):
-            if self.split and received is None and isinstance(self.stage, Stage):
-                # Stage 0 under zero-bubble splits after the embedding: the blocks' input is
-                # then a leaf, so the input-gradient action can run (and keep what the
-                # weight gradients need); the embedding's gradient waits for the weight one.
-                saved.embedded = self.stage.layers[0](x)
-                saved.inp = saved.embedded.detach().requires_grad_(True)
-                out = self.stage(saved.inp, start=1)
-            else:
-                out = self.stage(x)
-            if self.stage.last:
-                out = F.cross_entropy(out.flatten(0, 1),
+            with self.precision.autocast(self.device.type):
+                if self.split and received is None and isinstance(self.stage, Stage):
+                    # Stage 0 under zero-bubble splits after the embedding: the blocks' input
+                    # is then a leaf, so the input-gradient action can run (and keep what the
+                    # weight gradients need); the embedding's gradient waits for the weight
+                    # one.
+                    saved.embedded = self.stage.layers[0](x)
+                    saved.inp = saved.embedded.detach().requires_grad_(True)
+                    out = self.stage(saved.inp, start=1)
+                else:
+                    out = self.stage(x)
+            if self.stage.last:  # the loss in the master dtype, scaled under fp16
+                out = F.cross_entropy(out.to(self.dtype).flatten(0, 1),
                                       st.targets[rows].flatten().to(self.device),
                                       reduction="sum") * self.inv_tokens
                 st.loss_sum += out.detach().double().cpu()
+                out = self.scaler.scaled(out)
+            else:  # activations travel in the compute dtype
+                out = out.to(self.act_dtype)
         saved.out = out
         st.stored[mb.id] = saved
         return out
@@ -337,6 +347,7 @@ class Worker:
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda" else None,
             "late_s": self.pacer.late_s, "events": self.events,
+            "dtype": self.precision.catalog_dtype, "skipped_steps": self.scaler.skipped,
             "peak_in_flight": self.schedule.peak_in_flight[self.group.name],
         }
 
