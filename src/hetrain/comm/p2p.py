@@ -57,6 +57,8 @@ class P2P:
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         host = tensor.detach().to("cpu").contiguous()
         buf = pack(host, time.time())
+        # Sends already received free their buffers now, not at the end of the step.
+        self.pending = [(w, b) for w, b in self.pending if not w.is_completed()]
         self.pending.append((dist.isend(buf, dst, tag=tag), buf))
 
     def post(self, shape: tuple[int, ...], src: int, tag: int,

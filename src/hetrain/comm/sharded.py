@@ -89,23 +89,25 @@ class ShardedSum:
                        for seg in lay.segments if len(seg.owners) > 1}
 
     # --- phases --------------------------------------------------------------------------
-    def reduce_scatter(self, flat: torch.Tensor) -> None:
-        """flat[my kind shard] becomes the sum over my kind's members."""
+    def reduce_scatter(self, flat: torch.Tensor) -> bool:
+        """flat[my kind shard] becomes the sum over my kind's members; True when all of
+        `flat` did (an all-reduce, or a kind of one member)."""
         rank = dist.get_rank()
         kind = self._kind(rank)
         group = self.kind_group[kind]
         if group is None:
-            return
+            return True
         mine = flat[slice(*self.layout.kind_shards[rank])]
         if dist.get_backend(group) == "gloo":
             # gloo's reduce_scatter is one all-reduce per rank (torch >= 2.8) or missing:
             # one all-reduce of the buffer moves as many bytes, in fewer messages.
             dist.all_reduce(flat, group=group)
-            return
+            return True
         chunks = [flat[slice(*self.layout.kind_shards[r])] for r in self._by_group_rank(kind)]
         out = torch.empty_like(mine)
         dist.reduce_scatter(out, [c.contiguous() for c in chunks], group=group)
         mine.copy_(out)
+        return False
 
     def cross_kind(self, flat: torch.Tensor) -> None:
         """Each segment of my kind shard summed with its owners of the other kinds over the
@@ -147,7 +149,9 @@ class ShardedSum:
 
     def sum(self, flat: torch.Tensor) -> None:
         """The whole sum in place: every member ends with the total of every element."""
-        self.reduce_scatter(flat)
+        whole = self.reduce_scatter(flat)
+        if whole and len(self.layout.kinds) == 1:
+            return  # one kind, summed whole: no shard to spread (nor its buffers to hold)
         self.cross_kind(flat)
         self.all_gather(flat)
 

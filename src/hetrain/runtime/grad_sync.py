@@ -176,7 +176,7 @@ class GradSync:
         flat = self._flat_params(rb, gather=True)
         for (a, b), t in rb.pieces:
             t.data.copy_(flat[a:b])
-            t.grad = grads[a:b].clone()
+            t.grad = grads[a:b]  # AdamW reads it only: a view, no copy
         if rb.optimizer is not None:
             rb.optimizer.step()
         for (a, b), t in rb.pieces:
@@ -196,7 +196,7 @@ class GradSync:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             tensors.append(_embed_full(p.grad, self.tp) if rb.full_mode else _local(p.grad))
-        return _flatten_dense_tensors(tensors).clone()
+        return _flat_copy(tensors)
 
     def _write_grads(self, rb: RankBucket, flat: torch.Tensor) -> None:
         for (_, p), value in zip(rb.params, self._unflatten(rb, flat), strict=True):
@@ -212,9 +212,9 @@ class GradSync:
         from the TP group (`gather`; at set-up only the shapes matter)."""
         with torch.no_grad():
             if not rb.full_mode:
-                return _flatten_dense_tensors([_local(p.detach()) for _, p in rb.params]).clone()
+                return _flat_copy([_local(p.detach()) for _, p in rb.params])
             fulls = [_embed_param(p.detach(), self.tp_index) for _, p in rb.params]
-            flat = _flatten_dense_tensors(fulls).clone()
+            flat = _flat_copy(fulls)
             if gather and rb.tp_group is not None:
                 host = flat.cpu() if flat.device.type != "cpu" else flat
                 dist.all_reduce(host, group=rb.tp_group)
@@ -273,6 +273,16 @@ class GradSync:
                                          **{k: flats[k][a:b].clone().to(t.device)
                                             for k in ADAM_STATE}}
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """ZeRO: the pieces this rank steps and their AdamW state (runtime/memory.py)."""
+        out = []
+        for rb in self.mine:
+            out += [t for _, t in rb.pieces]
+            if rb.optimizer is not None:
+                out += [v for st in rb.optimizer.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor)]
+        return out
+
     def state_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for rb in self.mine if rb.optimizer
                    for s in rb.optimizer.state.values() for v in s.values()
@@ -294,6 +304,12 @@ def _agree_on_sizes(mine: dict[tuple[int, int], int]) -> dict[tuple[int, int], i
                 raise RuntimeFailure(f"gradient bucket {key[0]}: members disagree on its size "
                                      f"({sizes[key]} vs {n} elements)")
     return sizes
+
+
+def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated into a new 1-D buffer (flattening one tensor is a view)."""
+    flat = _flatten_dense_tensors(tensors)
+    return flat.clone() if len(tensors) == 1 else flat
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from hetrain.errors import RuntimeFailure
+from hetrain.runtime.memory import PeakTracker, measuring
 from hetrain.runtime.preemption import Preemption
 from hetrain.runtime.worker import Worker
 
@@ -33,7 +34,12 @@ def train_loop(worker: Worker) -> list[dict]:
     steps = []
     for step in range(start, cfg.steps):
         _inject_fault(worker, step)
-        record = worker.run_step(step)
+        # Peak memory of one steady step (the second; the only one of a one-step run):
+        # tracking slows every op, so it runs once.
+        tracker = PeakTracker() if step - start == min(1, cfg.steps - start - 1) else None
+        worker.peak = tracker or worker.peak
+        with measuring(tracker, worker.state_tensors, worker.grad_sync.thread, worker.device):
+            record = worker.run_step(step)
         if not math.isfinite(record["loss"]):  # all-reduced: every rank stops here alike
             raise TrainingDiverged(f"the loss is {record['loss']} at step {step}; stopped"
                                    f"{_kept(cfg)}")

@@ -92,8 +92,9 @@ def gather_result(job, out: Path, estimated_bytes: dict[str, float]) -> RunResul
             "emulated": rep["emulated"], "mode": mode})
         # optimizer state of the group's busiest device (ZeRO-1 shards it by shard_weight)
         grp["optimizer_bytes"] = max(grp["optimizer_bytes"], rep["optimizer_bytes"])
-        grp["measured_bytes"] = max(grp["measured_bytes"],
-                                    rep["cuda_peak_bytes"] or rep["measured_bytes"])
+        # one steady step's peak: the device allocator's, or live storage counted on the CPU
+        grp["measured_bytes"] = max(grp["measured_bytes"], rep["measured_bytes"])
+        grp["memory_source"] = rep["memory_source"]
     for k in per_kind.values():
         k["busy"] /= k["devices"]
         k["tokens_per_s"] = k["share"] * tokens_per_s

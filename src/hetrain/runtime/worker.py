@@ -37,7 +37,7 @@ from hetrain.plan.types import MicroBatch, Plan, StageGroup
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import Pacer
 from hetrain.runtime.grad_sync import GradSync
-from hetrain.runtime.memory import ActivationMeter, state_bytes
+from hetrain.runtime.memory import ActivationMeter, PeakTracker, held_tensors, state_bytes
 from hetrain.runtime.precision import loss_scaler, param_dtype, precision_of
 from hetrain.runtime.stage import (
     Stage,
@@ -114,6 +114,7 @@ class Worker:
         self.optimizer = self._adamw([p for _, _, p in self.params])
         self.pacer = Pacer(self.kind in job.emulated, job.time_scale)
         self.meter = ActivationMeter()
+        self.peak: PeakTracker | None = None  # set by the loop for the step it measures
         self.inv_tokens = 1.0 / (plan.global_batch * plan.seq_len)
 
     def _adamw(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -314,6 +315,10 @@ class Worker:
         self.meter.release(mb.id)
         return None
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What this worker keeps between steps (runtime/memory.py counts it as held)."""
+        return held_tensors(self.stage, self.optimizer) + self.grad_sync.state_tensors()
+
     def _weights(self) -> list[nn.Parameter]:
         return [p for _, _, p in self.params]
 
@@ -339,8 +344,8 @@ class Worker:
             "steps": steps, "params": params if self.tp_index == 0 else {},
             "samples": self.job.plan.samples_of(self.group.name),
             "layers": list(self.group.layers),
-            "measured_bytes": state_bytes(self.stage, self.optimizer)
-            + self.grad_sync.state_bytes() + acts,
+            "measured_bytes": self.peak.peak_bytes if self.peak is not None
+            else state_bytes(self.stage, self.optimizer) + self.grad_sync.state_bytes() + acts,
             "optimizer_bytes": state_bytes(nn.Module(), self.optimizer)
             + self.grad_sync.state_bytes(),
             "activation_bytes": acts,
@@ -348,6 +353,7 @@ class Worker:
             if self.device.type == "cuda" else None,
             "late_s": self.pacer.late_s, "events": self.events,
             "dtype": self.precision.catalog_dtype, "skipped_steps": self.scaler.skipped,
+            "memory_source": self.peak.source if self.peak is not None else "estimate",
             "peak_in_flight": self.schedule.peak_in_flight[self.group.name],
         }
 
