@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hetrain.comm.bridge import on_device
 from hetrain.comm.groups import BRIDGE_BACKEND, GroupCache
 
 Split = Callable[[list[float], int], list[tuple[int, int]]]  # weights, numel -> bounds
@@ -78,14 +79,16 @@ class ShardedSum:
     """One collective over `ranks`. `build` on EVERY rank in one order; call the rest on
     members only."""
 
-    def __init__(self, layout: FlatLayout, backend_of: dict[str, str]):
+    def __init__(self, layout: FlatLayout, backend_of: dict[str, str],
+                 bridge: str = BRIDGE_BACKEND):
         self.layout = layout
         self.backend_of = backend_of
+        self.bridge_backend = bridge
 
     def build(self, cache: GroupCache) -> None:
         lay = self.layout
         self.kind_group = {k: cache.get(rs, self.backend_of[k]) for k, rs in lay.members.items()}
-        self.bridge = {seg.owners: cache.get(seg.owners, BRIDGE_BACKEND)
+        self.bridge = {seg.owners: cache.get(seg.owners, self.bridge_backend)
                        for seg in lay.segments if len(seg.owners) > 1}
 
     # --- phases --------------------------------------------------------------------------
@@ -116,7 +119,8 @@ class ShardedSum:
         for seg in self._my_segments(dist.get_rank()):
             part = flat[seg.start:seg.end]
             # The bridge owns the copy to host memory: NCCL/RCCL tensors are not gloo tensors.
-            host = part if part.device.type == "cpu" else part.cpu()
+            host = part if part.device.type == "cpu" or on_device(self.bridge_backend) \
+                else part.cpu()
             dist.all_reduce(host, group=self.bridge[seg.owners])
             if host is not part:
                 part.copy_(host)
@@ -176,7 +180,7 @@ class ShardedSum:
 def _padded_all_gather(mine: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
     """All-gather of uneven 1-D pieces (sizes in group-rank order), padded to the largest."""
     width = max(sizes)
-    device = mine.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    device = mine.device if on_device(dist.get_backend(group)) else torch.device("cpu")
     padded = torch.zeros(width, dtype=mine.dtype, device=device)
     padded[:mine.numel()] = mine
     outs = [torch.empty_like(padded) for _ in sizes]

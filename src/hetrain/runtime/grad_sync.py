@@ -67,7 +67,8 @@ class GradSync:
     def __init__(self, plan: Plan, spec: ModelSpec, group: StageGroup, rank_of: dict[str, int],
                  kind_of_rank: dict[int, str], backend_of: dict[str, str], cache: GroupCache,
                  params: list[tuple[str, int, nn.Parameter]], make_optimizer,
-                 timeout_s: float, event: Callable[[str, str, float, float], None]):
+                 timeout_s: float, event: Callable[[str, str, float, float], None],
+                 bridge_backend: str = "gloo"):
         self.plan, self.group, self.timeout_s, self.event = plan, group, timeout_s, event
         self.rank = dist.get_rank()
         self.tp = group.tp
@@ -86,7 +87,7 @@ class GradSync:
                 ranks = tuple(rank_of[d] for d in devices)
                 layout = FlatLayout.build(ranks, kind_of_rank, weight_of, numel[bucket.index, i],
                                           shard_bounds)
-                collective = ShardedSum(layout, backend_of)
+                collective = ShardedSum(layout, backend_of, bridge_backend)
                 collective.build(cache)
                 if self.rank in ranks:
                     self.mine.append(RankBucket(bucket, mine[bucket.index], collective,

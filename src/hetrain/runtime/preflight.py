@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from hetrain.cluster.topology import Cluster
+from hetrain.comm.bridge import require_bridge
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
 from hetrain.model.config import model_config
@@ -237,6 +238,7 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     check_model(plan, user_model)
     check_precision(config.precision, plan.sharded_optimizer,
                     [cluster.kinds[k].flops for k in plan.kinds()])
+    require_bridge(cluster.bridge_backend, cluster.bridge_plugin)
     if spawn:
         check_worker_count(plan)
         check_main_guard()

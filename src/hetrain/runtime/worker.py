@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from hetrain.cluster.topology import Cluster
+from hetrain.comm.bridge import pair_groups, require_bridge
 from hetrain.comm.groups import GroupCache, torch_backend
 from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.pacing import LinkPacer
@@ -46,6 +47,7 @@ from hetrain.runtime.stage import (
     decoder_stage,
     full_tensor,
 )
+from hetrain.runtime.transfers import transfer_pairs
 
 
 @dataclass
@@ -97,8 +99,13 @@ class Worker:
         self._build_model()
         self.cost = CostModel(cluster, self.spec)
         # Transfers over emulated links last what the cost model gives them, as compute does.
+        # Inside a kind on its own backend, between kinds over the bridge (comm/bridge.py).
+        require_bridge(cluster.bridge_backend, cluster.bridge_plugin)  # imports its plugin
+        routes = pair_groups(transfer_pairs(plan, self.rank_of), self.kind_of_rank,
+                             self.backend_of, cluster.bridge_backend, self.cache, rank)
         self.p2p = P2P(cfg.op_timeout_s, LinkPacer(cluster, self.cost, job.time_scale,
-                                                   job.emulated), job.rank_devices, rank)
+                                                   job.emulated), job.rank_devices, rank,
+                       self.device, routes)
         self.schedule = build_schedule(plan, self.cost)
         self.actions: list[Action] = self.schedule.actions[self.group.name]
         self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
@@ -108,7 +115,8 @@ class Worker:
         # compute thread's tensor-parallel collectives.
         self.grad_sync = GradSync(plan, self.spec, self.group, self.rank_of, self.kind_of_rank,
                                   self.backend_of, GroupCache(cfg.op_timeout_s), self.params,
-                                  self._adamw, cfg.op_timeout_s, self._event)
+                                  self._adamw, cfg.op_timeout_s, self._event,
+                                  cluster.bridge_backend)
         # With ZeRO-1 the gradients of shared weights are cleared by the sync once it has
         # stepped them: this optimizer then steps only weights held by one group.
         self.optimizer = self._adamw([p for _, _, p in self.params])
