@@ -38,7 +38,7 @@ from hetrain.runtime.emulation import (
     seconds_per_sample,
 )
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
-from hetrain.runtime.precision import param_dtype
+from hetrain.runtime.precision import param_dtype, run_memory_fn
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
@@ -58,12 +58,17 @@ def plan_spec(plan: Plan, user_model: nn.Module | None) -> ModelSpec:
     return model_spec(model_config(plan.model), plan.seq_len)
 
 
-def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float]:
-    """Validate the plan and its memory; returns estimated bytes per device of each group."""
+def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
+               precision: str | None = None) -> dict[str, float]:
+    """Validate the plan and its memory; returns estimated bytes per device of each group,
+    in the dtype each kind computes in under `precision` (the plan's dtypes if None)."""
     validate_plan(plan, cluster, spec)
     cost = CostModel(cluster, spec)
     schedule = build_schedule(plan, cost)
-    return check_memory(plan, cluster, plan_memory_fn(plan, cost), schedule.peak_in_flight)
+    memory = plan_memory_fn(plan, cost)
+    if precision is not None:
+        memory = run_memory_fn(memory, precision, cluster)
+    return check_memory(plan, cluster, memory, schedule.peak_in_flight)
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
@@ -104,7 +109,7 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
     spec = plan_spec(plan, user_model)
-    estimated = check_plan(plan, cluster, spec)
+    estimated = check_plan(plan, cluster, spec, config.precision)
     with run_folder(config, plan) as config:
         return _train(cluster, plan, config, spec, estimated, user_model, corpus, out_dir,
                       progress, time_scale, on_suspect)

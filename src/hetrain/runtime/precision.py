@@ -52,6 +52,14 @@ class Precision:
         """The dtype the memory model prices this kind's stage group in."""
         return CATALOG_DTYPE[self.activation_dtype]
 
+    def step_cache(self, device_type: str) -> AbstractContextManager:
+        """Around a step's actions: autocast keeps its 16-bit copy of each weight until the
+        outermost autocast region ends, so all micro-batches of the step share one copy
+        (backward runs in here with autocast off, as it should)."""
+        if self.compute_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device_type, enabled=False)
+
     def autocast(self, device_type: str) -> AbstractContextManager:
         if self.compute_dtype is None:
             return nullcontext()
@@ -149,3 +157,12 @@ def check_precision(setting: str, sharded_optimizer: bool,
         raise ConfigError("precision fp16 (or bf16 on a kind without bf16) needs loss scaling, "
                           "which the sharded optimizer (ZeRO-1) does not support yet; use "
                           "float32, or a plan without sharded_optimizer")
+
+
+def run_memory_fn(memory_fn, setting: str, cluster):  # noqa: ANN001, ANN201 - plan.validate
+    """`memory_fn` (plan.validate.MemoryFn) pricing each group in the dtype its kind computes
+    in under `setting`, not the plan's: a float32 run of a bf16 plan holds fp32 activations."""
+    def memory(group, in_flight: int) -> float:  # noqa: ANN001 - plan.StageGroup
+        dtype = precision_of(setting, cluster.kinds[group.kind].flops).catalog_dtype
+        return memory_fn(group.model_copy(update={"dtype": dtype}), in_flight)
+    return memory

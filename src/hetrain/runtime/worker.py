@@ -183,9 +183,10 @@ class Worker:
         t_step = time.perf_counter()
         # Phase 2: this group's actions in schedule order. After its last weight-gradient
         # action every gradient of the stage is final: the sync of its buckets starts then.
-        for i, action in enumerate(self.actions):
-            self._run_action(action, st, start_sync=i == self.last_weight_grad,
-                             ahead=self.actions[i + 1:i + 1 + RECV_AHEAD])
+        with self.precision.step_cache(self.device.type):  # one 16-bit weight copy a step
+            for i, action in enumerate(self.actions):
+                self._run_action(action, st, start_sync=i == self.last_weight_grad,
+                                 ahead=self.actions[i + 1:i + 1 + RECV_AHEAD])
         self.p2p.wait_sends()
         # Phase 3: wait for the sums (exposed sync only), then the optimizer. Under ZeRO-1
         # shared weights were already stepped shard by shard on the comm thread.
