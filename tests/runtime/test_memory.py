@@ -72,8 +72,7 @@ def _plan(model: str, shape: str, seq_len: int, mbs: int):
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "shape", "seq_len", "mbs"), [
     ("tiny", "dp", 16, 2), ("tiny", "pp", 16, 2), ("tiny", "tp", 16, 2), ("tiny", "zero", 16, 2),
-    ("small", "dp", 32, 4), ("small", "pp", 32, 4), ("small", "tp", 32, 4),
-    ("small", "zero", 32, 4),
+    ("small", "pp", 32, 4), ("small", "zero", 32, 4),  # the most activations; ZeRO's buffers
 ])
 def test_the_estimate_holds_the_measured_peak_within_15_percent(model, shape, seq_len, mbs):
     cluster, plan = _plan(model, shape, seq_len, mbs)
