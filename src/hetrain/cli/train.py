@@ -57,6 +57,8 @@ def train(
                                               "before a worker is lost; default: a few steps, "
                                               ">= 20"),
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports here"),
+    precision: str = typer.Option("float32", help="float32, float64, or bf16 / fp16: mixed "
+                                  "precision per kind (fp16 + loss scaling without bf16)"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
     # Every input is checked before any output, any file written or any worker started.
@@ -66,7 +68,8 @@ def train(
     config = train_config(cli=True, model=model, steps=steps, seed=seed, lr=lr, data=data,
                           time_scale=time_scale, trace=trace is not None,
                           checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                          resume=resume, fresh=fresh, hang_timeout_s=hang_timeout)
+                          resume=resume, fresh=fresh, hang_timeout_s=hang_timeout,
+                          precision=precision)
     outputs = [(json_path, "--json"), (trace, "--trace")]
     for path, option in outputs:
         check_writable_file(path, option)
