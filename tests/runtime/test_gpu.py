@@ -43,3 +43,18 @@ def test_cuda_kind_and_two_emulated_kinds_train_exactly_in_float32():
     # Measured peak memory of the real device is reported beside the estimate.
     gpu_group = next(g for g in result.per_group.values() if g["kind"] == "local-gpu")
     assert gpu_group["measured_bytes"] > 0 and gpu_group["estimated_bytes"] > 0
+
+
+def test_a_bf16_run_on_the_cuda_kind_follows_the_fp32_loss_curve_within_2_percent():
+    cluster = gpu_and_emulated()
+    plan = data_parallel_plan(cluster, CostModel(cluster, model_spec(model_config("tiny"), 16)),
+                              24)
+    fp32 = run_plan(cluster, plan, steps=20, precision="float32", lr=3e-3)
+    mixed = run_plan(cluster, plan, steps=20, precision="bf16", lr=3e-3)
+    # The GPU computes in bf16, the emulated V100 in fp16 with loss scaling.
+    assert mixed.per_kind["local-gpu"]["dtype"] == "bf16"
+    assert mixed.per_kind["V100"]["dtype"] == "fp16"
+    for want, got in zip(fp32.losses, mixed.losses, strict=True):
+        assert got == pytest.approx(want, rel=0.02)
+    gpu_group = next(g for g in mixed.per_group.values() if g["kind"] == "local-gpu")
+    assert 0 < gpu_group["measured_bytes"] <= gpu_group["estimated_bytes"]

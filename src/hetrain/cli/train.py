@@ -91,7 +91,8 @@ def train(
                                               ">= 20"),
     out_dir: Path | None = typer.Option(None, help="keep the workers' reports (and the plan) "
                                         "here"),
-    precision: str = typer.Option("float32", help="float32, or float64 (exactness checks)"),
+    precision: str = typer.Option("float32", help="float32, float64, or bf16 / fp16: mixed "
+                                  "precision per kind (fp16 + loss scaling without bf16)"),
 ) -> None:
     """Train a model on the cluster's devices, emulating kinds that are not present."""
     # Every input is checked before any output, any file written or any worker started.

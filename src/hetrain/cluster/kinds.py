@@ -14,7 +14,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from hetrain.cluster.devices import DEVICE_TYPES
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16")
-DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
+# fp64: no kind is planned in it, but exactness runs compute in it (memory estimates)
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 TFLOPS = 1e12
 GIB = 1024**3
 

@@ -61,6 +61,12 @@ class Cluster(BaseModel):
     kinds: dict[str, DeviceKind]
     nodes: list[Node] = Field(min_length=1)
     links: Links = Links()
+    bridge_backend: str = Field(
+        default="gloo", min_length=1, description="torch.distributed backend of the host "
+        "bridge between kinds; any backend registered in the process (comm/bridge.py)")
+    bridge_plugin: str | None = Field(
+        default=None, description="module to import first: the plugin that registers "
+        "bridge_backend (None: built into torch)")
 
     @model_validator(mode="after")
     def _check(self) -> Cluster:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from queue import SimpleQueue
 
 
@@ -14,6 +15,8 @@ class CommThread:
 
     def __init__(self):
         self._tasks: SimpleQueue = SimpleQueue()
+        # Entered around each task: memory tracking (runtime/memory.py) follows the work here.
+        self.context: Callable[[], AbstractContextManager] = nullcontext
         threading.Thread(target=self._loop, daemon=True, name="hetrain-sync").start()
 
     def submit(self, fn: Callable[[], None]) -> Future:
@@ -30,6 +33,8 @@ class CommThread:
             if fn is None:
                 return
             try:
-                fut.set_result(fn())
+                with self.context():
+                    result = fn()
+                fut.set_result(result)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 fut.set_exception(err)

@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hetrain.comm.bridge import DEFAULT_BRIDGE, HostStager, on_device, pinned_empty
 from hetrain.comm.pacing import LinkPacer
 from hetrain.errors import RuntimeFailure
 
@@ -41,11 +42,19 @@ def unpack(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
 
 class P2P:
     """`pacer` and `devices` (device id of each rank) hold receives over emulated links to the
-    link's duration; without them receives return when the bytes are there."""
+    link's duration; without them receives return when the bytes are there. `routes`: peer
+    rank -> (group, backend) where a transfer does not take the default group's host path
+    (comm/bridge.py pair_groups): a device backend sends device tensors directly; a host
+    backend stages them through pinned host memory, as the default path does."""
 
     def __init__(self, timeout_s: float, pacer: LinkPacer | None = None,
-                 devices: list[str] | None = None, rank: int | None = None):
+                 devices: list[str] | None = None, rank: int | None = None,
+                 device: torch.device | None = None,
+                 routes: dict[int, tuple[object | None, str]] | None = None):
         self.timeout = timedelta(seconds=timeout_s)
+        self.device = device or torch.device("cpu")
+        self.stager = HostStager(self.device)
+        self.routes = routes or {}
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
         self.pacer = pacer
         self.devices = devices
@@ -55,9 +64,19 @@ class P2P:
         self.posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor, float, int]] = {}
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        host = tensor.detach().to("cpu").contiguous()
-        buf = pack(host, time.time())
-        self.pending.append((dist.isend(buf, dst, tag=tag), buf))
+        group, backend = self.routes.get(dst, (None, DEFAULT_BRIDGE))
+        src = tensor.detach().contiguous()
+        if on_device(backend):  # one kind, its own backend: device to device, no staging
+            buf = src
+        else:
+            nbytes = src.numel() * src.element_size()
+            buf = pinned_empty(HEADER_BYTES + nbytes, src.device)
+            self.stager.to_host(src, out=buf[HEADER_BYTES:].view(src.dtype).view(src.shape))
+            buf[:HEADER_BYTES] = torch.tensor([time.time()], dtype=torch.float64).view(
+                torch.uint8)
+        # Sends already received free their buffers now, not at the end of the step.
+        self.pending = [(w, b) for w, b in self.pending if not w.is_completed()]
+        self.pending.append((dist.isend(buf, dst, group=group, tag=tag), buf))
 
     def post(self, shape: tuple[int, ...], src: int, tag: int,
              dtype: torch.dtype = torch.float32) -> None:
@@ -65,10 +84,15 @@ class P2P:
         and the bytes move while this rank computes."""
         if (src, tag) in self.posted:
             return
+        group, backend = self.routes.get(src, (None, DEFAULT_BRIDGE))
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        buf = torch.empty(HEADER_BYTES + nbytes, dtype=torch.uint8)
+        if on_device(backend):
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+        else:
+            buf = pinned_empty(HEADER_BYTES + nbytes, self.device)
         posted_wall = time.time()
-        self.posted[(src, tag)] = (dist.irecv(buf, src, tag=tag), buf, posted_wall, nbytes)
+        self.posted[(src, tag)] = (dist.irecv(buf, src, group=group, tag=tag), buf,
+                                   posted_wall, nbytes)
 
     def recv(self, shape: tuple[int, ...], src: int, tag: int, device: torch.device,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,10 +103,13 @@ class P2P:
         except RuntimeError as err:
             raise RuntimeFailure(f"receive from rank {src} (tag {tag}) failed or timed out "
                                  f"after {self.timeout.total_seconds():.0f} s: {err}") from err
+        if on_device(self.routes.get(src, (None, DEFAULT_BRIDGE))[1]):
+            return buf  # real devices of one kind: nothing to pace, already on the device
         host, sent_wall = unpack(buf, shape, dtype)
         self._hold(src, nbytes, sent_wall, posted_wall)
         # A private tensor, not a view into the receive buffer with its header.
-        return host.to(device, copy=True)
+        return self.stager.to_device(host) if device == self.device else host.to(device,
+                                                                                 copy=True)
 
     def _hold(self, src: int, nbytes: int, sent_wall: float, posted_wall: float) -> None:
         """Sleep until the emulated link would have delivered the bytes."""

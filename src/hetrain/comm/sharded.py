@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hetrain.comm.bridge import on_device
 from hetrain.comm.groups import BRIDGE_BACKEND, GroupCache
 
 Split = Callable[[list[float], int], list[tuple[int, int]]]  # weights, numel -> bounds
@@ -78,34 +79,38 @@ class ShardedSum:
     """One collective over `ranks`. `build` on EVERY rank in one order; call the rest on
     members only."""
 
-    def __init__(self, layout: FlatLayout, backend_of: dict[str, str]):
+    def __init__(self, layout: FlatLayout, backend_of: dict[str, str],
+                 bridge: str = BRIDGE_BACKEND):
         self.layout = layout
         self.backend_of = backend_of
+        self.bridge_backend = bridge
 
     def build(self, cache: GroupCache) -> None:
         lay = self.layout
         self.kind_group = {k: cache.get(rs, self.backend_of[k]) for k, rs in lay.members.items()}
-        self.bridge = {seg.owners: cache.get(seg.owners, BRIDGE_BACKEND)
+        self.bridge = {seg.owners: cache.get(seg.owners, self.bridge_backend)
                        for seg in lay.segments if len(seg.owners) > 1}
 
     # --- phases --------------------------------------------------------------------------
-    def reduce_scatter(self, flat: torch.Tensor) -> None:
-        """flat[my kind shard] becomes the sum over my kind's members."""
+    def reduce_scatter(self, flat: torch.Tensor) -> bool:
+        """flat[my kind shard] becomes the sum over my kind's members; True when all of
+        `flat` did (an all-reduce, or a kind of one member)."""
         rank = dist.get_rank()
         kind = self._kind(rank)
         group = self.kind_group[kind]
         if group is None:
-            return
+            return True
         mine = flat[slice(*self.layout.kind_shards[rank])]
         if dist.get_backend(group) == "gloo":
             # gloo's reduce_scatter is one all-reduce per rank (torch >= 2.8) or missing:
             # one all-reduce of the buffer moves as many bytes, in fewer messages.
             dist.all_reduce(flat, group=group)
-            return
+            return True
         chunks = [flat[slice(*self.layout.kind_shards[r])] for r in self._by_group_rank(kind)]
         out = torch.empty_like(mine)
         dist.reduce_scatter(out, [c.contiguous() for c in chunks], group=group)
         mine.copy_(out)
+        return False
 
     def cross_kind(self, flat: torch.Tensor) -> None:
         """Each segment of my kind shard summed with its owners of the other kinds over the
@@ -114,7 +119,8 @@ class ShardedSum:
         for seg in self._my_segments(dist.get_rank()):
             part = flat[seg.start:seg.end]
             # The bridge owns the copy to host memory: NCCL/RCCL tensors are not gloo tensors.
-            host = part if part.device.type == "cpu" else part.cpu()
+            host = part if part.device.type == "cpu" or on_device(self.bridge_backend) \
+                else part.cpu()
             dist.all_reduce(host, group=self.bridge[seg.owners])
             if host is not part:
                 part.copy_(host)
@@ -147,7 +153,9 @@ class ShardedSum:
 
     def sum(self, flat: torch.Tensor) -> None:
         """The whole sum in place: every member ends with the total of every element."""
-        self.reduce_scatter(flat)
+        whole = self.reduce_scatter(flat)
+        if whole and len(self.layout.kinds) == 1:
+            return  # one kind, summed whole: no shard to spread (nor its buffers to hold)
         self.cross_kind(flat)
         self.all_gather(flat)
 
@@ -172,7 +180,7 @@ class ShardedSum:
 def _padded_all_gather(mine: torch.Tensor, sizes: list[int], group) -> list[torch.Tensor]:
     """All-gather of uneven 1-D pieces (sizes in group-rank order), padded to the largest."""
     width = max(sizes)
-    device = mine.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    device = mine.device if on_device(dist.get_backend(group)) else torch.device("cpu")
     padded = torch.zeros(width, dtype=mine.dtype, device=device)
     padded[:mine.numel()] = mine
     outs = [torch.empty_like(padded) for _ in sizes]

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetrain.cost.model import DTYPE_BYTES, CostModel
+from hetrain.cost.model import (
+    DTYPE_BYTES,
+    UNMODELLED_FRACTION,
+    CostModel,
+    sync_bound_bytes,
+)
 from hetrain.errors import CostError
 
 
@@ -45,7 +50,8 @@ class StageTables:
     """Per-device figures of a stage of one kind and tensor-parallel degree, for every range.
 
     time_s[rc][a, b]: forward + backward of one micro-batch (rc: with recomputation).
-    memory: fixed_bytes[rc][a, b] + in_flight * per_in_flight_bytes[rc][a, b].
+    memory: max(fixed_bytes[rc][a, b] + in_flight * per_in_flight_bytes[rc][a, b],
+    floor_bytes[a, b]) -- the activation phase, or the states and gradient-sync buffers.
     """
 
     kind: str
@@ -56,6 +62,7 @@ class StageTables:
     time_s: tuple[np.ndarray, np.ndarray]
     fixed_bytes: tuple[np.ndarray, np.ndarray]
     per_in_flight_bytes: tuple[np.ndarray, np.ndarray]
+    floor_bytes: np.ndarray
     capacity_bytes: float
 
 
@@ -70,9 +77,21 @@ class TableCache:
         self._flops = range_sums(np.array([x.forward_flops_per_token for x in layer]))
         self._params = range_sums(np.array([float(x.params) for x in layer]))
         self._tp_allreduces = range_sums(np.array([float(x.tp_allreduces) for x in layer]))
-        self._acts = range_sums(np.array([x.activation_elems_per_token for x in layer]))
+        self._rep_params = range_sums(np.array([float(x.tp_replicated_params) for x in layer]))
+        self._buffers = range_sums(np.array([float(x.buffer_bytes) for x in layer]))
+        self._acts_layer = np.array([x.activation_elems_per_token for x in layer])
+        self._whole_layer = np.array([x.tp_replicated_elems_per_token for x in layer])
+        self._acts = range_sums(self._acts_layer)
+        self._whole = range_sums(self._whole_layer)
         self._recompute = range_sums(np.array([x.recompute_elems_per_token for x in layer]))
-        self._acts_peak = range_maxima(np.array([x.activation_elems_per_token for x in layer]))
+        self._bwd_peak = range_maxima(np.array([x.backward_peak_elems_per_token
+                                                for x in layer]))
+        # CostModel.boundary_elems_per_token for every range
+        n = self.n_layers
+        out = np.array([x.output_elems_per_token for x in layer])
+        before = np.array([2 * out[a - 1] if a > 0 else 0.0 for a in range(n + 1)])
+        after = np.array([out[b - 1] if 0 < b < n else 0.0 for b in range(n + 1)])
+        self._boundary = before[:, None] + after[None, :]
         self.valid = valid_ranges(self.n_layers)
         self._cache: dict[tuple[str, int, str, int, int], StageTables] = {}
 
@@ -101,18 +120,28 @@ class TableCache:
         with np.errstate(invalid="ignore"):
             plain = np.where(self.valid, (fwd + comm) + (bwd + comm), np.inf)
             recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + comm), np.inf)
+        # as CostModel.stage_memory_bytes
         wbytes = DTYPE_BYTES[dtype]
-        master = 4 if wbytes < 4 else 0
-        states = self._params / tp * (wbytes + wbytes + (master + 8) / optimizer_shards)
-        scale = tokens * wbytes / tp
-        fixed_plain = states
-        fixed_rc = states + self._acts_peak * scale
+        params = self._rep_params + (self._params - self._rep_params) / tp
+        piece = 4 if optimizer_shards > 1 else 0
+        cast = wbytes if wbytes < 4 else 0
+        states = params * (2 * max(wbytes, 4) + cast) + params / optimizer_shards * (piece + 8) \
+            + self._buffers
+        scale = tokens * wbytes
+        acts = self._whole + (self._acts - self._whole) / tp + self._boundary
+        acts_peak = range_maxima(self._whole_layer + (self._acts_layer - self._whole_layer) / tp)
+        fixed_plain = states + self._bwd_peak * scale
+        fixed_rc = fixed_plain + acts_peak * scale
+        floor = states + sync_bound_bytes(params, dtype, optimizer_shards > 1)
+        grow, extra = 1 + UNMODELLED_FRACTION, cost.fixed_overhead_bytes(kind_name)
         return StageTables(
             kind=kind_name, tp=tp, dtype=dtype, micro_batch_size=mbs,
             forward_s=np.where(self.valid, fwd + comm, np.inf),
             time_s=(plain, recompute),
-            fixed_bytes=(fixed_plain, fixed_rc),
-            per_in_flight_bytes=(self._acts * scale, self._recompute * scale),
+            fixed_bytes=(fixed_plain * grow + extra, fixed_rc * grow + extra),
+            per_in_flight_bytes=(acts * scale * grow,
+                                 (self._recompute + self._boundary) * scale * grow),
+            floor_bytes=floor * grow + extra,
             capacity_bytes=kind.memory_bytes,
         )
 

@@ -20,6 +20,13 @@ class LayerSpec(BaseModel):
     recompute_elems_per_token: float  # kept with full recomputation (the layer input)
     output_elems_per_token: float  # sent to the next stage
     tp_allreduces: int = 0  # all-reduces of the output per forward under tensor parallelism
+    # Memory the runtime really holds (cost.CostModel.stage_memory_bytes), measured against
+    # runtime/memory.py: what tensor parallelism leaves whole on every rank, and the
+    # working set backward needs on top of what the forward kept.
+    tp_replicated_params: int = 0
+    tp_replicated_elems_per_token: float = 0.0
+    backward_peak_elems_per_token: float = 0.0
+    buffer_bytes: int = 0  # persistent buffers (rotary tables), whatever the dtype
 
 
 class ModelSpec(BaseModel):
@@ -50,6 +57,12 @@ class ModelSpec(BaseModel):
     def range_params(self, start: int, end: int) -> int:
         return sum(layer.params for layer in self.layers[start:end])
 
+    def device_params(self, start: int, end: int, tp: int = 1) -> float:
+        """Parameters one device of a `tp`-way group holds of layers [start, end): tensor
+        parallelism splits the matmuls, every rank keeps the rest whole."""
+        return sum(lay.tp_replicated_params + (lay.params - lay.tp_replicated_params) / tp
+                   for lay in self.layers[start:end])
+
 
 def model_spec(cfg: ModelConfig, seq_len: int) -> ModelSpec:
     h, f, kv = cfg.dim, cfg.ffn_dim, cfg.kv_heads * cfg.head_dim
@@ -57,22 +70,37 @@ def model_spec(cfg: ModelConfig, seq_len: int) -> ModelSpec:
     block_params = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h
     # Matmuls: 2 FLOPs per weight per token; causal attention: QK^T and AV over seq/2 keys.
     block_flops = 2 * (block_params - 2 * h) + 2 * 2 * q * seq_len / 2
-    # Inputs of each matmul, norm and activation kept for backward (flash attention: no s^2).
-    block_acts = 5 * h + q + 2 * kv + 4 * f
+    # Kept for backward, per token, as autograd saves them in model/decoder.py: per RMSNorm
+    # its 1/rms, x*rms and output (2h + 1); the residual sums (2h); the rotated q and k, v,
+    # or with grouped heads the repeated k and v (2q); the attention output and its
+    # logsumexp per head (flash attention: no s^2 term); w1's output, silu's, w3's and
+    # their product (4f). Norms and residuals stay whole under tensor parallelism.
+    kv_kept = q if cfg.n_heads != cfg.kv_heads else kv
+    whole = 4 * h + 2 + 2 * h
+    block_acts = whole + 2 * q + 2 * kv_kept + cfg.n_heads + 4 * f
+    # head: its norm, and the log-softmax cross-entropy keeps over the vocabulary
+    head_acts = 2 * h + 1 + cfg.vocab_size
     layers = [
         LayerSpec(name="embed", params=cfg.vocab_size * h, forward_flops_per_token=0.0,
-                  activation_elems_per_token=0.0, recompute_elems_per_token=0.0,
-                  output_elems_per_token=h),
+                  activation_elems_per_token=h, recompute_elems_per_token=h,
+                  output_elems_per_token=h, tp_replicated_params=cfg.vocab_size * h,
+                  tp_replicated_elems_per_token=h, backward_peak_elems_per_token=h),
         *(
             LayerSpec(name=f"block.{i}", params=block_params, forward_flops_per_token=block_flops,
                       activation_elems_per_token=block_acts, recompute_elems_per_token=h,
-                      output_elems_per_token=h, tp_allreduces=2)
+                      output_elems_per_token=h, tp_allreduces=2, tp_replicated_params=2 * h,
+                      tp_replicated_elems_per_token=whole,
+                      backward_peak_elems_per_token=2 * (h + f),
+                      buffer_bytes=cfg.max_seq_len * cfg.head_dim * 4)
             for i in range(cfg.n_layers)
         ),
         LayerSpec(name="head", params=cfg.vocab_size * h + h,
                   forward_flops_per_token=2.0 * h * cfg.vocab_size,
-                  activation_elems_per_token=2 * h + 2 * cfg.vocab_size,
-                  recompute_elems_per_token=h + 2 * cfg.vocab_size, output_elems_per_token=0.0),
+                  activation_elems_per_token=head_acts,
+                  recompute_elems_per_token=h + 2 * cfg.vocab_size, output_elems_per_token=0.0,
+                  tp_replicated_params=cfg.vocab_size * h + h,
+                  tp_replicated_elems_per_token=head_acts,
+                  backward_peak_elems_per_token=2 * (h + cfg.vocab_size)),
     ]
     return ModelSpec(name=cfg.name, seq_len=seq_len, dim=h, vocab_size=cfg.vocab_size,
                      tie_embeddings=cfg.tie_embeddings, layers=layers)

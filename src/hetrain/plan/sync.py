@@ -121,6 +121,40 @@ def bucket_bytes(plan: Plan, bucket: SyncBucket) -> float:
     return nbytes / groups[0].tp if shard_wise(plan, bucket) else nbytes
 
 
+def sync_buffer_bytes(plan: Plan, spec: ModelSpec, group: StageGroup, gloo_kinds: set[str],
+                      buckets: list[SyncBucket]) -> float:
+    """Peak bytes of the gradient-sync buffers on one device of `group`, as
+    runtime/grad_sync.py and comm/sharded.py allocate them, one bucket at a time: its flat
+    fp32 gradients; unless one kind summed it whole (an all-reduce on gloo), the all-gather
+    of its kind's shards (a padded shard and one output per member); with a sharded
+    optimizer also the flat parameters and, across kinds, the exchange of the pieces."""
+    peak = 0.0
+    for bucket in buckets:
+        if group.name not in bucket.holders:
+            continue
+        whole = not shard_wise(plan, bucket)
+        numel = bucket.params if whole else _bucket_device_params(spec, bucket, group.tp)
+        devices = next(s for s in reductions(plan, bucket) if group.devices[0] in s)
+        kinds = {plan.group_by_name[g].kind for g in bucket.holders}
+        members = sum(plan.group_by_name[g].kind == group.kind for g in bucket.holders
+                      for d in plan.group_by_name[g].devices if d in devices)
+        copies = 1.0
+        gathered = plan.sharded_optimizer or len(kinds) > 1 or group.kind not in gloo_kinds
+        if gathered and members > 1:
+            copies += (members + 1) / members
+        if plan.sharded_optimizer:
+            copies += 1 + (2 / members if len(kinds) > 1 else 0)
+        nbytes = max(DTYPE_BYTES[group.dtype], 4)  # gradients stay in the master dtype
+        peak = max(peak, numel * copies * nbytes)
+    return peak
+
+
+def _bucket_device_params(spec: ModelSpec, bucket: SyncBucket, tp: int) -> float:
+    """A bucket's parameters on one device of a `tp`-way holder summing shard-wise."""
+    whole = sum(spec.layers[i].params for i in bucket.layer_list)
+    return bucket.params - whole + spec.device_params(*bucket.layers, tp)
+
+
 def ready_fraction(spec: ModelSpec, group: StageGroup, bucket: SyncBucket) -> float:
     """Share of the group's last weight-gradient action after which the bucket's gradients
     are final on it: backward runs from the group's last layer down, each layer taking its
@@ -152,14 +186,14 @@ def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
     optimizer, what other holders step of each bucket it shares. Shard-wise, a device steps
     its weight's share of its 1/tp of the bucket among one device per holder; in full-tensor
     mode (mixed TP degrees) its weight's share of the whole bucket among every device."""
-    params = spec.range_params(*group.layers) / group.tp
+    params = spec.device_params(*group.layers, group.tp)
     if not plan.sharded_optimizer:
         return params
     for bucket in buckets:
         if group.name not in bucket.holders:
             continue
         members = [plan.group_by_name[g] for g in bucket.holders]
-        held = bucket.params / group.tp
+        held = _bucket_device_params(spec, bucket, group.tp)
         if shard_wise(plan, bucket):
             stepped = held * group.shard_weight / sum(g.shard_weight for g in members)
         else:

@@ -21,25 +21,32 @@ class StageMemory(Protocol):
     spec: ModelSpec
 
     def stage_memory_bytes(self, group: StageGroup, micro_batch_size: int, in_flight: int,
-                           optimizer_params: float | None = None) -> float: ...
+                           optimizer_params: float | None = None,
+                           sync_bytes: float | None = None) -> float: ...
 
 
 def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     """The cost model's memory at each group's (largest) micro-batch size, with its share of
     the optimizer state under a sharded optimizer (plan.sync.optimizer_params)."""
-    from hetrain.plan.sync import optimizer_params, sync_buckets
+    from hetrain.plan.sync import optimizer_params, sync_buckets, sync_buffer_bytes
 
     sizes: dict[str, int] = {}
     for route in plan.routes:
         for name in route.stages:
             sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
+    buckets = sync_buckets(plan, cost.spec)
     stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)
     if plan.sharded_optimizer:
-        buckets = sync_buckets(plan, cost.spec)
         stepped = {g.name: optimizer_params(plan, cost.spec, g, buckets)
                    for g in plan.stage_groups}
-    return lambda g, in_flight: cost.stage_memory_bytes(g, sizes[g.name], in_flight,
-                                                        stepped[g.name])
+    gloo = {k for k in plan.kinds() if getattr(cost, "cluster", None) is None
+            or cost.cluster.kinds[k].backend == "gloo"}
+    sync = {g.name: sync_buffer_bytes(plan, cost.spec, g, gloo, buckets)
+            for g in plan.stage_groups}
+    # Every worker draws the whole global batch: int64 inputs and targets.
+    batch = plan.global_batch * plan.seq_len * 16
+    return lambda g, in_flight: batch + cost.stage_memory_bytes(
+        g, sizes[g.name], in_flight, stepped[g.name], sync[g.name])
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,

@@ -119,9 +119,11 @@ class Partitioner:
         if key not in self._costs:
             t = self.stage_tables(kind, tp)
             cap = t.capacity_bytes * (1 - MEMORY_SLACK)
-            fits = t.fixed_bytes[0] + in_flight * t.per_in_flight_bytes[0] <= cap
+            floor_fits = t.floor_bytes <= cap  # states and gradient-sync buffers
+            fits = (t.fixed_bytes[0] + in_flight * t.per_in_flight_bytes[0] <= cap) & floor_fits
             if self.allow_recompute:
-                fits_rc = t.fixed_bytes[1] + in_flight * t.per_in_flight_bytes[1] <= cap
+                fits_rc = (t.fixed_bytes[1] + in_flight * t.per_in_flight_bytes[1] <= cap) \
+                    & floor_fits
             else:
                 fits_rc = np.zeros_like(fits)
             cost = np.where(fits, t.time_s[0], np.where(fits_rc, t.time_s[1], np.inf))

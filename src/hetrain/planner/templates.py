@@ -187,7 +187,8 @@ class TemplateBuilder:
         for i, ((kind, tp), (a, b), rc) in enumerate(zip(stages, part.layers, part.recompute,
                                                           strict=True)):
             t = self.partitioner.stage_tables(kind, tp)
-            need = t.fixed_bytes[rc][a, b] + peaks[f"s{i}"] * t.per_in_flight_bytes[rc][a, b]
+            need = max(t.fixed_bytes[rc][a, b] + peaks[f"s{i}"] * t.per_in_flight_bytes[rc][a, b],
+                       t.floor_bytes[a, b])
             if need > t.capacity_bytes * (1 - MEMORY_SLACK):
                 return False
         return True

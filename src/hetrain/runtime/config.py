@@ -24,9 +24,10 @@ class TrainConfig(BaseModel):
     min_lr: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     grad_clip: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                     description="max global gradient norm; None: off")
-    precision: Literal["float32", "float64"] = Field(
+    precision: Literal["float32", "float64", "bf16", "fp16"] = Field(
         default="float32", description="math of every worker; float64 makes exactness tests "
-        "immune to the summation order Adam amplifies for near-zero gradients")
+        "immune to the summation order Adam amplifies for near-zero gradients; bf16/fp16: "
+        "mixed precision per kind, fp32 master weights (runtime/precision.py)")
     data: str | None = Field(default=None, description="text file or folder; None: stdlib")
     time_scale: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,

@@ -21,6 +21,7 @@ from hetrain.errors import RuntimeFailure
 from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.precision import param_dtype
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 
 
@@ -32,7 +33,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: C
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         model = build_decoder(model_config(config.model), config.seed)
-        model.to(getattr(torch, config.precision))
+        model.to(param_dtype(config.precision))
         # The decoder's buffers (rotary tables) are constants: broadcasting them every step
         # would charge DDP for work hetrain does not do.
         ddp = DistributedDataParallel(model, broadcast_buffers=False)

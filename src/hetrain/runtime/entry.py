@@ -73,7 +73,7 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale, outputs=outputs, cli=cli,
                        spawn=not torchrun)
-    check_plan(plan, cluster, plan_spec(plan, model))
+    check_plan(plan, cluster, plan_spec(plan, model), config.precision)
     if torchrun:
         # torchrun's elastic agent supervises; each rank resumes from the checkpoints.
         torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT), replan)

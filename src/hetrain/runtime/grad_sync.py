@@ -75,7 +75,8 @@ class GradSync:
     def __init__(self, plan: Plan, spec: ModelSpec, group: StageGroup, rank_of: dict[str, int],
                  kind_of_rank: dict[int, str], backend_of: dict[str, str], cache: GroupCache,
                  params: list[tuple[str, int, nn.Parameter]], make_optimizer,
-                 timeout_s: float, event: Callable[[str, str, float, float], None]):
+                 timeout_s: float, event: Callable[[str, str, float, float], None],
+                 bridge_backend: str = "gloo"):
         self.plan, self.group, self.timeout_s, self.event = plan, group, timeout_s, event
         self.rank = dist.get_rank()
         self.tp = group.tp
@@ -94,7 +95,7 @@ class GradSync:
                 ranks = tuple(rank_of[d] for d in devices)
                 layout = FlatLayout.build(ranks, kind_of_rank, weight_of, numel[bucket.index, i],
                                           shard_bounds)
-                collective = ShardedSum(layout, backend_of)
+                collective = ShardedSum(layout, backend_of, bridge_backend)
                 collective.build(cache)
                 if self.rank in ranks:
                     self.mine.append(RankBucket(bucket, mine[bucket.index], collective,
@@ -240,7 +241,7 @@ class GradSync:
         flat = self._flat_params(rb, gather=True)
         for (a, b), t in rb.pieces:
             t.data.copy_(flat[a:b])
-            t.grad = grads[a:b] * coef if coef != 1.0 else grads[a:b].clone()
+            t.grad = grads[a:b] * coef if coef != 1.0 else grads[a:b]  # AdamW only reads it
         if rb.optimizer is not None:
             rb.optimizer.step()
         for (a, b), t in rb.pieces:
@@ -260,7 +261,7 @@ class GradSync:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             tensors.append(_embed_full(p.grad, self.tp) if rb.full_mode else _local(p.grad))
-        return _flatten_dense_tensors(tensors).clone()
+        return _flat_copy(tensors)
 
     def _write_grads(self, rb: RankBucket, flat: torch.Tensor) -> None:
         for (_, p), value in zip(rb.params, self._unflatten(rb, flat), strict=True):
@@ -276,9 +277,9 @@ class GradSync:
         from the TP group (`gather`; at set-up only the shapes matter)."""
         with torch.no_grad():
             if not rb.full_mode:
-                return _flatten_dense_tensors([_local(p.detach()) for _, p in rb.params]).clone()
+                return _flat_copy([_local(p.detach()) for _, p in rb.params])
             fulls = [_embed_param(p.detach(), self.tp_index) for _, p in rb.params]
-            flat = _flatten_dense_tensors(fulls).clone()
+            flat = _flat_copy(fulls)
             if gather and rb.tp_group is not None:
                 host = flat.cpu() if flat.device.type != "cpu" else flat
                 dist.all_reduce(host, group=rb.tp_group)
@@ -337,6 +338,16 @@ class GradSync:
                                          **{k: flats[k][a:b].clone().to(t.device)
                                             for k in ADAM_STATE}}
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """ZeRO: the pieces this rank steps and their AdamW state (runtime/memory.py)."""
+        out = []
+        for rb in self.mine:
+            out += [t for _, t in rb.pieces]
+            if rb.optimizer is not None:
+                out += [v for st in rb.optimizer.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor)]
+        return out
+
     def state_bytes(self) -> int:
         return sum(v.numel() * v.element_size() for rb in self.mine if rb.optimizer
                    for s in rb.optimizer.state.values() for v in s.values()
@@ -370,6 +381,12 @@ def _agree_on_sizes(mine: dict[tuple[int, int], int]) -> dict[tuple[int, int], i
                 raise RuntimeFailure(f"gradient bucket {key[0]}: members disagree on its size "
                                      f"({sizes[key]} vs {n} elements)")
     return sizes
+
+
+def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated into a new 1-D buffer (flattening one tensor is a view)."""
+    flat = _flatten_dense_tensors(tensors)
+    return flat.clone() if len(tensors) == 1 else flat
 
 
 def _scalar_dtype() -> torch.dtype:

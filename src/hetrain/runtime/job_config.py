@@ -72,7 +72,7 @@ class OptimizerSection(_Section):
 class ScheduleSection(_Section):
     steps: int = Field(default=20, gt=0, strict=True)
     seed: int = Field(default=0, ge=0, lt=2**32, strict=True)
-    precision: Literal["float32", "float64"] = "float32"
+    precision: Literal["float32", "float64", "bf16", "fp16"] = "float32"
 
 
 class CheckpointSection(_Section):
@@ -136,7 +136,7 @@ FIXES = {
     "run_timeout_s": "a timeout must be a finite number of seconds > 0",
     "every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
     "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
-    "precision": "use float32 or float64",
+    "precision": "use float32, float64, bf16 or fp16 (mixed precision per kind)",
     "seed": "pass a whole number in [0, 2**32)",
     "global_batch": "pass a whole number of samples >= 1",
     "seq_len": "pass a whole number of tokens >= 2",

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from hetrain.cluster.devices import bind_process
@@ -41,6 +40,7 @@ from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_rank
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.job import Job
 from hetrain.runtime.loop import run_worker
+from hetrain.runtime.precision import param_dtype, run_memory_fn
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.recipe import dropout_note
 from hetrain.runtime.records import StepRecord
@@ -65,12 +65,17 @@ def plan_spec(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSpec:
     return plan_model(plan, model).spec(plan.seq_len)
 
 
-def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float]:
-    """Validate the plan and its memory; returns estimated bytes per device of each group."""
+def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
+               precision: str | None = None) -> dict[str, float]:
+    """Validate the plan and its memory; returns estimated bytes per device of each group,
+    in the dtype each kind computes in under `precision` (the plan's dtypes if None)."""
     validate_plan(plan, cluster, spec)
     cost = CostModel(cluster, spec)
     schedule = build_schedule(plan, cost)
-    return check_memory(plan, cluster, plan_memory_fn(plan, cost), schedule.peak_in_flight)
+    memory = plan_memory_fn(plan, cost)
+    if precision is not None:
+        memory = run_memory_fn(memory, precision, cluster)
+    return check_memory(plan, cluster, memory, schedule.peak_in_flight)
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
@@ -91,7 +96,7 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
     whole = model.build_stage(0, model.n_layers, config.seed)
     if device != "cpu":
         bind_process(cost.cluster.kinds[kind], device)
-    whole.to(device=device, dtype=getattr(torch, config.precision))
+    whole.to(device=device, dtype=param_dtype(config.precision))
     per_sample = seconds_per_sample(whole, inputs, targets, device)
     whole.zero_grad(set_to_none=True)
     if kind in real:
@@ -113,7 +118,7 @@ def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     model = plan_model(plan, model)
     corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
-    check_plan(plan, cluster, model.spec(plan.seq_len))
+    check_plan(plan, cluster, model.spec(plan.seq_len), config.precision)
     note_dropout(model)
     with run_folder(config, plan) as config:
         return run_attempt(cluster, plan, config, model=model, corpus=corpus,
@@ -130,7 +135,7 @@ def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     (if any) already owned by this process."""
     model = plan_model(plan, model)
     spec = model.spec(plan.seq_len)
-    estimated = check_plan(plan, cluster, spec)  # cheap; a re-plan's plan is checked here
+    estimated = check_plan(plan, cluster, spec, config.precision)  # cheap; a re-plan too
     corpus = corpus or load_corpus(config.data, config.seed)
     real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
     emulated = set(plan.kinds()) - set(real)

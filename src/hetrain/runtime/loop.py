@@ -19,6 +19,7 @@ from hetrain.runtime.checkpoint import load_latest, run_steps, save_checkpoint, 
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.faults import before_step
 from hetrain.runtime.job import Job
+from hetrain.runtime.memory import PeakTracker, measuring
 from hetrain.runtime.preemption import Preemption
 from hetrain.runtime.records import StepRecord
 from hetrain.runtime.worker import Worker
@@ -69,7 +70,12 @@ def train_loop(worker: Worker) -> list[StepRecord]:
     for step in range(start, cfg.steps):
         before_step(faults, worker.rank, step, [p for _, _, p in worker.params])
         worker.recipe.begin(step)  # seed (seed, rank, step), learning rate of the step
-        record = worker.run_step(step)
+        # Peak memory of one steady step (the second; the only one of a one-step run):
+        # tracking slows every op, so it runs once.
+        tracker = PeakTracker() if step - start == min(1, cfg.steps - start - 1) else None
+        worker.peak = tracker or worker.peak
+        with measuring(tracker, worker.state_tensors, worker.grad_sync.thread, worker.device):
+            record = worker.run_step(step)
         if not math.isfinite(record.loss):  # all-reduced: every rank stops here alike
             raise TrainingDiverged(f"the loss is {record.loss} at step {step}; stopped"
                                    f"{_kept(cfg)}")

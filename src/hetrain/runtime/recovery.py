@@ -97,7 +97,7 @@ def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         model = plan_model(plan, model)  # a user's module as the model object
         corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                            out_dir=out_dir, time_scale=time_scale)
-        check_plan(plan, cluster, plan_spec(plan, model))
+        check_plan(plan, cluster, plan_spec(plan, model), config.precision)
         with run_folder(config, plan) as config:  # owned for every attempt
             return supervise(cluster, plan, config, replan, max_recoveries, model,
                              corpus, out_dir, progress, time_scale, on_suspect, faults)

@@ -10,6 +10,7 @@ from hetrain.data.corpus import Corpus
 from hetrain.model.loading import as_model, load_model
 from hetrain.model.source import ModelSource
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.precision import param_dtype
 from hetrain.runtime.recipe import adamw, decays, lr_at, set_lr
 
 
@@ -24,7 +25,7 @@ def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_
     source = load_model(config.model) if model is None else as_model(model)
     whole = source.whole(config.seed)
     named = dict(whole.named_parameters())
-    whole.to(getattr(torch, config.precision))
+    whole.to(param_dtype(config.precision))
     if start_params is not None:
         with torch.no_grad():
             for name, p in named.items():

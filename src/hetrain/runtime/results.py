@@ -141,7 +141,8 @@ def gather_result(job: Job, out: Path, estimated_bytes: dict[str, float]) -> Run
         mode = "emulated" if rep.emulated else "real"
         k = per_kind.setdefault(rep.kind, {
             "devices": 0, "share": 0.0, "busy": 0.0, "mode": mode,
-            "device_type": job.torch_device_of.get(rep.device, "cpu").split(":")[0]})
+            "device_type": job.torch_device_of.get(rep.device, "cpu").split(":")[0],
+            "dtype": rep.dtype})
         k["devices"] += 1
         k["busy"] += statistics.mean(busy) if busy else 0.0
         if rep.tp_index == 0:
@@ -153,8 +154,9 @@ def gather_result(job: Job, out: Path, estimated_bytes: dict[str, float]) -> Run
             "emulated": rep.emulated, "mode": mode})
         # optimizer state of the group's busiest device (ZeRO-1 shards it by shard_weight)
         grp["optimizer_bytes"] = max(grp["optimizer_bytes"], rep.optimizer_bytes)
-        grp["measured_bytes"] = max(grp["measured_bytes"],
-                                    rep.cuda_peak_bytes or rep.measured_bytes)
+        # one steady step's peak: the device allocator's, or live storage counted on the CPU
+        grp["measured_bytes"] = max(grp["measured_bytes"], rep.measured_bytes)
+        grp["memory_source"] = rep.memory_source
     for k in per_kind.values():
         k["busy"] /= k["devices"]
         k["tokens_per_s"] = k["share"] * tokens_per_s

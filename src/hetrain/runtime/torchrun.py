@@ -285,7 +285,7 @@ def run_rank(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
     torch.set_num_threads(1)
     layout, rank, procs = init_ranks(cluster, plan, config, replan)
     if layout.replanned:  # the survivors' plan is checked as a given one is
-        check_plan(layout.plan, layout.cluster, plan_spec(layout.plan, None))
+        check_plan(layout.plan, layout.cluster, plan_spec(layout.plan, None), config.precision)
     owner = layout.plan_rank.index(0)
     restarted = max(p.restart for p in procs) > 0
     with ExitStack() as stack:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
+from hetrain.comm.bridge import pair_groups, require_bridge
 from hetrain.comm.groups import GroupCache, torch_backend
 from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.pacing import LinkPacer
@@ -30,10 +31,12 @@ from hetrain.runtime.checkpoint import TrainState
 from hetrain.runtime.emulation import Pacer
 from hetrain.runtime.grad_sync import GradSync
 from hetrain.runtime.job import Job
-from hetrain.runtime.memory import ActivationMeter, state_bytes
+from hetrain.runtime.memory import ActivationMeter, PeakTracker, held_tensors, state_bytes
+from hetrain.runtime.precision import loss_scaler, param_dtype, precision_of
 from hetrain.runtime.recipe import StepRecipe, adamw, decays, recipe_state
 from hetrain.runtime.records import StepRecord, WorkerReport
 from hetrain.runtime.stage import Stage, full_tensor
+from hetrain.runtime.transfers import transfer_pairs
 
 
 class Worker:
@@ -56,13 +59,20 @@ class Worker:
             for k in plan.kinds()
         }
         self.corpus = job.corpus or load_corpus(cfg.data, cfg.seed)
+        self.precision = precision_of(cfg.precision, kinds[self.kind].flops)
+        self.scaler = loss_scaler(cfg.precision, [kinds[k].flops for k in plan.kinds()])
         self.events: list[dict] = []
         self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self._build_model()
         self.cost = CostModel(cluster, self.spec)
         # Transfers over emulated links last what the cost model gives them, as compute does.
+        # Inside a kind on its own backend, between kinds over the bridge (comm/bridge.py).
+        require_bridge(cluster.bridge_backend, cluster.bridge_plugin)  # imports its plugin
+        routes = pair_groups(transfer_pairs(plan, self.rank_of), self.kind_of_rank,
+                             self.backend_of, cluster.bridge_backend, self.cache, rank)
         self.p2p = P2P(cfg.op_timeout_s, LinkPacer(cluster, self.cost, job.time_scale,
-                                                   job.emulated), job.rank_devices, rank)
+                                                   job.emulated), job.rank_devices, rank,
+                       self.device, routes)
         self.schedule = build_schedule(plan, self.cost)
         self.actions: list[Action] = self.schedule.actions[self.group.name]
         self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
@@ -72,7 +82,8 @@ class Worker:
         # compute thread's tensor-parallel collectives.
         self.grad_sync = GradSync(plan, self.spec, self.group, self.rank_of, self.kind_of_rank,
                                   self.backend_of, GroupCache(cfg.op_timeout_s), self.params,
-                                  self._adamw, cfg.op_timeout_s, self._event)
+                                  self._adamw, cfg.op_timeout_s, self._event,
+                                  cluster.bridge_backend)
         # With ZeRO-1 the gradients of shared weights are cleared by the sync once it has
         # stepped them: this optimizer then steps only weights held by one group.
         self.optimizer = self._adamw([(p, decays(p)) for _, _, p in self.params])
@@ -80,6 +91,7 @@ class Worker:
                                  self._optimizers)
         self.pacer = Pacer(self.kind in job.emulated, job.time_scale)
         self.meter = ActivationMeter()
+        self.peak: PeakTracker | None = None  # set by the loop for the step it measures
         self.inv_tokens = 1.0 / (plan.global_batch * plan.seq_len)
 
     def _adamw(self, params: list[tuple[torch.Tensor, bool]]) -> torch.optim.Optimizer:
@@ -110,7 +122,8 @@ class Worker:
             self.model.apply_tensor_parallel(self.stage, mesh)
         self.params = [(name, self.model.layer_of(name), p)
                        for name, p in self.stage.canonical_parameters()]
-        self.dtype = getattr(torch, job.config.precision)
+        self.dtype = param_dtype(job.config.precision)  # master weights
+        self.act_dtype = self.precision.activation_dtype  # sent between stages
         self.stage.to(device=self.device, dtype=self.dtype)
 
     def _peer_ranks(self, group_name: str, receiving: bool) -> list[int]:
@@ -131,9 +144,10 @@ class Worker:
         t_step = time.perf_counter()
         # Phase 2: this group's actions in schedule order. After its last weight-gradient
         # action every gradient of the stage is final: the sync of its buckets starts then.
-        for i, action in enumerate(self.actions):
-            self._run_action(action, st, start_sync=i == self.last_weight_grad,
-                             ahead=self.actions[i + 1:i + 1 + RECV_AHEAD])
+        with self.precision.step_cache(self.device.type):  # one 16-bit weight copy a step
+            for i, action in enumerate(self.actions):
+                self._run_action(action, st, start_sync=i == self.last_weight_grad,
+                                 ahead=self.actions[i + 1:i + 1 + RECV_AHEAD])
         self.p2p.wait_sends()
         # Phase 3: wait for the sums (exposed sync only), then the optimizer. Under ZeRO-1
         # shared weights were already stepped shard by shard on the comm thread.
@@ -142,7 +156,8 @@ class Worker:
         self.recipe.before_optimizer()  # the global norm; clipping (waits for it when on)
         t_opt = time.perf_counter()
         self._event("allreduce", "comm", t_sync, t_opt)
-        self.optimizer.step()
+        if self.scaler.unscale_or_skip(self._weights(), step):  # fp16: skipped on overflow
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()
         self._event("optimizer", "optimizer", t_opt, t_end)
@@ -167,7 +182,7 @@ class Worker:
                 size = plan.micro_batches[nxt.micro_batch].size
                 (src,) = self._peer_ranks(nxt.recv_from, receiving=True)
                 self.p2p.post((size, plan.seq_len, self.dim), src,
-                              tag_of(nxt.micro_batch, nxt.is_backward), self.dtype)
+                              tag_of(nxt.micro_batch, nxt.is_backward), self.act_dtype)
         result = _COMPUTE[action.op](self, mb, received, st)
         # An emulated kind has its result only once its paced compute is over: send after,
         # or the next stage would start before this one could have finished.
@@ -191,7 +206,7 @@ class Worker:
         shape = (mb.size, self.job.plan.seq_len, self.dim)
         (src,) = self._peer_ranks(action.recv_from, receiving=True)
         received = self.p2p.recv(shape, src, tag_of(mb.id, action.is_backward), self.device,
-                                 self.dtype)
+                                 self.act_dtype)
         t0 = time.perf_counter()
         if t0 - t_wait > 1e-4:
             self._event(f"recv {action.label}", "comm", t_wait, t0)
@@ -215,20 +230,25 @@ class Worker:
         else:
             x = saved.inp = received.requires_grad_(True)
         with self.meter.forward(mb.id):
-            if self.split and received is None and self.model.n_layers > 1:
-                # Stage 0 under zero-bubble splits after the embedding: the blocks' input is
-                # then a leaf, so the input-gradient action can run (and keep what the
-                # weight gradients need); the embedding's gradient waits for the weight one.
-                saved.embedded = self.stage.layers[0](x)
-                saved.inp = saved.embedded.detach().requires_grad_(True)
-                out = self.stage(saved.inp, start=1)
-            else:
-                out = self.stage(x)
-            if self.stage.last:
-                out = F.cross_entropy(out.flatten(0, 1),
+            with self.precision.autocast(self.device.type):
+                if self.split and received is None and self.model.n_layers > 1:
+                    # Stage 0 under zero-bubble splits after the embedding: the blocks' input
+                    # is then a leaf, so the input-gradient action can run (and keep what the
+                    # weight gradients need); the embedding's gradient waits for the weight
+                    # one.
+                    saved.embedded = self.stage.layers[0](x)
+                    saved.inp = saved.embedded.detach().requires_grad_(True)
+                    out = self.stage(saved.inp, start=1)
+                else:
+                    out = self.stage(x)
+            if self.stage.last:  # the loss in the master dtype, scaled under fp16
+                out = F.cross_entropy(out.to(self.dtype).flatten(0, 1),
                                       st.targets[rows].flatten().to(self.device),
                                       reduction="sum") * self.inv_tokens
                 st.loss_sum += out.detach().double().cpu()
+                out = self.scaler.scaled(out)
+            else:  # activations travel in the compute dtype
+                out = out.to(self.act_dtype)
         saved.out = out
         st.stored[mb.id] = saved
         return out
@@ -268,6 +288,10 @@ class Worker:
         self.meter.release(mb.id)
         return None
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """What this worker keeps between steps (runtime/memory.py counts it as held)."""
+        return held_tensors(self.stage, self.optimizer) + self.grad_sync.state_tensors()
+
     def _weights(self) -> list[nn.Parameter]:
         return [p for _, _, p in self.params]
 
@@ -302,14 +326,16 @@ class Worker:
             steps=steps, params=params if self.tp_index == 0 else {},
             samples=self.job.plan.samples_of(self.group.name),
             layers=list(self.group.layers),
-            measured_bytes=state_bytes(self.stage, self.optimizer)
-            + self.grad_sync.state_bytes() + acts,
+            measured_bytes=self.peak.peak_bytes if self.peak is not None
+            else state_bytes(self.stage, self.optimizer) + self.grad_sync.state_bytes() + acts,
             optimizer_bytes=state_bytes(nn.Module(), self.optimizer)
             + self.grad_sync.state_bytes(),
             activation_bytes=acts,
             cuda_peak_bytes=torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda" else None,
             late_s=self.pacer.late_s, events=self.events,
+            dtype=self.precision.catalog_dtype, skipped_steps=self.scaler.skipped,
+            memory_source=self.peak.source if self.peak is not None else "estimate",
             peak_in_flight=self.schedule.peak_in_flight[self.group.name],
         )
 

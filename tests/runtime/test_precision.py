@@ -1,0 +1,98 @@
+"""Mixed precision per kind: bf16 where the kind has it, fp16 with loss scaling where it does
+not (V100), fp32 master weights; a mixed-precision run's loss curve follows the fp32 run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetrain.cluster import CATALOG, cluster_from_dict
+from hetrain.errors import ConfigError
+from hetrain.plan import expand_plan
+from hetrain.runtime.precision import LossScaler, check_precision, loss_scaler, precision_of
+from tests.helpers import run_plan
+
+
+def test_bf16_on_a_kind_with_bf16_autocasts_to_bf16_over_fp32_masters():
+    p = precision_of("bf16", CATALOG["A100-80GB"].flops)
+    assert (p.param_dtype, p.compute_dtype, p.loss_scaling) == (torch.float32, torch.bfloat16,
+                                                                 False)
+    assert p.activation_dtype == torch.bfloat16 and p.catalog_dtype == "bf16"
+
+
+def test_bf16_on_a_kind_without_bf16_becomes_fp16_with_loss_scaling():
+    assert "bf16" not in CATALOG["V100"].flops
+    p = precision_of("bf16", CATALOG["V100"].flops)
+    assert (p.compute_dtype, p.loss_scaling) == (torch.float16, True)
+
+
+def test_a_kind_without_16_bit_dtypes_stays_fp32_and_plain_settings_never_autocast():
+    assert not precision_of("bf16", CATALOG["cpu"].flops).mixed
+    for setting, dtype in (("float32", torch.float32), ("float64", torch.float64)):
+        p = precision_of(setting, CATALOG["A100-80GB"].flops)
+        assert (p.param_dtype, p.mixed, p.activation_dtype) == (dtype, False, dtype)
+
+
+def test_one_fp16_kind_turns_loss_scaling_on_for_the_whole_job():
+    kinds = [CATALOG["A100-80GB"].flops, CATALOG["V100"].flops]
+    assert loss_scaler("bf16", kinds).enabled
+    assert not loss_scaler("bf16", kinds[:1]).enabled
+    assert not loss_scaler("float32", kinds).enabled
+
+
+def test_loss_scaling_with_zero1_is_refused_before_spawning():
+    flops = [CATALOG["V100"].flops]
+    with pytest.raises(ConfigError, match="sharded optimizer"):
+        check_precision("bf16", True, flops)
+    check_precision("bf16", False, flops)
+    check_precision("float32", True, flops)
+
+
+def _params_with_grads(*grads: float) -> list[torch.nn.Parameter]:
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.full((2,), g)
+        params.append(p)
+    return params
+
+
+def test_the_scaler_unscales_finite_gradients_and_skips_a_step_that_overflowed():
+    scaler = LossScaler(scale=8.0, growth_interval=2)
+    params = _params_with_grads(16.0, 8.0)
+    assert scaler.unscale_or_skip(params, step=0)
+    assert [p.grad.tolist() for p in params] == [[2.0, 2.0], [1.0, 1.0]]
+    assert scaler.unscale_or_skip(_params_with_grads(1.0), step=1)
+    assert scaler.scale == 16.0  # two clean steps: doubled
+    bad = _params_with_grads(1.0, float("inf"))
+    assert not scaler.unscale_or_skip(bad, step=2)
+    assert all(p.grad is None for p in bad) and scaler.scale == 8.0 and scaler.skipped == [2]
+
+
+def _bf16_and_fp16_kinds():
+    """Two catalog kinds emulated on CPU workers: A100 computes in bf16, V100 (no bf16) in
+    fp16 with loss scaling, in one job whose gradients are summed across both."""
+    return cluster_from_dict({
+        "name": "bf16-and-fp16",
+        "kinds": {"A100-80GB": {"mode": "emulated"}, "V100": {"mode": "emulated"}},
+        "nodes": [{"name": "a", "kind": "A100-80GB", "count": 2},
+                  {"name": "v", "kind": "V100", "count": 1}]})
+
+
+@pytest.mark.slow
+def test_a_bf16_run_follows_the_fp32_loss_curve_within_3_percent():
+    cluster = _bf16_and_fp16_kinds()
+    # A pipeline of two A100 stages (activations cross in bf16) beside a V100 holding all
+    # layers (fp16): every layer's gradient is summed across the two kinds.
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "pipelines": [
+        {"micro_batches": 3, "stages": [{"kind": "A100-80GB", "layers": [0, 3]},
+                                        {"kind": "A100-80GB", "layers": [3, 6]}]},
+        {"micro_batches": 2, "stages": [{"kind": "V100", "layers": [0, 6]}]}]}, cluster)
+    fp32 = run_plan(cluster, plan, steps=20, precision="float32", lr=3e-3)
+    mixed = run_plan(cluster, plan, steps=20, precision="bf16", lr=3e-3)
+    assert mixed.per_kind["A100-80GB"]["dtype"] == "bf16"
+    assert mixed.per_kind["V100"]["dtype"] == "fp16"
+    assert fp32.losses[-1] < 0.8 * fp32.losses[0]  # it learns, so the curves say something
+    for want, got in zip(fp32.losses, mixed.losses, strict=True):
+        assert got == pytest.approx(want, rel=0.03)
+    assert mixed.losses != fp32.losses  # it did compute in 16 bits
