@@ -15,8 +15,8 @@ $(BIN)/hetrain: pyproject.toml
 setup: $(BIN)/hetrain
 
 demo: setup
-	$(BIN)/hetrain train --cluster examples/clusters/three-kinds.yaml --steps 30 \
-		--json out/demo.json
+	# the job file: planner's plan for tiny on three kinds, saved to out/demo/plan.json
+	$(BIN)/hetrain train --config examples/jobs/three-kinds.toml
 	# one round keeps the demo short; the README's figures are the median of 3 (the default)
 	$(BIN)/hetrain bench dp --cluster examples/clusters/three-kinds.yaml --rounds 1 \
 		--json out/bench-dp.json

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 from hetrain.data.corpus import Corpus, default_corpus
@@ -18,22 +20,22 @@ def small_corpus() -> Corpus:
     return _CORPUS
 
 
-def run_plan(cluster, plan, steps=3, time_scale=1e-9, user_model=None, precision="float64",
-             **cfg):
+def run_plan(cluster, plan, steps=3, time_scale=1e-9, model=None, precision="float64",
+             faults=None, **cfg):
     """Train `plan` for `steps` in worker processes (bounded time; always cleaned up).
     A tiny time_scale: emulated kinds are not slowed down, tests only check maths."""
     config = TrainConfig(model=plan.model, steps=steps, op_timeout_s=60, run_timeout_s=240,
                          precision=precision,
                          **cfg)
-    return train(cluster, plan, config, user_model=user_model, corpus=small_corpus(),
-                 time_scale=time_scale)
+    return train(cluster, plan, config, model=model, corpus=small_corpus(),
+                 time_scale=time_scale, faults=faults)
 
 
-def assert_matches_reference(result, steps=3, user_model=None, rtol=1e-5, precision="float64",
+def assert_matches_reference(result, steps=3, model=None, rtol=1e-5, precision="float64",
                              **cfg):
     config = TrainConfig(model=result.plan.model, steps=steps, precision=precision, **cfg)
     ref, losses = train_reference(config, small_corpus(), result.plan.global_batch,
-                                  result.plan.seq_len, user_model=user_model)
+                                  result.plan.seq_len, model=model)
     ref = {k: v for k, v in ref.items() if k != "head.out.weight" or k in result.params}
     assert set(result.params) == set(ref), set(result.params) ^ set(ref)
     for name, want in ref.items():
@@ -64,3 +66,10 @@ def assert_params_match_reference(params, model, steps, global_batch, seq_len, l
     if losses:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses[-len(losses):]),
                                    rtol=1e-5, atol=1e-6)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -36,7 +36,7 @@ def test_prepare_train_and_read_the_events(tmp_path):
     result = runner.invoke(app, ["train", "--cluster", str(EXAMPLES / "clusters" /
                                                           "three-kinds.yaml"),
                                  "--data", str(data), "--steps", "3", "--global-batch", "24",
-                                 "--seq-len", "16", "--time-scale", "1e-9", *RECIPE,
+                                 "--seq-len", "16", "--no-search", "--time-scale", "1e-9", *RECIPE,
                                  "--out-dir", str(out), "--json", str(summary)])
     assert result.exit_code == 0, result.output
     figures = json.loads(summary.read_text())

@@ -17,6 +17,7 @@ from hetrain.errors import RuntimeFailure
 from hetrain.plan import expand_plan
 from hetrain.runtime.checkpoint import step_dir
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.faults import Faults
 from hetrain.runtime.recipe import (
     active_dropout,
     adamw,
@@ -70,9 +71,9 @@ def test_clip_coefficient_and_seeds():
 
 
 def _clipped_some(result) -> None:
-    clipped = [r["clipped"] for r in result.records]
-    assert any(clipped) and not all(clipped), [r["grad_norm"] for r in result.records]
-    assert [r["lr"] for r in result.records] == [
+    clipped = [r.clipped for r in result.records]
+    assert any(clipped) and not all(clipped), [r.grad_norm for r in result.records]
+    assert [r.lr for r in result.records] == [
         lr_at(TrainConfig(steps=len(clipped), **RECIPE), s) for s in range(len(clipped))]
 
 
@@ -119,9 +120,9 @@ def test_resumed_mid_schedule_equals_uninterrupted(cluster, tmp_path):
                                 {"kind": "BR104", "layers": [0, 6]}]}]}, cluster)
     ckpt = {"checkpoint_dir": str(tmp_path / "ckpt"), "checkpoint_every": 2}
     with pytest.raises(RuntimeFailure):
-        run_plan(cluster, plan, steps=4, fail_at_step=3, **ckpt, **RECIPE)
+        run_plan(cluster, plan, steps=4, faults=Faults(step=3), **ckpt, **RECIPE)
     result = run_plan(cluster, plan, steps=4, **ckpt, **RECIPE)
-    assert [r["step"] for r in result.records] == [2, 3]
+    assert [r.step for r in result.records] == [2, 3]
     meta = json.loads((step_dir(tmp_path / "ckpt", 4) / "meta.json").read_text())
     assert meta["recipe"]["lr_schedule"] == "cosine" and meta["recipe"]["grad_clip"] == 3.0
     assert_params_match_reference(result.params, "tiny-tied", 4, plan.global_batch,

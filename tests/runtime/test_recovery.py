@@ -23,6 +23,7 @@ from hetrain.runtime.checkpoint import (
     step_dir,
 )
 from hetrain.runtime.failure import lost_ranks
+from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import train
 from hetrain.runtime.recovery import train_resilient
 from tests.helpers import (
@@ -41,10 +42,10 @@ def pipeline_on_three_kinds(cluster, model="tiny"):
     ]}, cluster)
 
 
-def resilient(cluster, plan, steps, **cfg):
+def resilient(cluster, plan, steps, faults=None, **cfg):
     return train_resilient(cluster, plan, make_config(plan.model, steps, **cfg),
                            replan=data_parallel_replan(), corpus=small_corpus(),
-                           time_scale=1e-9)
+                           time_scale=1e-9, faults=faults)
 
 
 @pytest.mark.slow
@@ -52,7 +53,7 @@ def test_killed_worker_replanned_on_survivors_equals_straight_run(three_kinds, t
     plan = pipeline_on_three_kinds(three_kinds)
     straight = run_plan(three_kinds, plan, steps=12)
     out = resilient(three_kinds, plan, 12, checkpoint_dir=str(tmp_path), checkpoint_every=3,
-                    fail_at_step=7, fail_rank=1)
+                    faults=Faults(step=7, rank=1))
     (rec,) = out.recoveries
     assert rec.lost_devices == ["br104:0"] and "exit code 13" in rec.message
     assert (rec.steps_done, rec.resumed_step, rec.steps_redone) == (7, 6, 1)
@@ -83,7 +84,7 @@ def test_death_while_writing_a_checkpoint_leaves_the_previous_one(three_kinds, t
     plan = pipeline_on_three_kinds(three_kinds)
     with pytest.raises(RuntimeFailure, match="a100:0") as failure:
         run_plan(three_kinds, plan, steps=9, checkpoint_dir=str(tmp_path), checkpoint_every=3,
-                 fail_at_step=6, fail_rank=2, fail_mode="checkpoint")
+                 faults=Faults(step=6, rank=2, mode="checkpoint"))
     assert failure.value.lost_devices == ("a100:0",)
     half = tmp_path / "step-000006.tmp"
     assert half.is_dir() and not (half / MANIFEST).exists()
@@ -98,10 +99,10 @@ def test_death_while_writing_a_checkpoint_leaves_the_previous_one(three_kinds, t
 def test_hung_worker_is_found_by_its_peers_timeouts(three_kinds):
     # Re-planning and resuming is the same as for a dead worker (above); here: the blame.
     plan = pipeline_on_three_kinds(three_kinds)
-    config = make_config(plan.model, 6, fail_at_step=1, fail_rank=1, fail_mode="hang",
-                         op_timeout_s=5)
+    config = make_config(plan.model, 6, op_timeout_s=5)
     with pytest.raises(RuntimeFailure, match=r"worker 1 \(br104:0\) hung") as failure:
-        train(three_kinds, plan, config, corpus=small_corpus(), time_scale=1e-9)
+        train(three_kinds, plan, config, corpus=small_corpus(), time_scale=1e-9,
+              faults=Faults(step=1, rank=1, mode="hang"))
     assert failure.value.lost_devices == ("br104:0",)
 
 
@@ -111,7 +112,7 @@ def test_sigterm_checkpoints_and_stops(three_kinds, tmp_path):
     config = make_config("tiny", 8, checkpoint_dir=str(tmp_path), checkpoint_every=100)
 
     def preempt(record):
-        if record["step"] == 2:
+        if record.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     out = train_resilient(three_kinds, plan, config, replan=data_parallel_replan(),

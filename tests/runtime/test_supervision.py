@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from hetrain.errors import RuntimeFailure
 from hetrain.plan import expand_plan
 from hetrain.runtime.checkpoint import LATEST, read_model, step_dir
+from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import WORKER_LOG, train
 from hetrain.runtime.runlock import RunComplete
 from tests.conftest import EXAMPLES
@@ -36,9 +37,9 @@ def two_replicas(cluster):
     ]}, cluster)
 
 
-def run(cluster, plan, steps, progress=None, **cfg):
+def run(cluster, plan, steps, progress=None, faults=None, **cfg):
     return train(cluster, plan, make_config(plan.model, steps, **cfg), corpus=small_corpus(),
-                 time_scale=1e-9, progress=progress)
+                 time_scale=1e-9, progress=progress, faults=faults)
 
 
 def children(pid):
@@ -138,7 +139,7 @@ def test_rendezvous_and_workers_listen_on_loopback_only(three_kinds):
     seen = {}
 
     def look(record):
-        if record["step"] == 0:
+        if record.step == 0:
             seen["launcher"] = listening(os.getpid())
             seen["workers"] = [a for c in mp.active_children() if c.name.startswith("hetrain")
                                for a in listening(c.pid)]
@@ -154,7 +155,7 @@ def test_stopped_worker_is_declared_lost_within_the_hang_timeout(three_kinds):
     suspects = []
 
     def stop_worker_1(record):
-        if record["step"] == 1 and not stopped:
+        if record.step == 1 and not stopped:
             (worker,) = [c for c in mp.active_children() if c.name == "hetrain-worker-1"]
             os.kill(worker.pid, signal.SIGSTOP)
             stopped["at"] = time.monotonic()
@@ -185,7 +186,7 @@ def test_non_finite_loss_stops_with_one_line_keeping_the_last_good_checkpoint(th
     plan = two_replicas(three_kinds)
     with pytest.raises(RuntimeFailure, match="the loss is nan at step 3") as stop:
         run(three_kinds, plan, 6, checkpoint_dir=str(tmp_path), checkpoint_every=1,
-            fail_at_step=3, fail_rank=1, fail_mode="nan")
+            faults=Faults(step=3, rank=1, mode="nan"))
     line = str(stop.value)
     assert "\n" not in line and str(step_dir(tmp_path, 3)) in line
     assert stop.value.lost_devices == ()  # no device to blame: no recovery
@@ -198,7 +199,7 @@ def test_non_finite_loss_stops_with_one_line_keeping_the_last_good_checkpoint(th
 def test_full_disk_is_one_line_naming_the_step_folder_and_device(three_kinds, tmp_path):
     with pytest.raises(RuntimeFailure) as full:
         run(three_kinds, two_replicas(three_kinds), 4, checkpoint_dir=str(tmp_path),
-            checkpoint_every=2, fail_at_step=2, fail_rank=1, fail_mode="nospace")
+            checkpoint_every=2, faults=Faults(step=2, rank=1, mode="nospace"))
     line = str(full.value)
     assert "\n" not in line
     assert f"no space left on device writing checkpoint step 2 in {tmp_path}" in line

@@ -40,7 +40,7 @@ def _check(model, three_kinds, steps=5):
     fresh = type(model)(model.config) if hasattr(model, "config") else type(model)()
     fresh.load_state_dict(start)
     config = TrainConfig(steps=steps, precision="float64")
-    ref, _ = train_reference(config, small_corpus(), 12, 16, user_model=fresh)
+    ref, _ = train_reference(config, small_corpus(), 12, 16, model=fresh)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach().double(), ref[name], rtol=1e-5, atol=1e-7)
 

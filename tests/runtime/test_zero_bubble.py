@@ -64,5 +64,5 @@ def test_users_module_data_parallel_with_sharded_optimizer(cluster):
                         "schedule": "zero_bubble", "sharded_optimizer": True, "n_layers": 1,
                         "data_parallel": [{"kind": "H100", "samples": 4},
                                           {"kind": "BR104", "samples": 2}]}, cluster)
-    result = run_plan(cluster, plan, steps=2, user_model=model)
-    assert_matches_reference(result, steps=2, user_model=model)
+    result = run_plan(cluster, plan, steps=2, model=model)
+    assert_matches_reference(result, steps=2, model=model)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hetrain.cli import bench_soak as _soak  # noqa: F401 - registers `bench soak`
 from hetrain.cli.main import bench_app, user_errors
 from hetrain.cli.report import emulated_tag, write_json
 from hetrain.cluster.loading import load_cluster

@@ -25,6 +25,7 @@ from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
+from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import calibrate_time_scale
 from hetrain.runtime.recovery import train_resilient
 from hetrain.runtime.reference import train_reference
@@ -40,15 +41,16 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
         raise ConfigError(f"--fail-rank {fail_rank}: the plan has ranks 0.."
                           f"{len(plan.devices()) - 1}")
     config = TrainConfig(model=model, steps=steps, checkpoint_dir=checkpoint_dir,
-                         checkpoint_every=checkpoint_every, fail_at_step=fail_at_step,
-                         fail_rank=fail_rank, op_timeout_s=60, run_timeout_s=600, fresh=True)
+                         checkpoint_every=checkpoint_every, op_timeout_s=60, run_timeout_s=600,
+                         fresh=True)
     corpus = load_corpus(None, config.seed)
     emulated = bool(emulated_kinds(plan, cluster))
     scale = time_scale or (calibrate_time_scale(plan, cost, corpus, config, None)
                            if emulated else 1.0)
     t0 = time.perf_counter()
     out = train_resilient(cluster, plan, config, replan=data_parallel_replan(),
-                          corpus=corpus, time_scale=scale)
+                          corpus=corpus, time_scale=scale,
+                          faults=Faults(step=fail_at_step, rank=fail_rank))
     wall_s = time.perf_counter() - t0
     if not out.recoveries:
         raise ConfigError("the injected failure did not happen; use --fail-at-step < --steps")
@@ -65,7 +67,7 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
         "recovery_s": rec.recovery_s, "steps_redone": rec.steps_redone,
         "detect_s": rec.detect_s,
         "restart_s": rec.first_step_at - rec.detected_at,
-        "step_s_after": statistics.median(out.result.step_s),
+        "step_s_after": statistics.median(out.step_s),
         "failed_device": plan.devices()[fail_rank], "lost_devices": rec.lost_devices,
         "failed_at_step": rec.steps_done, "resumed_from_step": rec.resumed_step,
         "kinds_before": plan.kinds(), "kinds_after": out.plan.kinds(),
@@ -73,7 +75,7 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
         "shares_after": {g.devices[0]: out.plan.samples_of(g.name)
                          for g in out.plan.stage_groups},
         "final_loss": out.losses[-1], "max_abs_diff_vs_one_process": diff,
-        "wall_s": wall_s, "emulated": emulated or out.result.is_emulated, "time_scale": scale,
+        "wall_s": wall_s, "emulated": emulated or out.is_emulated, "time_scale": scale,
         "model": model, "global_batch": global_batch, "seq_len": seq_len, "steps": steps,
         "checkpoint_every": checkpoint_every, "precision": config.precision,
     }

@@ -10,20 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from hetrain.cli.main import app, user_errors
-from hetrain.errors import ModelError, PlannerError
-
-
-def tp_sizes_for(cfg) -> tuple[int, ...]:
-    """Tensor-parallel sizes the reference model can be split into (heads and FFN divide)."""
-    return tuple(t for t in (1, 2, 4, 8)
-                 if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0)
+from hetrain.errors import PlannerError
 
 
 @app.command()
 @user_errors
 def plan(
     cluster: Path = typer.Option(..., help="cluster YAML"),
-    model: str = typer.Option(..., help="model name: tiny, small, llama-7b, llama-70b, ..."),
+    model: str = typer.Option(..., help="the model: a built-in name (tiny, small, llama-7b, "
+                              "llama-70b, ...), a Hugging Face config.json or model folder, "
+                              "or a model YAML"),
     global_batch: int = typer.Option(1024, min=1, help="samples per optimizer step"),
     seq_len: int | None = typer.Option(None, min=1, help="tokens per sample [model's maximum]"),
     out: Path | None = typer.Option(None, help="write the plan (JSON) here"),
@@ -40,31 +36,27 @@ def plan(
     from hetrain.cluster.loading import load_cluster
     from hetrain.cost.model import CostModel
     from hetrain.cost.profile import Profile
-    from hetrain.model.config import model_config
-    from hetrain.model.spec import model_spec
+    from hetrain.model.loading import model_and_seq_len
     from hetrain.planner.report import checked_memory_bytes
     from hetrain.planner.search import SearchOptions, search_plan
 
     console = Console()
     clus = load_cluster(cluster)
-    cfg = model_config(model)
-    seq = seq_len or cfg.max_seq_len
-    if seq > cfg.max_seq_len:
-        raise ModelError(f"--seq-len {seq} is longer than {cfg.name}'s max_seq_len "
-                         f"{cfg.max_seq_len}; pass at most that")
-    spec = model_spec(cfg, seq)
+    source, seq = model_and_seq_len(model, seq_len)
+    spec = source.spec(seq)
     prof = None
     if profile is not None:
         prof = Profile.load(profile)
-        prof.check_layers(spec.n_layers, cfg.name)
+        prof.check_layers(spec.n_layers, source.name)
     cost = CostModel(clus, spec, prof)
-    options = SearchOptions(tp_sizes=tp_sizes_for(cfg), dtype=dtype)
+    options = SearchOptions(tp_sizes=source.tp_sizes(), dtype=dtype)
     result = search_plan(clus, cost, global_batch, options)
     memory = checked_memory_bytes(result.plan, cost)
     baselines = _baselines(clus, cost, global_batch, options) if compare or json_out else []
 
-    _print_plan(console, result.plan, cost, result.estimate, memory,
-                title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} tokens")
+    print_plan_table(console, result.plan, cost, result.estimate,
+                     title=f"{spec.name} on {clus.name}: global batch {global_batch} x {seq} "
+                     "tokens", memory=memory)
     _print_summary(console, result, cost)
     if compare:
         _print_baselines(console, result.estimate, baselines)
@@ -99,11 +91,19 @@ def _baselines(clus, cost, global_batch, options):
     return [homogeneous, *single_kind_plans(clus, cost, global_batch, options)]
 
 
-def _print_plan(console: Console, plan, cost, estimate, memory, title: str) -> None:
-    from hetrain.planner.report import shape_rows
+def print_plan_table(console: Console, plan, cost, estimate, title: str,
+                     memory: dict[str, float] | None = None) -> None:
+    """The plan's pipeline shapes and stages; its caption names the devices left without
+    samples, if any."""
+    from rich.markup import escape
 
+    from hetrain.planner.report import checked_memory_bytes, shape_rows, unused_devices_note
+
+    memory = checked_memory_bytes(plan, cost) if memory is None else memory
+    unused = unused_devices_note(plan, cost.cluster)
     table = Table(title=title, caption="pipelines: copies x devices each; GiB: per device at "
-                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch")
+                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch"
+                  + (f"\n[yellow]{escape(unused)}[/]" if unused else ""))
     for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
                 "micro-b.", "time s"):
         table.add_column(col, justify="left" if col in ("kind", "layers") else "right")

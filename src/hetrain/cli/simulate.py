@@ -35,23 +35,23 @@ def _load(cluster_path: Path, plan_path: Path | None, model: str | None,
           global_batch: int | None, seq_len: int | None, dtype: str,
           profile_path: Path | None = None) -> tuple[Cluster, Plan, CostModel]:
     from hetrain.cluster.loading import load_cluster
-    from hetrain.model.config import model_config
-    from hetrain.model.spec import model_spec
+    from hetrain.model.loading import load_model, model_and_seq_len
 
     cluster = load_cluster(cluster_path)
     if plan_path is not None:
         from hetrain.plan import load_plan
 
         plan = load_plan(plan_path, cluster)
-        spec = model_spec(model_config(plan.model), plan.seq_len)
+        # --model names the plan's model when the plan's own field does not resolve here.
+        spec = load_model(model or plan.model).spec(plan.seq_len)
         return cluster, plan, _cost(cluster, spec, profile_path)
     if model is None or global_batch is None:
         raise SimError("give --plan, or --model and --global-batch to simulate the "
                        "speed-proportional data-parallel plan")
     from hetrain.planner import data_parallel_plan
 
-    cfg = model_config(model)
-    cost = _cost(cluster, model_spec(cfg, seq_len or cfg.max_seq_len), profile_path)
+    source, seq = model_and_seq_len(model, seq_len)
+    cost = _cost(cluster, source.spec(seq), profile_path)
     return cluster, data_parallel_plan(cluster, cost, global_batch, dtype=dtype), cost
 
 
@@ -105,8 +105,10 @@ def _table(result: SimResult) -> Table:
 def simulate(
     cluster: Path = typer.Option(..., help="cluster YAML"),
     plan: Path | None = typer.Option(None, help="plan file (JSON or YAML, general or shorthand)"),
-    model: str | None = typer.Option(None, help="without --plan: simulate the data-parallel "
-                                                "plan of this model (speed-proportional shares)"),
+    model: str | None = typer.Option(None, help="the model (a built-in name, a Hugging Face "
+                                     "config.json or folder, a model YAML); without --plan: "
+                                     "simulate its data-parallel plan (speed-proportional "
+                                     "shares); with --plan: the plan's model"),
     global_batch: int | None = typer.Option(None, help="samples per step, with --model"),
     seq_len: int | None = typer.Option(None, help="with --model (default: the model's)"),
     dtype: str = typer.Option("fp32", help="with --model: the plan's dtype"),

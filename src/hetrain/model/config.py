@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hetrain.errors import ModelError
@@ -19,16 +21,28 @@ class ModelConfig(BaseModel):
     n_heads: int = Field(gt=0)
     n_kv_heads: int | None = None
     ffn_dim: int = Field(gt=0)
+    head_dim: int = Field(default=0, ge=0, description="0: dim // n_heads")
     max_seq_len: int = Field(default=2048, gt=0)
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     trainable: bool = Field(default=True, description="False: too big to build here, spec only")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_head_dim(cls, data: Any) -> Any:
+        # Most models split the hidden size over the heads; some (Qwen3, Gemma) set it apart.
+        if isinstance(data, dict) and not data.get("head_dim"):
+            dim, heads = data.get("dim"), data.get("n_heads")
+            if isinstance(dim, int) and isinstance(heads, int) and heads > 0:
+                if dim % heads:
+                    raise ValueError(f"dim {dim} is not divisible by n_heads {heads}; set "
+                                     "head_dim")
+                data = {**data, "head_dim": dim // heads}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads")
         return self
@@ -36,10 +50,6 @@ class ModelConfig(BaseModel):
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
 
 # fmt: off

@@ -53,11 +53,12 @@ class ModelSpec(BaseModel):
 
 def model_spec(cfg: ModelConfig, seq_len: int) -> ModelSpec:
     h, f, kv = cfg.dim, cfg.ffn_dim, cfg.kv_heads * cfg.head_dim
-    block_params = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    q = cfg.n_heads * cfg.head_dim
+    block_params = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h
     # Matmuls: 2 FLOPs per weight per token; causal attention: QK^T and AV over seq/2 keys.
-    block_flops = 2 * (block_params - 2 * h) + 2 * 2 * h * seq_len / 2
+    block_flops = 2 * (block_params - 2 * h) + 2 * 2 * q * seq_len / 2
     # Inputs of each matmul, norm and activation kept for backward (flash attention: no s^2).
-    block_acts = 6 * h + 2 * kv + 4 * f
+    block_acts = 5 * h + q + 2 * kv + 4 * f
     layers = [
         LayerSpec(name="embed", params=cfg.vocab_size * h, forward_flops_per_token=0.0,
                   activation_elems_per_token=0.0, recompute_elems_per_token=0.0,

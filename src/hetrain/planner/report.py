@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan
@@ -97,3 +98,21 @@ def kind_rows(plan: Plan, cost: CostModel, estimate: StepEstimate) -> list[dict]
     mfu = mfu_by_kind(plan, cost, estimate.step_s)
     return [{"kind": k, "used": used.get(k, 0), "devices": n, "mfu": mfu.get(k, 0.0)}
             for k, n in cost.cluster.kind_counts().items()]
+
+
+def unused_devices_note(plan: Plan, cluster: Cluster) -> str | None:
+    """One line naming the cluster's devices the plan gives no samples (whole kinds, or how
+    many of a kind), and why when the batch is the cause; None when every device has some."""
+    used = {d for g in plan.stage_groups if plan.samples_of(g.name) > 0 for d in g.devices}
+    parts = []
+    for kind, n in cluster.kind_counts().items():
+        idle = sum(d.id not in used for d in cluster.devices_of(kind))
+        if idle:
+            parts.append(f"{kind} (all {n})" if idle == n else f"{kind} ({idle} of {n})")
+    if not parts:
+        return None
+    n_devices = len(cluster.devices)
+    why = (f"global batch {plan.global_batch} is smaller than the {n_devices} devices; raise "
+           "it to give each a share" if plan.global_batch < n_devices else
+           "the plan leaves them idle")
+    return f"no samples for {', '.join(parts)}: {why}"

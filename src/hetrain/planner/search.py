@@ -93,6 +93,12 @@ class SearchResult:
     solution: CountSolution
 
 
+def tp_sizes_for(cfg) -> tuple[int, ...]:  # noqa: ANN001 - a model.config.ModelConfig
+    """Tensor-parallel sizes the reference model can be split into (heads and FFN divide)."""
+    return tuple(t for t in (1, 2, 4, 8)
+                 if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0)
+
+
 def kind_dtypes(cluster: Cluster, kinds: Sequence[str], dtype: str | None) -> dict[str, str]:
     out = {}
     for k in kinds:

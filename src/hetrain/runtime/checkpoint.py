@@ -63,52 +63,43 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from hetrain.errors import CheckpointError
 from hetrain.plan.io import atomic_write_text
-from hetrain.runtime.recipe import recipe_changes, recipe_state
+from hetrain.plan.types import Plan
+from hetrain.runtime.faults import Faults, checkpoint_writer, while_writing
+from hetrain.runtime.layout import FORMAT as FORMAT
+from hetrain.runtime.layout import LATEST as LATEST
+from hetrain.runtime.layout import MANIFEST as MANIFEST
+from hetrain.runtime.layout import META as META
+from hetrain.runtime.layout import committed_steps as committed_steps
+from hetrain.runtime.layout import run_steps as run_steps
+from hetrain.runtime.layout import step_dir as step_dir
+from hetrain.runtime.recipe import recipe_changes
 from hetrain.runtime.safe_load import SafeReader
 from hetrain.runtime.stage import full_tensor
 
 if TYPE_CHECKING:
-    from hetrain.runtime.worker import Worker
+    from hetrain.runtime.grad_sync import GradSync
 
-FORMAT = "hetrain-checkpoint/1"
-MANIFEST, META, LATEST = "manifest.json", "meta.json", "latest"
 KEEP = 3  # committed checkpoints kept: a corrupted newest one still leaves good ones
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")
 
 
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step-{step:06d}"
+@dataclass
+class TrainState:
+    """What a checkpoint saves and restores of one rank, given explicitly (never the worker):
+    its parameters by canonical name and layer, its optimizers, and who it is in the plan."""
 
-
-def committed_steps(root: str | Path) -> list[int]:
-    """Steps of the committed checkpoints under `root`, newest first."""
-    root = Path(root)
-    steps = []
-    for path in root.glob("step-*") if root.is_dir() else []:
-        digits = path.name.removeprefix("step-")
-        if path.is_dir() and digits.isdigit():
-            steps.append(int(digits))
-    return sorted(steps, reverse=True)
-
-
-def run_steps(root: str | Path) -> list[int]:
-    """Committed steps of the folder's own run (run.json), newest first: a checkpoint whose
-    meta.json names another run is never a candidate (an unreadable one is left to the
-    checksums to refuse)."""
-    from hetrain.runtime.runlock import run_id_of
-
-    root = Path(root)
-    run_id = run_id_of(root) if root.is_dir() else None
-    if run_id is None:
-        return committed_steps(root)
-    return [s for s in committed_steps(root) if _run_of(step_dir(root, s)) in (run_id, None)]
-
-
-def _run_of(path: Path) -> str | None:
-    try:
-        return json.loads((path / META).read_text()).get("run_id", "legacy")
-    except (OSError, ValueError, AttributeError):
-        return None
+    rank: int
+    rank_devices: list[str]  # device id of every rank: a failed write names its device
+    plan: Plan
+    group: str  # this rank's stage group
+    tp_index: int
+    params: list[tuple[str, int, torch.Tensor]]  # (canonical name, layer, parameter)
+    optimizer: torch.optim.Optimizer  # weights held by this group alone
+    grad_sync: GradSync  # ZeRO-1 shards of shared weights; who holds each layer
+    seed: int
+    precision: str
+    run_id: str | None
+    recipe: dict | None = None  # runtime/recipe.recipe_state: the schedule's settings
 
 
 # --- verification ----------------------------------------------------------------------------
@@ -199,48 +190,37 @@ def _sha256(path: Path) -> str:
 
 
 # --- saving ----------------------------------------------------------------------------------
-def save_checkpoint(worker: Worker, root: str | Path, step: int) -> None:
-    """Collective: every rank calls it after the optimizer step that ends step `step`."""
+def save_checkpoint(state: TrainState, root: str | Path, step: int,
+                    faults: Faults | None = None) -> None:
+    """Collective: every rank calls it after the optimizer step that ends step `step`.
+    `faults`: tests only (runtime/faults.py)."""
     root, final = Path(root), step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if worker.rank == 0:
+    if state.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = _state_to_save(worker)
+    tensors = _state_to_save(state)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.save(state, storage_writer=_writer(worker, tmp, step))
-        _fault_while_writing(worker, step, tmp)
+            dcp.save(tensors, storage_writer=checkpoint_writer(faults, state.rank, step, tmp))
+        while_writing(faults, state.rank, step, tmp)
         dist.barrier()  # every rank's data is on disk
-        if worker.rank == 0:
-            _commit(worker, root, tmp, final, step)
+        if state.rank == 0:
+            _commit(state, root, tmp, final, step)
     except (OSError, CheckpointException) as err:
-        raise _write_error(worker, err, root, step) from None
+        raise _write_error(state, err, root, step) from None
     dist.barrier()  # nobody runs on (or dies) before the commit
 
 
-def _writer(worker: Worker, tmp: Path, step: int) -> dcp.FileSystemWriter:
-    cfg = worker.job.config
-    if cfg.fail_mode == "nospace" and cfg.fail_at_step == step and worker.rank == cfg.fail_rank:
-        return _FullDiskWriter(tmp, sync_files=True)
-    return dcp.FileSystemWriter(tmp, sync_files=True)
-
-
-class _FullDiskWriter(dcp.FileSystemWriter):
-    """Fault injection (tests): this rank's disk is full."""
-
-    def write_data(self, plan, planner):  # noqa: ANN001, ANN201 - DCP's signature
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
-
-
-def _write_error(worker: Worker, err: BaseException, root: Path, step: int) -> CheckpointError:
+def _write_error(state: TrainState, err: BaseException, root: Path,
+                 step: int) -> CheckpointError:
     """One line for a failed checkpoint write: the cause, the device, the folder. DCP wraps
     each rank's error; the rank that failed is named, not the one reporting."""
-    failures = getattr(err, "failures", None) or {worker.rank: (err, None)}
+    failures = getattr(err, "failures", None) or {state.rank: (err, None)}
     rank, (cause, _) = next(iter(sorted(failures.items())))
-    device = worker.job.rank_devices[rank]
+    device = state.rank_devices[rank]
     if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
         what = "no space left on device"
     elif isinstance(cause, OSError) and cause.strerror:
@@ -251,38 +231,37 @@ def _write_error(worker: Worker, err: BaseException, root: Path, step: int) -> C
                            f"{device})")
 
 
-def _writer_of(worker: Worker, layer: int) -> str:
+def _writer_of(state: TrainState, layer: int) -> str:
     """The stage group that writes the weights of `layer`: the first holder in plan order."""
-    holders = worker.grad_sync.holders[layer]
-    return next(g.name for g in worker.job.plan.stage_groups if g.name in holders)
+    holders = state.grad_sync.holders[layer]
+    return next(g.name for g in state.plan.stage_groups if g.name in holders)
 
 
-def _state_to_save(worker: Worker) -> dict[str, torch.Tensor]:
+def _state_to_save(train: TrainState) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    if worker.rank == 0:
+    if train.rank == 0:
         state["rng/torch"] = torch.get_rng_state()
     # ZeRO-1: each bucket's AdamW state is assembled from its shards (a collective among the
     # bucket's members), so the checkpoint holds whole state whatever the sharding.
-    zero_state = worker.grad_sync.gathered_state()
-    for name, layer, p in worker.params:
-        if _writer_of(worker, layer) != worker.group.name:
+    zero_state = train.grad_sync.gathered_state()
+    for name, layer, p in train.params:
+        if _writer_of(train, layer) != train.group:
             continue
         # Every TP rank of the writer group gathers (a collective); TP rank 0 writes.
         values = {f"model/{name}": full_tensor(p.detach())}
-        slot = zero_state.get(id(p)) or worker.optimizer.state.get(p, {})
+        slot = zero_state.get(id(p)) or train.optimizer.state.get(p, {})
         for key, value in slot.items():
             values[f"optim/{name}/{key}"] = full_tensor(value.detach())
-        if worker.tp_index == 0:
+        if train.tp_index == 0:
             state.update(values)
     return state
 
 
-def _commit(worker: Worker, root: Path, tmp: Path, final: Path, step: int) -> None:
-    job = worker.job
-    meta = {"format": FORMAT, "step": step, "model": job.plan.model, "seed": job.config.seed,
-            "precision": job.config.precision, "saved_at": time.time(),
-            "run_id": job.config.run_id or "legacy", "recipe": recipe_state(job.config),
-            "plan": job.plan.model_dump(mode="json")}
+def _commit(state: TrainState, root: Path, tmp: Path, final: Path, step: int) -> None:
+    meta = {"format": FORMAT, "step": step, "model": state.plan.model, "seed": state.seed,
+            "precision": state.precision, "saved_at": time.time(),
+            "run_id": state.run_id or "legacy", "recipe": state.recipe,
+            "plan": state.plan.model_dump(mode="json")}
     _write_synced(tmp / META, json.dumps(meta, indent=1))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -329,34 +308,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fault_while_writing(worker: Worker, step: int, tmp: Path) -> None:
-    """Fault injection (tests): die with this rank's file half written, before the commit."""
-    cfg = worker.job.config
-    if cfg.fail_mode != "checkpoint" or cfg.fail_at_step != step or worker.rank != cfg.fail_rank:
-        return
-    for path in tmp.glob(f"__{worker.rank}_*.distcp"):
-        os.truncate(path, path.stat().st_size // 2)
-    os._exit(13)
-
-
 # --- loading ---------------------------------------------------------------------------------
-def load_latest(worker: Worker, root: str | Path) -> int:
+def load_latest(train: TrainState, root: str | Path) -> int:
     """Collective: load the newest good checkpoint into this rank's stage and optimizer;
     returns its step (0 when there is none). Damaged checkpoints are skipped, with a message."""
-    found = _agree_on_checkpoint(worker, Path(root))
+    found = _agree_on_checkpoint(Path(root))
     if found is None:
         return 0
     meta = json.loads((found.path / META).read_text())
-    if meta["model"] != worker.job.plan.model:
+    if meta["model"] != train.plan.model:
         raise CheckpointError(f"checkpoint {found.path} holds model {meta['model']!r}, the plan "
-                              f"trains {worker.job.plan.model!r}")
-    changed = recipe_changes(meta.get("recipe"), worker.job.config)
-    if changed and worker.rank == 0:
+                              f"trains {train.plan.model!r}")
+    changed = recipe_changes(meta.get("recipe"), train.recipe)
+    if changed and train.rank == 0:
         print(f"hetrain: {changed}", file=sys.stderr, flush=True)
     reader = SafeReader(found.path)
     stored = set(reader.read_metadata().state_dict_metadata)
     zero_state: dict[int, dict[str, torch.Tensor]] = {}
-    state = _state_to_load(worker, stored, zero_state)
+    state = _state_to_load(train, stored, zero_state)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -364,13 +333,13 @@ def load_latest(worker: Worker, root: str | Path) -> int:
     except Exception as err:  # DCP wraps per-rank errors; keep the first line
         raise CheckpointError(f"checkpoint {found.path} does not fit this plan: "
                               f"{str(err).strip().splitlines()[0]}") from err
-    worker.grad_sync.load_state(zero_state)
+    train.grad_sync.load_state(zero_state)
     if "rng/torch" in state:
         torch.set_rng_state(state["rng/torch"])
     return found.step
 
 
-def _agree_on_checkpoint(worker: Worker, root: Path) -> Found | None:
+def _agree_on_checkpoint(root: Path) -> Found | None:
     """Newest checkpoint all ranks verified: rank 0 lists, every rank hashes a share."""
     rank, world = dist.get_rank(), dist.get_world_size()
     listing = [run_steps(root) if rank == 0 else None]
@@ -396,18 +365,18 @@ def _agree_on_checkpoint(worker: Worker, root: Path) -> Found | None:
     return None
 
 
-def _state_to_load(worker: Worker, stored: set[str],
+def _state_to_load(train: TrainState, stored: set[str],
                    zero_state: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Targets for DCP: this rank's parameters and AdamW state (DTensor shards under TP).
     ZeRO-1: whole AdamW state of shared weights into `zero_state` (the sync keeps shards)."""
     state: dict[str, torch.Tensor] = {}
     if "rng/torch" in stored:
         state["rng/torch"] = torch.get_rng_state()
-    for name, _, p in worker.params:
+    for name, _, p in train.params:
         state[f"model/{name}"] = p.detach()  # shares storage: DCP copies into it
         if f"optim/{name}/exp_avg" not in stored:
             continue
-        if id(p) in worker.grad_sync.zero_params:
+        if id(p) in train.grad_sync.zero_params:
             slot = zero_state[id(p)] = {
                 "step": torch.tensor(0.0, dtype=_scalar_dtype()),
                 "exp_avg": torch.empty(p.shape, dtype=p.dtype),
@@ -416,7 +385,7 @@ def _state_to_load(worker: Worker, stored: set[str],
                 state[f"optim/{name}/{key}"] = slot[key]
             continue
         # The state AdamW creates at its first step, filled from the checkpoint.
-        slot = worker.optimizer.state[p]
+        slot = train.optimizer.state[p]
         slot["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
         slot["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         slot["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

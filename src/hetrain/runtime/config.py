@@ -49,10 +49,3 @@ class TrainConfig(BaseModel):
     fresh: bool = Field(
         default=False, description="start over: move the folder's checkpoints aside")
     run_id: str | None = Field(default=None, description="set by the launcher (run.json)")
-    fail_at_step: int | None = Field(
-        default=None, description="testing: one worker exits at this step (fault injection)")
-    fail_rank: int = 0
-    fail_mode: Literal["exit", "hang", "checkpoint", "nan", "nospace"] = Field(
-        default="exit", description="testing: the failing worker exits at the start of step "
-        "fail_at_step, hangs there, dies while writing the checkpoint of step fail_at_step, "
-        "gets NaN weights at that step, or finds its disk full writing that checkpoint")

@@ -53,11 +53,10 @@ def write_events(folder: Path, result: RunResult, cluster: Cluster, spec: ModelS
     with SummaryWriter(log_dir=str(folder)) as writer:
         writer.add_text("run/emulated", ", ".join(result.emulated) or "none (all real)")
         for i, rec in enumerate(result.records):
-            step, step_s = rec["step"], result.step_s[i]
-            writer.add_scalar("train/loss", rec["loss"], step)
-            for key in ("lr", "grad_norm"):
-                if key in rec:
-                    writer.add_scalar(f"train/{key}", rec[key], step)
+            step, step_s = rec.step, result.step_s[i]
+            writer.add_scalar("train/loss", rec.loss, step)
+            writer.add_scalar("train/lr", rec.lr, step)
+            writer.add_scalar("train/grad_norm", rec.grad_norm, step)
             writer.add_scalar("train/tokens_per_s", tokens / step_s if step_s > 0 else 0.0,
                               step)
             for kind, busy in result.kind_busy.items():

@@ -5,7 +5,6 @@ one line naming the cause; their tracebacks go to a log file in the run folder."
 
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -24,10 +23,9 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import HetrainError, RuntimeFailure
-from hetrain.model.adapters import module_spec
-from hetrain.model.config import model_config
-from hetrain.model.decoder import build_decoder
-from hetrain.model.spec import ModelSpec, model_spec
+from hetrain.model.loading import as_model, load_model
+from hetrain.model.source import ModelSource
+from hetrain.model.spec import ModelSpec
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.types import Plan
 from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
@@ -40,24 +38,31 @@ from hetrain.runtime.emulation import (
 )
 from hetrain.runtime.events import events_folder, write_events
 from hetrain.runtime.failure import Heartbeats, Suspect, lost_message, lost_ranks
+from hetrain.runtime.faults import Faults
+from hetrain.runtime.job import Job
+from hetrain.runtime.loop import run_worker
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.recipe import dropout_note
+from hetrain.runtime.records import StepRecord
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.runlock import RunComplete, run_folder
-from hetrain.runtime.stage import WholeModel
 from hetrain.runtime.watchdog import beat_key, supervised_worker
-from hetrain.runtime.worker import Job, run_worker
 
-ProgressFn = Callable[[dict], None]  # rank 0's record of each step
+ProgressFn = Callable[[StepRecord], None]  # rank 0's record of each step
 SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
+ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]  # a plan for the survivors
 WORKER_LOG = "workers.log"
 
 
-def plan_spec(plan: Plan, user_model: nn.Module | None) -> ModelSpec:
-    if user_model is not None:
-        return module_spec(user_model, plan.seq_len, plan.model)
-    return model_spec(model_config(plan.model), plan.seq_len)
+def plan_model(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSource:
+    """The model object a run trains: the one given (a user's module: as_model), else the
+    one the plan names."""
+    return as_model(model) if model is not None else load_model(plan.model)
+
+
+def plan_spec(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSpec:
+    return plan_model(plan, model).spec(plan.seq_len)
 
 
 def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float]:
@@ -69,7 +74,7 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec) -> dict[str, float
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
-                         user_model: nn.Module | None,
+                         model: ModelSource,
                          real: dict[str, list[str]] | None = None) -> float:
     """Time scale of the emulated kinds: anchored on the measured speed of the real kind that
     carries the most samples when the job has one, else on the CPU's."""
@@ -83,64 +88,69 @@ def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: Tr
     kind = next((k for k in kind_of[best] if k in real), kind_of[best][0])
     device = real[kind][0] if kind in real else "cpu"
     inputs, targets = corpus.global_batch(0, route.micro_batch_size, plan.seq_len)
-    model = WholeModel(copy.deepcopy(user_model)) if user_model is not None else \
-        build_decoder(model_config(plan.model), config.seed)
+    whole = model.build_stage(0, model.n_layers, config.seed)
     if device != "cpu":
         bind_process(cost.cluster.kinds[kind], device)
-    model.to(device=device, dtype=getattr(torch, config.precision))
-    per_sample = seconds_per_sample(model, inputs, targets, device)
-    model.zero_grad(set_to_none=True)
+    whole.to(device=device, dtype=getattr(torch, config.precision))
+    per_sample = seconds_per_sample(whole, inputs, targets, device)
+    whole.zero_grad(set_to_none=True)
     if kind in real:
         return anchored_time_scale(plan, cost, kind, per_sample)
     return auto_time_scale(plan, cost, per_sample, len(plan.devices()))
 
 
 def train(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-          user_model: nn.Module | None = None, corpus: Corpus | None = None,
+          model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
           out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-          time_scale: float | None = None, on_suspect: SuspectFn | None = None) -> RunResult:
+          time_scale: float | None = None, on_suspect: SuspectFn | None = None,
+          faults: Faults | None = None) -> RunResult:
     """Run `config.steps` optimizer steps of `plan`; the result holds figures and parameters.
     Every input is checked first (runtime/preflight.py), before anything is written. With
     `config.checkpoint_dir`, this process owns the folder for the run and continues the
-    folder's run by default (runtime/runlock.py); RunComplete when it is already done."""
-    corpus = preflight(cluster, plan, config, user_model=user_model, corpus=corpus,
+    folder's run by default (runtime/runlock.py); RunComplete when it is already done.
+    `faults`: tests only (runtime/faults.py). Most callers want runtime.entry.run_training,
+    which adds resilience and torchrun."""
+    model = plan_model(plan, model)
+    corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
                        out_dir=out_dir, time_scale=time_scale)
-    spec = plan_spec(plan, user_model)
-    estimated = check_plan(plan, cluster, spec)
-    note = dropout_note(user_model)  # once per run, before any worker starts
-    if note:
-        print(f"hetrain: {note}", file=sys.stderr, flush=True)
+    check_plan(plan, cluster, model.spec(plan.seq_len))
     with run_folder(config, plan) as config:
-        result = _train(cluster, plan, config, spec, estimated, user_model, corpus, out_dir,
-                        progress, time_scale, on_suspect)
-        folder = events_folder(config, out_dir)
-        if folder is not None:
-            write_events(folder, result, cluster, spec)
-        return result
+        return run_attempt(cluster, plan, config, model=model, corpus=corpus,
+                           out_dir=out_dir, progress=progress, time_scale=time_scale,
+                           on_suspect=on_suspect, faults=faults)
 
 
-def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
-           estimated: dict[str, float], user_model: nn.Module | None, corpus: Corpus | None,
-           out_dir: str | Path | None, progress: ProgressFn | None,
-           time_scale: float | None, on_suspect: SuspectFn | None) -> RunResult:
+def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
+                model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
+                out_dir: str | Path | None = None, progress: ProgressFn | None = None,
+                time_scale: float | None = None, on_suspect: SuspectFn | None = None,
+                faults: Faults | None = None) -> RunResult:
+    """One launch of the workers, its inputs already checked and the checkpoint folder
+    (if any) already owned by this process."""
+    model = plan_model(plan, model)
+    spec = model.spec(plan.seq_len)
+    estimated = check_plan(plan, cluster, spec)  # cheap; a re-plan's plan is checked here
     corpus = corpus or load_corpus(config.data, config.seed)
     real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
     emulated = set(plan.kinds()) - set(real)
     cost = CostModel(cluster, spec)
     scale = time_scale or config.time_scale or (
-        calibrate_time_scale(plan, cost, corpus, config, user_model, real) if emulated
+        calibrate_time_scale(plan, cost, corpus, config, model, real) if emulated
         else 1.0)
     keep = out_dir is not None
     out = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="hetrain-run-"))
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("rank*.pt")) + list(out.glob("error*.txt")):
         stale.unlink()
+    note = dropout_note(model)  # once per launch, before any worker starts
+    if note:
+        print(f"hetrain: {note}", file=sys.stderr, flush=True)
     ctx = mp.get_context("spawn")
     store = LoopbackStore(len(plan.devices()), config.op_timeout_s)
     job = Job(cluster=cluster, plan=plan, config=config, out_dir=str(out), time_scale=scale,
               emulated=emulated, torch_device_of=_real_devices(plan, real),
-              user_model=user_model, corpus=corpus, master_addr=LOOPBACK,
-              master_port=store.port, progress=ctx.Queue())
+              model=model, corpus=corpus, master_addr=LOOPBACK,
+              master_port=store.port, progress=ctx.Queue(), faults=faults)
     try:
         _spawn_and_wait(job, ctx, progress, store, on_suspect)
         result = gather_result(job, out, estimated)
@@ -155,6 +165,9 @@ def _train(cluster: Cluster, plan: Plan, config: TrainConfig, spec: ModelSpec,
     if not result.losses:  # resumed at a checkpoint at or past `steps`
         raise RunComplete(f"the run is already at step {config.steps} or past it; nothing to "
                           "do", config.steps)
+    folder = events_folder(config, out_dir)
+    if folder is not None:
+        write_events(folder, result, cluster, spec)
     return result
 
 
@@ -263,7 +276,7 @@ def _drain(job: Job, progress: ProgressFn | None, beats: Heartbeats) -> None:
             record = job.progress.get_nowait()
         except queue_mod.Empty:
             return
-        beats.note_step(record["step_s"])
+        beats.note_step(record.step_s)
         if progress is not None:
             progress(record)
 
@@ -298,21 +311,10 @@ def _error_names(cls: type) -> set[str]:
 _HETRAIN_ERRORS = _error_names(HetrainError) | {"TrainingDiverged"}
 
 
-def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str) -> None:
-    """Entry under torchrun: this process is one rank (RANK/WORLD_SIZE from the environment)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world != len(plan.devices()):
-        raise RuntimeFailure(f"torchrun started {world} processes but the plan uses "
-                             f"{len(plan.devices())} devices; pass --nproc-per-node to match")
-    real = real_devices_by_kind(plan, cluster)
-    devices = _real_devices(plan, real)
-    own, local_rank = plan.devices()[rank], os.environ.get("LOCAL_RANK")
-    if local_rank is not None and devices.get(own, "cpu") != "cpu":
-        # torchrun starts one process per local device: bind by local rank.
-        devices[own] = f"{devices[own].split(':')[0]}:{local_rank}"
-    scale = config.time_scale or 1.0
-    job = Job(cluster=cluster, plan=plan, config=config, out_dir=out_dir, time_scale=scale,
-              emulated=set(plan.kinds()) - set(real), torch_device_of=devices)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    _worker_entry(job, rank, world, init_method="env://")
+def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
+                  replan: ReplanFn | None = None) -> None:
+    """Entry under torchrun: this process is one rank of one agent (runtime/torchrun.py places
+    it on the plan, or on `replan`'s plan for the nodes present after an elastic restart)."""
+    from hetrain.runtime.torchrun import run_rank
+
+    run_rank(cluster, plan, config, out_dir, replan)

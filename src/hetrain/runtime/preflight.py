@@ -16,18 +16,17 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-
-from pydantic import ValidationError
-from torch import nn
 
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus, load_corpus
 from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
-from hetrain.model.config import model_config
+from hetrain.model.loading import load_model
+from hetrain.model.source import ModelSource
 from hetrain.plan.io import check_writable_dir, check_writable_file
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.emulation import real_devices_by_kind
+from hetrain.runtime.layout import META, committed_steps, step_dir
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
 # memory (each worker holds a Python interpreter and torch, a few hundred MB) long before
@@ -37,42 +36,10 @@ MAX_LOCAL_WORKERS = 64
 # targets (16 bytes a token), so 2**27 tokens is already 2 GiB per worker.
 MAX_TOKENS_PER_STEP = 2**27
 
-# What to do about a field of TrainConfig that is out of range.
-_FIXES = {
-    "lr": "a learning rate must be a finite number > 0, e.g. 1e-3",
-    "steps": "pass a whole number of steps >= 1",
-    "time_scale": "an emulation stretch must be a finite number > 0; leave it out to calibrate",
-    "weight_decay": "weight decay must be a finite number >= 0",
-    "op_timeout_s": "a timeout must be a finite number of seconds > 0",
-    "run_timeout_s": "a timeout must be a finite number of seconds > 0",
-    "checkpoint_every": "pass 0 (checkpoints only on SIGTERM) or a step count >= 1",
-    "precision": "use float32 or float64",
-    "seed": "pass a whole number in [0, 2**32)",
-    "warmup_steps": "pass a whole number of steps >= 0",
-    "lr_schedule": "use constant or cosine",
-    "min_lr": "a learning-rate floor must be a finite number >= 0",
-    "grad_clip": "a gradient-norm limit must be a finite number > 0; leave it out for none",
-}
-
-
 def option_name(field: str, cli: bool) -> str:
     """How the user spelled `field`: `--time-scale` on the command line, `time_scale` in
     Python."""
     return "--" + field.replace("_", "-") if cli else field
-
-
-def train_config(cli: bool = False, **fields: Any) -> TrainConfig:
-    """A TrainConfig from user values; ConfigError naming the option and the fix."""
-    try:
-        return TrainConfig(**fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "options"
-        got = first.get("input")
-        fix = _FIXES.get(field, first["msg"])
-        if first["type"] == "extra_forbidden":
-            fix = "unknown option; check its spelling"
-        raise ConfigError(f"{option_name(field, cli)}: {fix} (got {got!r})") from None
 
 
 def check_positive(value: float | int | None, name: str, whole: bool = False) -> None:
@@ -100,37 +67,22 @@ def check_batch(global_batch: int, seq_len: int, cli: bool) -> None:
 
 
 # --- model, data, checkpoint -----------------------------------------------------------------
-def check_model(plan: Plan, user_model: nn.Module | None) -> None:
-    """The plan's sequence length fits the model; a named model can be built here."""
-    if user_model is not None:
-        if not isinstance(user_model, nn.Module):
-            raise ModelError(f"model must be a torch nn.Module, not {type(user_model).__name__}")
-        if not any(p.requires_grad for p in user_model.parameters()):
-            raise ModelError("model has no trainable parameters; nothing to train")
-        cfg = getattr(user_model, "config", None)
-        most = getattr(cfg, "max_position_embeddings", None)
-        if isinstance(most, int) and plan.seq_len > most:
-            raise ModelError(f"seq_len {plan.seq_len} is longer than the model's "
-                             f"max_position_embeddings {most}; pass at most that")
-        return
-    cfg = model_config(plan.model)
-    if not cfg.trainable:
-        raise ModelError(f"model {cfg.name!r} is spec-only (too big to build here); train "
-                         "tiny, tiny-tied or small, or plan it with `hetrain plan`")
-    if plan.seq_len > cfg.max_seq_len:
-        raise ModelError(f"seq_len {plan.seq_len} is longer than {cfg.name}'s max_seq_len "
-                         f"{cfg.max_seq_len}; pass --seq-len {cfg.max_seq_len} or less")
+def check_model(plan: Plan, model: ModelSource) -> None:
+    """The model can be built here, splits as the plan's TP groups do, and the plan's
+    sequence length fits it."""
+    model.check_trainable()
+    for group in plan.stage_groups:
+        model.check_tp(group.tp)
+    check_seq_len(model, plan.seq_len)
 
 
-def model_vocab(plan: Plan, user_model: nn.Module | None) -> int | None:
-    if user_model is None:
-        return model_config(plan.model).vocab_size
-    vocab = getattr(getattr(user_model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int) and vocab > 0:
-        return vocab
-    # A plain module: its first embedding table bounds the token ids it can take.
-    embed = next((m for m in user_model.modules() if isinstance(m, nn.Embedding)), None)
-    return embed.num_embeddings if embed is not None else None
+def check_seq_len(model: ModelSource, seq_len: int, cli: bool = False) -> None:
+    """A sequence within the model's positions."""
+    most = model.max_seq_len
+    if most is not None and seq_len > most:
+        raise ModelError(f"{option_name('seq_len', cli)} {seq_len} is longer than "
+                         f"{model.name}'s {model.max_seq_field} {most}; pass --seq-len {most} "
+                         "or less")
 
 
 def check_corpus(corpus: Corpus, plan: Plan, vocab: int | None) -> None:
@@ -159,8 +111,6 @@ def check_checkpoint(config: TrainConfig, plan: Plan, cli: bool) -> None:
     check_writable_dir(config.checkpoint_dir, option_name("checkpoint_dir", cli))
     if not config.resume:
         return
-    from hetrain.runtime.checkpoint import META, committed_steps, step_dir
-
     for step in committed_steps(config.checkpoint_dir)[:1]:
         path = step_dir(config.checkpoint_dir, step)
         try:
@@ -224,7 +174,7 @@ def _is_main_guard(node: ast.stmt) -> bool:
 
 # --- all of it -------------------------------------------------------------------------------
 def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-              user_model: nn.Module | None = None, corpus: Corpus | None = None,
+              model: ModelSource | None = None, corpus: Corpus | None = None,
               out_dir: str | Path | None = None, time_scale: float | None = None,
               outputs: Iterable[tuple[str | Path | None, str]] = (), cli: bool = False,
               spawn: bool = True) -> Corpus:
@@ -237,10 +187,12 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         check_writable_file(path, option)
     check_writable_dir(out_dir, option_name("out_dir", cli))
     check_checkpoint(config, plan, cli)
-    check_model(plan, user_model)
+    model = model if model is not None else load_model(plan.model)
+    check_model(plan, model)
     if spawn:
         check_worker_count(plan)
         check_main_guard()
+        real_devices_by_kind(plan, cluster)  # a `mode: real` kind that cannot run here
     corpus = corpus if corpus is not None else load_corpus(config.data, config.seed)
-    check_corpus(corpus, plan, model_vocab(plan, user_model))
+    check_corpus(corpus, plan, model.vocab_size)
     return corpus

@@ -29,8 +29,7 @@ def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    from hetrain.model.decoder import build_decoder
-    from hetrain.runtime.stage import apply_tensor_parallel, decoder_stage
+    from hetrain.model.source import DecoderModel
 
     torch.set_num_threads(1)
     device = devices[rank]
@@ -40,10 +39,10 @@ def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
     store = dist.TCPStore(LOOPBACK, port, tp, is_master=False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timeout)
     try:
-        full = build_decoder(cfg)
-        stage = decoder_stage(full, 0, len(full.layers()))
+        model = DecoderModel(cfg)
+        stage = model.build_stage(0, model.n_layers, seed=0)
         mesh = DeviceMesh(torch.device(device).type, list(range(tp)))
-        apply_tensor_parallel(stage, mesh)
+        model.apply_tensor_parallel(stage, mesh)
         stage.to(device=device, dtype=getattr(torch, TORCH_DTYPES[dtype]))
         figures = {}
         for mbs in micro_batch_sizes:

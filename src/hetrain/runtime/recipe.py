@@ -77,11 +77,10 @@ def recipe_state(config: TrainConfig) -> dict:
     return {key: getattr(config, key) for key in RECIPE_FIELDS}
 
 
-def recipe_changes(saved: dict | None, config: TrainConfig) -> str | None:
-    """One line naming recipe settings that differ from a checkpoint's, or None."""
-    if not saved:
+def recipe_changes(saved: dict | None, now: dict | None) -> str | None:
+    """One line naming recipe settings (recipe_state) that differ from a checkpoint's."""
+    if not saved or not now:
         return None
-    now = recipe_state(config)
     diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RECIPE_FIELDS
             if k in saved and saved[k] != now[k]]
     return ("the recipe differs from the checkpoint's (" + ", ".join(diff) + "); later steps "
@@ -95,22 +94,24 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def active_dropout(model: nn.Module | None) -> list[str]:
-    """Names of the dropouts that would act in training (nn.Dropout* with p > 0, or a
-    Hugging Face config's *dropout* fields > 0)."""
-    if model is None:
-        return []
-    found = [name or type(m).__name__ for name, m in model.named_modules()
-             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
-    cfg = getattr(model, "config", None)
-    for key, value in (vars(cfg).items() if cfg is not None and hasattr(cfg, "__dict__")
-                       else []):
+def active_dropout(model: object) -> list[str]:
+    """Names of the dropouts that would act in training: nn.Dropout* with p > 0 in a module
+    (a user's module, or a model object's), or a Hugging Face config's *dropout* fields > 0."""
+    module = model if isinstance(model, nn.Module) else (
+        getattr(model, "module", None) or getattr(model, "_given", None))
+    found = [] if module is None else [
+        name or type(m).__name__ for name, m in module.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    cfg = None if isinstance(model, nn.Module) else getattr(model, "raw", None)
+    if cfg is None and module is not None:
+        cfg = getattr(getattr(module, "config", None), "__dict__", None)
+    for key, value in (cfg.items() if isinstance(cfg, dict) else []):
         if "dropout" in key and isinstance(value, int | float) and value > 0:
             found.append(f"config.{key}")
     return found
 
 
-def dropout_note(model: nn.Module | None) -> str | None:
+def dropout_note(model: object) -> str | None:
     """The once-per-run note on active dropout, or None."""
     found = active_dropout(model)
     if not found:

@@ -15,6 +15,7 @@ for the new world comes from the same `replan` (see docs/recovery.md).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -22,95 +23,32 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from hetrain.cluster.topology import Cluster
 from hetrain.data.corpus import Corpus
 from hetrain.errors import RuntimeFailure
+from hetrain.model.source import ModelSource
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
-from hetrain.runtime.launch import ProgressFn, SuspectFn, check_plan, plan_spec, train
-from hetrain.runtime.results import RunResult
+from hetrain.runtime.faults import Faults
+from hetrain.runtime.launch import (
+    ProgressFn,
+    ReplanFn,
+    SuspectFn,
+    check_plan,
+    plan_model,
+    plan_spec,
+    run_attempt,
+)
+from hetrain.runtime.preflight import preflight
+from hetrain.runtime.records import StepRecord
+from hetrain.runtime.results import Attempt, Recovery, RunResult
 from hetrain.runtime.runlock import run_folder
-
-ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]
-
-
-@dataclass
-class Recovery:
-    """One failure and the resume that followed (times from time.time())."""
-
-    lost_devices: list[str]
-    message: str
-    steps_done: int  # steps completed when the failure struck
-    plan: Plan  # the plan resumed on
-    last_step_at: float  # the last step before the failure completed (~ the failure)
-    detected_at: float  # the launcher reported the failure
-    resumed_step: int | None = None  # the checkpoint's step (None: not resumed yet)
-    first_step_at: float | None = None  # the first step after the resume completed
-
-    @property
-    def steps_redone(self) -> int | None:
-        return None if self.resumed_step is None else self.steps_done - self.resumed_step
-
-    @property
-    def detect_s(self) -> float:
-        return self.detected_at - self.last_step_at
-
-    @property
-    def recovery_s(self) -> float | None:
-        """From the failure to the first step after the resume."""
-        return None if self.first_step_at is None else self.first_step_at - self.last_step_at
-
-    def summary(self) -> dict:
-        return {"lost_devices": self.lost_devices, "message": self.message,
-                "steps_done": self.steps_done, "resumed_step": self.resumed_step,
-                "steps_redone": self.steps_redone, "detect_s": self.detect_s,
-                "recovery_s": self.recovery_s, "kinds_after": self.plan.kinds(),
-                "devices_after": self.plan.devices()}
-
-
-@dataclass
-class Attempt:
-    """One launch of the workers: the step it started at and every step's loss."""
-
-    first_step: int
-    losses: list[float] = field(default_factory=list)
-    devices: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        return {"first_step": self.first_step, "losses": self.losses, "devices": self.devices}
-
-
-@dataclass
-class ResilientResult:
-    result: RunResult  # of the last attempt (its losses start at the resumed step)
-    losses: list[float]  # by step, of the steps run here (a redone step: its last loss)
-    recoveries: list[Recovery] = field(default_factory=list)
-    stopped: bool = False  # SIGTERM: checkpointed and stopped before config.steps
-    attempts: list[Attempt] = field(default_factory=list)
-    first_step: int = 0  # the step this run started at (> 0: it continued a checkpoint)
-
-    def summary(self) -> dict:
-        """The --json figures: the last attempt's, with the loss of every step of every
-        attempt and the recoveries."""
-        return {**self.result.summary(), "losses": self.losses, "first_step": self.first_step,
-                "attempts": [a.summary() for a in self.attempts],
-                "recoveries": [r.summary() for r in self.recoveries], "stopped": self.stopped}
-
-    @property
-    def params(self) -> dict[str, torch.Tensor]:
-        return self.result.params
-
-    @property
-    def plan(self) -> Plan:
-        return self.result.plan
 
 
 class _Steps:
@@ -126,44 +64,53 @@ class _Steps:
         self.attempt = []
         self.attempts.append(Attempt(-1, devices=plan.devices()))
 
-    def __call__(self, record: dict) -> None:
-        self.loss[record["step"]] = record["loss"]
-        self.attempt.append((record["step"], time.time()))
+    def __call__(self, record: StepRecord) -> None:
+        self.loss[record.step] = record.loss
+        self.attempt.append((record.step, time.time()))
         if self.attempts[-1].first_step < 0:
-            self.attempts[-1].first_step = record["step"]
-        self.attempts[-1].losses.append(record["loss"])
+            self.attempts[-1].first_step = record.step
+        self.attempts[-1].losses.append(record.loss)
+        self.attempts[-1].step_s.append(record.step_s)
         if self.forward is not None:
             self.forward(record)
 
 
 def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
                     replan: ReplanFn, max_recoveries: int = 3,
-                    user_model: nn.Module | None = None, corpus: Corpus | None = None,
+                    model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
                     out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-                    time_scale: float | None = None, on_suspect: SuspectFn | None = None
-                    ) -> ResilientResult:
+                    time_scale: float | None = None, on_suspect: SuspectFn | None = None,
+                    faults: Faults | None = None) -> RunResult:
     """`train`, surviving up to `max_recoveries` lost devices; `replan` makes the survivors'
     plan (e.g. planner.replan.data_parallel_replan: the runtime does not import the planner).
     Checkpoints go to `config.checkpoint_dir` (a temporary folder when unset) every
-    `checkpoint_every` steps."""
+    `checkpoint_every` steps. The result holds every step of every attempt, and the
+    recoveries; its figures (step times, per kind) are the last attempt's."""
     scratch = None
     if not config.checkpoint_dir:
         scratch = tempfile.mkdtemp(prefix="hetrain-ckpt-")
         config = config.model_copy(update={"checkpoint_dir": scratch})
-    check_plan(plan, cluster, plan_spec(plan, user_model))  # before the folder is claimed
     try:
+        # Checked once, before the folder is claimed; each attempt's plan again (cheap).
+        model = plan_model(plan, model)  # a user's module as the model object
+        corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
+                           out_dir=out_dir, time_scale=time_scale)
+        check_plan(plan, cluster, plan_spec(plan, model))
         with run_folder(config, plan) as config:  # owned for every attempt
-            return _supervise(cluster, plan, config, replan, max_recoveries, user_model,
-                              corpus, out_dir, progress, time_scale, on_suspect)
+            return supervise(cluster, plan, config, replan, max_recoveries, model,
+                             corpus, out_dir, progress, time_scale, on_suspect, faults)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanFn,
-               max_recoveries: int, user_model: nn.Module | None, corpus: Corpus | None,
-               out_dir: str | Path | None, progress: ProgressFn | None,
-               time_scale: float | None, on_suspect: SuspectFn | None) -> ResilientResult:
+def supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanFn,
+              max_recoveries: int, model: ModelSource | nn.Module | None, corpus: Corpus | None,
+              out_dir: str | Path | None, progress: ProgressFn | None,
+              time_scale: float | None, on_suspect: SuspectFn | None,
+              faults: Faults | None) -> RunResult:
+    """Attempts until one completes, re-planning after each lost device; the inputs are
+    checked and the checkpoint folder is held by the caller."""
     steps = _Steps(progress)
     recoveries: list[Recovery] = []
     attempt_config, started = config, time.time()
@@ -171,9 +118,10 @@ def _supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: Replan
         while True:
             steps.start(plan)
             try:
-                result = train(cluster, plan, attempt_config, user_model=user_model,
-                               corpus=corpus, out_dir=out_dir, progress=steps,
-                               time_scale=time_scale, on_suspect=on_suspect)
+                result = run_attempt(cluster, plan, attempt_config, model=model,
+                                     corpus=corpus, out_dir=out_dir, progress=steps,
+                                     time_scale=time_scale, on_suspect=on_suspect,
+                                     faults=faults)
             except RuntimeFailure as err:
                 _note_resume(recoveries, steps)
                 if stopping.is_set() or not err.lost_devices or \
@@ -185,17 +133,16 @@ def _supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: Replan
                 cluster = cluster.without(set(err.lost_devices))
                 plan = recoveries[-1].plan
                 # The fault injected for tests struck once; the survivors run clean.
-                attempt_config = config.model_copy(update={"resume": True,
-                                                           "fail_at_step": None})
+                attempt_config, faults = config.model_copy(update={"resume": True}), None
                 started = time.time()
                 continue
             _note_resume(recoveries, steps)
             losses = [steps.loss[s] for s in sorted(steps.loss)]
             short = bool(steps.loss) and max(steps.loss) + 1 < config.steps
             attempts = [a for a in steps.attempts if a.first_step >= 0]
-            return ResilientResult(result, losses, recoveries,
-                                   stopped=stopping.is_set() or short, attempts=attempts,
-                                   first_step=min(steps.loss, default=0))
+            return dataclasses.replace(
+                result, losses=losses, recoveries=recoveries, attempts=attempts,
+                stopped=stopping.is_set() or short, first_step=min(steps.loss, default=0))
 
 
 def _note_resume(recoveries: list[Recovery], steps: _Steps) -> None:

@@ -7,26 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetrain.data.corpus import Corpus
-from hetrain.model.config import model_config
-from hetrain.model.decoder import build_decoder
+from hetrain.model.loading import as_model, load_model
+from hetrain.model.source import ModelSource
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.recipe import adamw, decays, lr_at, set_lr
-from hetrain.runtime.stage import WholeModel
 
 
 def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_len: int,
-                    user_model: nn.Module | None = None, start_params: dict | None = None,
+                    model: ModelSource | nn.Module | None = None,
+                    start_params: dict | None = None,
                     first_step: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Parameters (by full-model name) and losses after `config.steps` AdamW steps on the
     whole global batch at once, mean cross-entropy over all tokens, with the config's recipe
-    (learning-rate schedule, decay on matrices only, global-norm clipping)."""
-    if user_model is not None:
-        model: nn.Module = WholeModel(user_model)
-        named = dict(user_model.named_parameters())
-    else:
-        model = build_decoder(model_config(config.model), config.seed)
-        named = dict(model.named_parameters())
-    model.to(getattr(torch, config.precision))
+    (learning-rate schedule, decay on matrices only, global-norm clipping). `model`: the
+    model object (or a user's module); default, the one `config.model` names."""
+    source = load_model(config.model) if model is None else as_model(model)
+    whole = source.whole(config.seed)
+    named = dict(whole.named_parameters())
+    whole.to(getattr(torch, config.precision))
     if start_params is not None:
         with torch.no_grad():
             for name, p in named.items():
@@ -36,7 +34,8 @@ def train_reference(config: TrainConfig, corpus: Corpus, global_batch: int, seq_
     for step in range(first_step, config.steps):
         set_lr([opt], lr_at(config, step))
         inputs, targets = corpus.global_batch(step, global_batch, seq_len)
-        logits = model(inputs)
+        out = whole(inputs)
+        logits = getattr(out, "logits", out)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
         if config.grad_clip is not None:

@@ -29,8 +29,17 @@ from hetrain.errors import CheckpointError
 from hetrain.plan.io import atomic_write_text
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.layout import (
+    LATEST,
+    META,
+    RUN,
+    committed_steps,
+    read_run,
+    run_steps,
+    step_dir,
+)
 
-LOCK, RUN = ".lock", "run.json"
+LOCK = ".lock"
 _held: dict[Path, int] = {}  # folders this process holds: reentrant for recovery attempts
 
 
@@ -47,24 +56,6 @@ def identity(config: TrainConfig, plan: Plan) -> dict[str, Any]:
     change: checkpoints reshard)."""
     return {"model": plan.model, "seed": config.seed, "global_batch": plan.global_batch,
             "seq_len": plan.seq_len, "precision": config.precision}
-
-
-def read_run(root: Path) -> dict[str, Any] | None:
-    try:
-        run = json.loads((root / RUN).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{root / RUN} is unreadable ({err})") from None
-    if not isinstance(run, dict) or not isinstance(run.get("run_id"), str):
-        raise CheckpointError(f"{root / RUN} is not a hetrain run record")
-    return run
-
-
-def run_id_of(root: str | Path) -> str | None:
-    """The run a checkpoint folder belongs to (None: a folder from before run ids)."""
-    run = read_run(Path(root))
-    return run["run_id"] if run else None
 
 
 @contextmanager
@@ -106,8 +97,6 @@ def _lock(root: Path) -> int:
 
 
 def _claim(root: Path, config: TrainConfig, plan: Plan) -> TrainConfig:
-    from hetrain.runtime.checkpoint import run_steps
-
     want = identity(config, plan)
     run = read_run(root) or _legacy_run(root)
     steps = run_steps(root)
@@ -134,8 +123,6 @@ def _claim(root: Path, config: TrainConfig, plan: Plan) -> TrainConfig:
 
 def _legacy_run(root: Path) -> dict[str, Any] | None:
     """A folder written before run ids: its identity from the newest checkpoint's meta."""
-    from hetrain.runtime.checkpoint import META, committed_steps, step_dir
-
     for step in committed_steps(root):
         try:
             meta = json.loads((step_dir(root, step) / META).read_text())
@@ -158,8 +145,6 @@ def _differences(have: dict | None, want: dict) -> str:
 
 def _move_aside(root: Path, run_id: str) -> None:
     """--fresh: the old run's checkpoints leave the folder's top level (kept, never mixed)."""
-    from hetrain.runtime.checkpoint import LATEST
-
     dest = root / f"replaced-{run_id}"
     n = 1
     while dest.exists():

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from hetrain.cluster.devices import bind_process
-from hetrain.runtime.worker import Job, run_worker
+from hetrain.runtime.job import Job
+from hetrain.runtime.loop import run_worker
 
 BEAT_S = 0.5  # heartbeat period
 _PR_SET_PDEATHSIG = 1

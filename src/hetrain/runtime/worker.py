@@ -8,12 +8,8 @@ comm thread; the optimizer.
 
 from __future__ import annotations
 
-import copy
-import os
 import time
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,53 +17,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-from hetrain.cluster.topology import Cluster
 from hetrain.comm.groups import GroupCache, torch_backend
 from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import Corpus, load_corpus
-from hetrain.model.adapters import module_spec
-from hetrain.model.config import model_config
-from hetrain.model.decoder import build_decoder
-from hetrain.model.spec import model_spec
+from hetrain.data.corpus import load_corpus
+from hetrain.model.loading import load_model
 from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
 from hetrain.plan.sync import SyncBucket, ready_fraction
-from hetrain.plan.types import MicroBatch, Plan, StageGroup
-from hetrain.runtime.config import TrainConfig
+from hetrain.plan.types import MicroBatch, StageGroup
+from hetrain.runtime.checkpoint import TrainState
 from hetrain.runtime.emulation import Pacer
 from hetrain.runtime.grad_sync import GradSync
+from hetrain.runtime.job import Job
 from hetrain.runtime.memory import ActivationMeter, state_bytes
-from hetrain.runtime.recipe import StepRecipe, adamw, decays
-from hetrain.runtime.stage import (
-    Stage,
-    WholeModel,
-    apply_tensor_parallel,
-    decoder_stage,
-    full_tensor,
-)
-
-
-@dataclass
-class Job:
-    """Everything a worker needs; pickled to each spawned process."""
-
-    cluster: Cluster
-    plan: Plan
-    config: TrainConfig
-    out_dir: str
-    time_scale: float
-    emulated: set[str]
-    torch_device_of: dict[str, str] = field(default_factory=dict)  # device id -> "cuda:0"
-    user_model: nn.Module | None = None
-    corpus: Corpus | None = None
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    progress: object | None = None  # multiprocessing queue: rank 0 puts each step's record
-
-    @property
-    def rank_devices(self) -> list[str]:
-        return self.plan.devices()
+from hetrain.runtime.recipe import StepRecipe, adamw, decays, recipe_state
+from hetrain.runtime.records import StepRecord, WorkerReport
+from hetrain.runtime.stage import Stage, full_tensor
 
 
 class Worker:
@@ -130,29 +96,20 @@ class Worker:
         tp_groups = {sg.name: self.cache.get([self.rank_of[d] for d in sg.devices],
                                              self.backend_of[sg.kind])
                      for sg in job.plan.stage_groups}
-        if job.user_model is not None:
-            # Tensors pickled to spawned workers live in shared memory: without a private copy
-            # every worker's optimizer would step the same weights.
-            self.stage: Stage | WholeModel = WholeModel(copy.deepcopy(job.user_model))
-            self.n_layers, self.tied = 1, False
-            self.spec = module_spec(job.user_model, job.plan.seq_len, job.plan.model)
-            self.params = [(name, 0, p) for name, p in self.stage.canonical_parameters()]
-            self.dim = 0
-        else:
-            cfg = model_config(job.plan.model)
-            full = build_decoder(cfg, job.config.seed)
-            self.spec = model_spec(cfg, job.plan.seq_len)
-            self.n_layers, self.tied, self.dim = len(full.layers()), cfg.tie_embeddings, cfg.dim
-            self.stage = decoder_stage(full, *g.layers)
-            del full
-            if g.tp > 1:
-                from torch.distributed.device_mesh import DeviceMesh
+        # The model object builds this group's layers; every process the same weights.
+        self.model = job.model if job.model is not None else load_model(job.plan.model)
+        self.spec = self.model.spec(job.plan.seq_len)
+        self.n_layers, self.tied = self.model.n_layers, self.model.tie_embeddings
+        self.dim = self.model.hidden_size  # elements per token sent between stages
+        self.stage: Stage = self.model.build_stage(*g.layers, job.config.seed)
+        if g.tp > 1:
+            from torch.distributed.device_mesh import DeviceMesh
 
-                mesh = DeviceMesh.from_group(tp_groups[g.name], self.device.type,
-                                             mesh=torch.tensor(tp_ranks))
-                apply_tensor_parallel(self.stage, mesh)
-            self.params = [(name, _layer_of(name, self.n_layers), p)
-                           for name, p in self.stage.canonical_parameters()]
+            mesh = DeviceMesh.from_group(tp_groups[g.name], self.device.type,
+                                         mesh=torch.tensor(tp_ranks))
+            self.model.apply_tensor_parallel(self.stage, mesh)
+        self.params = [(name, self.model.layer_of(name), p)
+                       for name, p in self.stage.canonical_parameters()]
         self.dtype = getattr(torch, job.config.precision)
         self.stage.to(device=self.device, dtype=self.dtype)
 
@@ -166,7 +123,7 @@ class Worker:
                 if j % self.group.tp == self.tp_index]
 
     # --- one step ----------------------------------------------------------------------------
-    def run_step(self, step: int) -> dict:
+    def run_step(self, step: int) -> StepRecord:
         plan = self.job.plan
         # Phase 1: the step's samples, a pure function of (seed, step).
         inputs, targets = self.corpus.global_batch(step, plan.global_batch, plan.seq_len)
@@ -195,9 +152,9 @@ class Worker:
             st.loss_sum.zero_()
         sums = torch.stack([st.loss_sum, self.recipe.unreduced_norm_sq()])
         dist.all_reduce(sums)
-        return {"step": step, "loss": float(sums[0]), **self.recipe.record(float(sums[1])),
-                "step_s": time.perf_counter() - t_step, "busy_s": st.busy_s,
-                "sync_s": t_opt - t_sync, "optimizer_s": t_end - t_opt}
+        return StepRecord(step=step, loss=float(sums[0]), step_s=time.perf_counter() - t_step,
+                          busy_s=st.busy_s, sync_s=t_opt - t_sync, optimizer_s=t_end - t_opt,
+                          **self.recipe.record(float(sums[1])))
 
     def _run_action(self, action: Action, st: _StepState, start_sync: bool,
                     ahead: list[Action]) -> None:
@@ -257,7 +214,7 @@ class Worker:
         else:
             x = saved.inp = received.requires_grad_(True)
         with self.meter.forward(mb.id):
-            if self.split and received is None and isinstance(self.stage, Stage):
+            if self.split and received is None and self.model.n_layers > 1:
                 # Stage 0 under zero-bubble splits after the embedding: the blocks' input is
                 # then a leaf, so the input-gradient action can run (and keep what the
                 # weight gradients need); the embedding's gradient waits for the weight one.
@@ -325,26 +282,35 @@ class Worker:
         """Whole tensors by canonical name (TP shards gathered: a collective in the group)."""
         return {name: full_tensor(p.detach()).cpu().clone() for name, _, p in self.params}
 
-    def report(self, steps: list[dict]) -> dict:
+    def train_state(self) -> TrainState:
+        """What checkpoints save and restore of this rank (runtime/checkpoint.py)."""
+        cfg = self.job.config
+        return TrainState(rank=self.rank, rank_devices=self.job.rank_devices, plan=self.job.plan,
+                          group=self.group.name, tp_index=self.tp_index, params=self.params,
+                          optimizer=self.optimizer, grad_sync=self.grad_sync, seed=cfg.seed,
+                          precision=cfg.precision, run_id=cfg.run_id,
+                          recipe=recipe_state(cfg))
+
+    def report(self, steps: list[StepRecord]) -> WorkerReport:
         params = self.full_parameters()
         acts = self.meter.peak_bytes
-        return {
-            "rank": self.rank, "device": self.device_id, "group": self.group.name,
-            "kind": self.kind, "tp_index": self.tp_index,
-            "emulated": self.kind in self.job.emulated,
-            "steps": steps, "params": params if self.tp_index == 0 else {},
-            "samples": self.job.plan.samples_of(self.group.name),
-            "layers": list(self.group.layers),
-            "measured_bytes": state_bytes(self.stage, self.optimizer)
+        return WorkerReport(
+            rank=self.rank, device=self.device_id, group=self.group.name,
+            kind=self.kind, tp_index=self.tp_index,
+            emulated=self.kind in self.job.emulated,
+            steps=steps, params=params if self.tp_index == 0 else {},
+            samples=self.job.plan.samples_of(self.group.name),
+            layers=list(self.group.layers),
+            measured_bytes=state_bytes(self.stage, self.optimizer)
             + self.grad_sync.state_bytes() + acts,
-            "optimizer_bytes": state_bytes(nn.Module(), self.optimizer)
+            optimizer_bytes=state_bytes(nn.Module(), self.optimizer)
             + self.grad_sync.state_bytes(),
-            "activation_bytes": acts,
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated(self.device)
+            activation_bytes=acts,
+            cuda_peak_bytes=torch.cuda.max_memory_allocated(self.device)
             if self.device.type == "cuda" else None,
-            "late_s": self.pacer.late_s, "events": self.events,
-            "peak_in_flight": self.schedule.peak_in_flight[self.group.name],
-        }
+            late_s=self.pacer.late_s, events=self.events,
+            peak_in_flight=self.schedule.peak_in_flight[self.group.name],
+        )
 
 
 @dataclass
@@ -372,42 +338,3 @@ _COMPUTE = {"forward": Worker._forward, "backward": Worker._backward,
             "backward_input": Worker._backward_input, "backward_weight": Worker._backward_weight}
 _CATEGORY = {"forward": "forward", "backward": "backward", "backward_input": "backward",
              "backward_weight": "weight"}
-
-
-def _layer_of(name: str, n_layers: int) -> int:
-    if name.startswith("embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return n_layers - 1
-
-
-def run_worker(job: Job, rank: int, world: int, init_method: str | None = None) -> None:
-    """Process entry: init torch.distributed, train, write rank{rank}.pt (or error.txt)."""
-    out = Path(job.out_dir)
-    torch.set_num_threads(1)
-    try:
-        from datetime import timedelta
-
-        if not dist.is_initialized():
-            dist.init_process_group(
-                "gloo", rank=rank, world_size=world,
-                init_method=init_method or f"tcp://{job.master_addr}:{job.master_port}",
-                timeout=timedelta(seconds=job.config.op_timeout_s))
-        worker = Worker(job, rank)
-        from hetrain.runtime.loop import train_loop
-
-        steps = train_loop(worker)
-        worker.grad_sync.close()
-        report = worker.report(steps)
-        tmp = out / f".rank{rank}.pt.tmp"
-        torch.save(report, tmp)
-        os.replace(tmp, out / f"rank{rank}.pt")
-        dist.barrier()
-    except BaseException as err:  # noqa: BLE001 - reported to the launcher, then re-raised
-        (out / f"error{rank}.txt").write_text(
-            f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -1,0 +1,199 @@
+"""The one model object (torchtitan's ModelSpec role): layer costs for the planner, the stage
+of a layer range, the layer a parameter belongs to, tensor parallelism. The runtime, the
+planner and the CLI ask it, never which model they hold.
+
+Sources: the reference decoder (DecoderModel), Hugging Face causal LMs (model/hf.py), and any
+other nn.Module as one whole-model layer (WholeModule: data parallelism only).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+
+from torch import nn
+
+from hetrain.errors import ModelError, PlanError
+from hetrain.model.config import ModelConfig
+from hetrain.model.spec import LayerSpec, ModelSpec, model_spec
+from hetrain.model.stage import Stage
+
+
+class ModelSource(ABC):
+    """A model as a list of layers: embedding first, blocks, then final norm and head."""
+
+    name: str
+    n_layers: int  # pipeline-cuttable layers, embedding and head included
+    hidden_size: int  # elements per token a stage sends to the next (0: never cut)
+    vocab_size: int | None
+    max_seq_len: int | None
+    max_seq_field = "max_seq_len"  # the config field that bounds it, named in errors
+    tie_embeddings: bool = False
+
+    @abstractmethod
+    def spec(self, seq_len: int) -> ModelSpec:
+        """Per-layer parameters, FLOPs and activations: what the cost model reads."""
+
+    def tp_sizes(self) -> tuple[int, ...]:
+        """Tensor-parallel degrees the planner may use (heads and FFN width divide)."""
+        return (1,)
+
+    def check_tp(self, tp: int) -> None:
+        """Raise PlanError when the model cannot be split `tp` ways."""
+        if tp > 1:
+            raise PlanError(f"model {self.name!r} is one whole-model layer: it trains data-"
+                            "parallel only (tp 1); use a Hugging Face causal LM or the "
+                            "reference decoder for tensor parallelism")
+
+    def check_trainable(self) -> None:  # noqa: B027 - most models can always be built
+        """Raise ModelError when the model cannot be built here (spec-only)."""
+
+    @abstractmethod
+    def build_stage(self, start: int, end: int, seed: int) -> Stage:
+        """Layers [start, end) with this process's own copy of their weights (the same
+        weights on every process)."""
+
+    @abstractmethod
+    def layer_of(self, name: str) -> int:
+        """The layer a parameter (by canonical name) belongs to."""
+
+    def apply_tensor_parallel(self, stage: Stage, mesh) -> None:
+        """Shard the stage's blocks over `mesh` (DTensor plans), in place."""
+        self.check_tp(mesh.size())
+
+    @abstractmethod
+    def whole(self, seed: int) -> nn.Module:
+        """The whole model (tokens -> logits, or an output with `.logits`) whose
+        named_parameters() are the canonical names: one-process training, the yardstick."""
+
+
+class LlamaShaped(ModelSource):
+    """A model priced as the reference decoder of its ModelConfig (`self.cfg`)."""
+
+    cfg: ModelConfig
+
+    def spec(self, seq_len: int) -> ModelSpec:
+        return model_spec(self.cfg, seq_len)
+
+    def tp_sizes(self) -> tuple[int, ...]:
+        return tuple(t for t in (1, 2, 4, 8) if self._divides(t))
+
+    def check_tp(self, tp: int) -> None:
+        c = self.cfg
+        if not self._divides(tp):
+            raise PlanError(f"tensor parallelism of {tp} does not divide {self.name}'s "
+                            f"{c.n_heads} heads / {c.kv_heads} kv heads / ffn width "
+                            f"{c.ffn_dim}; use a TP degree that does")
+
+    def _divides(self, tp: int) -> bool:
+        c = self.cfg
+        return c.n_heads % tp == 0 and c.kv_heads % tp == 0 and c.ffn_dim % tp == 0
+
+
+class DecoderModel(LlamaShaped):
+    """The reference decoder (model/decoder.py) of a ModelConfig: a built-in name or a YAML."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.n_layers = cfg.n_layers + 2
+        self.hidden_size = cfg.dim
+        self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
+        self.tie_embeddings = cfg.tie_embeddings
+
+    def check_trainable(self) -> None:
+        if not self.cfg.trainable:
+            raise ModelError(f"model {self.name!r} is spec-only (too big to build here); train "
+                             "tiny, tiny-tied or small, or plan it with `hetrain plan`")
+
+    def whole(self, seed: int) -> nn.Module:
+        from hetrain.model.decoder import build_decoder
+
+        return build_decoder(self.cfg, seed)
+
+    def build_stage(self, start: int, end: int, seed: int) -> Stage:
+        full = self.whole(seed)
+        aliases = {"head.out.weight": "embed.tok.weight"} if self.tie_embeddings else {}
+        return Stage(full.layers()[start:end], full.layer_prefixes()[start:end], start, end,
+                     self.n_layers, aliases)
+
+    def layer_of(self, name: str) -> int:
+        if name.startswith("embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.n_layers - 1
+
+    def apply_tensor_parallel(self, stage: Stage, mesh) -> None:
+        """Megatron-style TP on every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise.
+        Embedding, norms and head stay replicated across the group; attention infers its
+        local head count from the projection's width."""
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        from hetrain.model.decoder import Block
+
+        self.check_tp(mesh.size())
+        for layer in stage.layers:
+            if isinstance(layer, Block):
+                parallelize_module(layer, mesh, {
+                    "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
+                    "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
+                    "ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(),
+                    "ffn.w2": RowwiseParallel(),
+                })
+
+
+class WholeModule(ModelSource):
+    """Any nn.Module (tokens [batch, seq] -> logits or an output with `.logits`) as one layer:
+    trained data-parallel, each device holding the whole model."""
+
+    def __init__(self, module: nn.Module, name: str | None = None):
+        self.module = module
+        self.name = name or type(module).__name__
+        self.n_layers, self.hidden_size = 1, 0
+        self.max_seq_field = "max_position_embeddings"
+        cfg = getattr(module, "config", None)
+        self.max_seq_len = _int_or_none(getattr(cfg, "max_position_embeddings", None))
+        vocab = _int_or_none(getattr(cfg, "vocab_size", None))
+        if vocab is None:  # the first embedding table bounds the token ids it can take
+            embed = next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
+            vocab = embed.num_embeddings if embed is not None else None
+        self.vocab_size = vocab
+
+    def spec(self, seq_len: int) -> ModelSpec:
+        """One layer holding the whole model: 2 FLOPs per weight per token forward (dense
+        matmuls dominate), activations estimated from the hidden size when it can be found."""
+        params = sum(p.numel() for p in self.module.parameters())
+        cfg = getattr(self.module, "config", None)
+        dim = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "dim", 0) or 0)
+        vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or 1)
+        acts = float(layers * 16 * dim + 2 * vocab) if dim else float(params) / 1000
+        layer = LayerSpec(name="model", params=params, forward_flops_per_token=2.0 * params,
+                          activation_elems_per_token=acts, recompute_elems_per_token=acts,
+                          output_elems_per_token=0.0)
+        return ModelSpec(name=self.name, seq_len=seq_len, dim=dim, vocab_size=vocab,
+                         tie_embeddings=False, layers=[layer])
+
+    def check_trainable(self) -> None:
+        if not any(p.requires_grad for p in self.module.parameters()):
+            raise ModelError("model has no trainable parameters; nothing to train")
+
+    def whole(self, seed: int) -> nn.Module:
+        # Tensors pickled to spawned workers live in shared memory: without a private copy
+        # every worker's optimizer would step the same weights.
+        return copy.deepcopy(self.module)
+
+    def build_stage(self, start: int, end: int, seed: int) -> Stage:
+        return Stage([self.whole(seed)], [""], 0, 1, 1)
+
+    def layer_of(self, name: str) -> int:
+        return 0
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None

@@ -1,0 +1,46 @@
+"""A stage: a contiguous range [start, end) of a model's layers, as one nn.Module.
+
+Parameters keep canonical (full-model) names, so gradients of the same weight meet across
+stage groups, tied embeddings included (the head's copy is named as the embedding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class Stage(nn.Module):
+    """Layers [start, end) of a layered model; `first`/`last` say who feeds tokens and who
+    computes the loss. A layer may return a model output holding `.logits` (a whole Hugging
+    Face model as one layer): the stage passes the logits on."""
+
+    def __init__(self, layers: list[nn.Module], prefixes: list[str], start: int, end: int,
+                 n_layers: int, aliases: dict[str, str] | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.prefixes = prefixes
+        self.start, self.end = start, end
+        self.first, self.last = start == 0, end == n_layers
+        self.aliases = aliases or {}
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Layers from the `start`-th of the stage on (zero-bubble splits stage 0 after its
+        embedding)."""
+        for layer in self.layers[start:]:
+            x = layer(x)
+            x = getattr(x, "logits", x)
+        return x
+
+    def canonical_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(full-model name, parameter), each parameter once."""
+        seen: set[int] = set()
+        for layer, prefix in zip(self.layers, self.prefixes, strict=True):
+            for name, p in layer.named_parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                full = prefix + name
+                yield self.aliases.get(full, full), p

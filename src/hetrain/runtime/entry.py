@@ -1,0 +1,88 @@
+"""The one runtime entry point, used by `hetrain train` and `hetrain.fit`.
+
+`run_training` checks every input once (runtime/preflight.py) before anything is written,
+runs as one rank when started by torchrun, else owns the checkpoint folder and spawns the
+workers: supervised with re-planning when checkpoints are on (a lost device is survived),
+a single attempt otherwise. It returns one RunResult holding every step of every attempt
+and every recovery. Callers only build its inputs and show its result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from hetrain.cluster.topology import Cluster
+from hetrain.data.corpus import Corpus
+from hetrain.model.source import ModelSource
+from hetrain.plan.types import Plan
+from hetrain.runtime.config import TrainConfig
+from hetrain.runtime.faults import Faults
+from hetrain.runtime.launch import (
+    ProgressFn,
+    SuspectFn,
+    check_plan,
+    plan_model,
+    plan_spec,
+    run_attempt,
+    torchrun_main,
+)
+from hetrain.runtime.preflight import preflight
+from hetrain.runtime.recovery import ReplanFn, supervise
+from hetrain.runtime.results import RunResult
+from hetrain.runtime.runlock import run_folder
+
+TORCHRUN_OUT = "out/torchrun"  # the reports folder of a torchrun rank without --out-dir
+
+
+@dataclass
+class RunHooks:
+    """What the caller sees of a run: `on_start` once every check passed and the folder is
+    owned (before any worker starts), `progress` with each step, `on_suspect` when a worker
+    is late with its heartbeat."""
+
+    on_start: Callable[[], None] | None = None
+    progress: ProgressFn | None = None
+    on_suspect: SuspectFn | None = None
+
+
+def under_torchrun() -> bool:
+    """This process is one rank of a torchrun job (RANK and WORLD_SIZE set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
+                 replan: ReplanFn | None = None, model: ModelSource | nn.Module | None = None,
+                 corpus: Corpus | None = None, out_dir: str | Path | None = None,
+                 hooks: RunHooks | None = None, time_scale: float | None = None,
+                 outputs: Iterable[tuple[str | Path | None, str]] = (), cli: bool = False,
+                 max_recoveries: int = 3, faults: Faults | None = None) -> RunResult | None:
+    """Train `plan` for `config.steps` steps; None when this process is a torchrun rank (the
+    launcher of the job gathers nothing). With `config.checkpoint_dir` and a `replan`
+    (the planner's, e.g. planner.replan.data_parallel_replan), lost devices are survived.
+    `outputs`: (path, option) of files the caller writes afterwards, checked first; `cli`:
+    errors name options as flags. RunComplete when the folder's run is already done."""
+    hooks = hooks or RunHooks()
+    torchrun = under_torchrun()
+    model = plan_model(plan, model)  # a user's module as the model object
+    corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
+                       out_dir=out_dir, time_scale=time_scale, outputs=outputs, cli=cli,
+                       spawn=not torchrun)
+    check_plan(plan, cluster, plan_spec(plan, model))
+    if torchrun:
+        # torchrun's elastic agent supervises; each rank resumes from the checkpoints.
+        torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT), replan)
+        return None
+    with run_folder(config, plan) as config:  # owned for every attempt
+        if hooks.on_start is not None:
+            hooks.on_start()
+        if config.checkpoint_dir and replan is not None:
+            return supervise(cluster, plan, config, replan, max_recoveries, model, corpus,
+                             out_dir, hooks.progress, time_scale, hooks.on_suspect, faults)
+        return run_attempt(cluster, plan, config, model=model, corpus=corpus,
+                           out_dir=out_dir, progress=hooks.progress, time_scale=time_scale,
+                           on_suspect=hooks.on_suspect, faults=faults)

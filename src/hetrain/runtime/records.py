@@ -1,0 +1,60 @@
+"""Typed records a worker produces: one per step, and its report at the end of a run.
+
+Reports cross the process boundary as plain dicts of tensors and numbers (`as_saved`), so the
+launcher reads them with `torch.load(weights_only=True)`: nothing read from disk runs code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as one rank saw it (the loss is the all-reduced global loss)."""
+
+    step: int
+    loss: float
+    step_s: float
+    busy_s: float  # computing
+    sync_s: float  # waiting on the gradient sums (exposed sync)
+    optimizer_s: float
+    lr: float = 0.0  # of this step (runtime/recipe.py)
+    grad_norm: float = 0.0  # global, before clipping
+    clipped: bool = False
+
+
+@dataclass
+class WorkerReport:
+    """What a rank measured and holds at the end of its run."""
+
+    rank: int
+    device: str
+    group: str
+    kind: str
+    tp_index: int
+    emulated: bool
+    steps: list[StepRecord]
+    params: dict[str, torch.Tensor]  # whole tensors by canonical name (TP rank 0 only)
+    samples: int
+    layers: list[int]
+    measured_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    cuda_peak_bytes: int | None
+    late_s: float
+    events: list[dict] = field(default_factory=list)  # trace events (TraceEvent fields)
+    peak_in_flight: int = 0
+
+    def as_saved(self) -> dict[str, Any]:
+        """Plain containers for torch.save (loadable with weights_only=True)."""
+        saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        saved["steps"] = [asdict(s) for s in self.steps]
+        return saved
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> WorkerReport:
+        return cls(**{**saved, "steps": [StepRecord(**s) for s in saved["steps"]]})
