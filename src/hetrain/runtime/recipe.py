@@ -97,8 +97,9 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def active_dropout(model: object) -> list[str]:
     """Names of the dropouts that would act in training: nn.Dropout* with p > 0 in a module
     (a user's module, or a model object's), or a Hugging Face config's *dropout* fields > 0."""
-    module = model if isinstance(model, nn.Module) else (
-        getattr(model, "module", None) or getattr(model, "_given", None))
+    module = model if isinstance(model, nn.Module) else next(
+        (m for m in (getattr(model, "module", None), getattr(model, "_given", None))
+         if isinstance(m, nn.Module)), None)
     found = [] if module is None else [
         name or type(m).__name__ for name, m in module.named_modules()
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
