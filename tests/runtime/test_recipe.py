@@ -177,3 +177,17 @@ def test_two_runs_with_dropout_are_equal(three_kinds, capfd):
                runs[0].items())
     err = capfd.readouterr().err
     assert err.count("not plan-invariant") == 2  # once per run
+
+
+def test_job_file_and_flags_reach_the_recipe():
+    """[optimizer] fields of a job file, and their flags, become TrainConfig's recipe."""
+    from hetrain.cli.train import FLAGS
+    from hetrain.runtime.job_config import job_from_dict
+
+    job = job_from_dict({"optimizer": {"grad_clip": 1.5, "lr_schedule": "cosine",
+                                       "warmup_steps": 3, "min_lr": 1e-5}})
+    cfg = job.train_config()
+    assert (cfg.grad_clip, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr) == (
+        1.5, "cosine", 3, 1e-5)
+    for flag in ("warmup_steps", "lr_schedule", "min_lr", "grad_clip", "weight_decay"):
+        assert FLAGS[flag][0] == f"optimizer.{flag}"

@@ -70,7 +70,7 @@ def train(
     warmup_steps: int = typer.Option(0, min=0, help="linear learning-rate warm-up steps"),
     lr_schedule: str = typer.Option("constant", help="after warm-up: constant or cosine "
                                     "(decay to --min-lr at the last step)"),
-    min_lr: float = typer.Option(0.0, min=0.0, help="floor of the cosine schedule"),
+    min_lr: float = typer.Option(0.0, help="floor of the cosine schedule"),
     grad_clip: float | None = typer.Option(None, help="clip the global gradient norm to this"),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (not on norms, biases)"),
     seed: int = typer.Option(0),
