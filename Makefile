@@ -15,8 +15,10 @@ $(BIN)/hetrain: pyproject.toml
 setup: $(BIN)/hetrain
 
 demo: setup
-	# the job file: planner's plan for tiny on three kinds, saved to out/demo/plan.json
-	$(BIN)/hetrain train --config examples/jobs/three-kinds.toml
+	# a token file (a BPE of 256 ids trained on the docs), then the job file over it:
+	# tiny on three kinds, TensorBoard events in out/demo/tensorboard
+	$(BIN)/hetrain data prepare README.md docs/*.md --out out/demo-tokens.bin --train-vocab 256
+	$(BIN)/hetrain train --config examples/jobs/three-kinds.toml --data out/demo-tokens.bin
 	# one round keeps the demo short; the README's figures are the median of 3 (the default)
 	$(BIN)/hetrain bench dp --cluster examples/clusters/three-kinds.yaml --rounds 1 \
 		--json out/bench-dp.json
