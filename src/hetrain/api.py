@@ -11,7 +11,8 @@ from torch import nn
 
 from hetrain.cluster.loading import load_cluster
 from hetrain.cluster.topology import Cluster
-from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.data.corpus import Corpus
+from hetrain.data.loading import load_corpus
 from hetrain.errors import ClusterError, ConfigError, DataError, ModelError, RuntimeFailure
 from hetrain.model.loading import as_model
 from hetrain.plan.types import Plan

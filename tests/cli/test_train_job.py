@@ -14,10 +14,9 @@ from hetrain.cli.main import app
 from hetrain.cost.model import CostModel
 from hetrain.data.corpus import Corpus
 from hetrain.errors import DataError, PlannerError
-from hetrain.model.config import model_config
-from hetrain.model.spec import model_spec
+from hetrain.model.loading import load_model
 from hetrain.plan import load_plan
-from hetrain.planner.search import SearchOptions, search_plan, tp_sizes_for
+from hetrain.planner.search import SearchOptions, search_plan
 from hetrain.runtime import TrainConfig, run_training
 from hetrain.runtime.job_config import load_job
 from tests.conftest import EXAMPLES, ROOT
@@ -72,7 +71,7 @@ def test_a_yaml_job_file_is_read_like_toml(tmp_path):
     ("[schedule]\nstep = 3\n", ["schedule.step", "unknown field", "steps"]),
     ("[schedule]\nsteps = 0\n", ["schedule.steps", "whole number of steps >= 1"]),
     ("[plan]\nglobal_batch = \"48\"\n", ["plan.global_batch", "whole number"]),
-    ("[schedule]\nprecision = \"fp8\"\n", ["schedule.precision", "float32 or float64"]),
+    ("[schedule]\nprecision = \"fp8\"\n", ["schedule.precision", "float64, bf16 or fp16"]),
     ("[optimizer]\nlr_schedule = \"linear\"\n", ["optimizer.lr_schedule", "cosine"]),
     ("[schedule\nsteps = 3\n", ["job.toml", "not valid TOML"]),
     ("optimizer = 3\n", ["[optimizer] must be a table"]),
@@ -97,9 +96,9 @@ def test_without_a_plan_the_planner_plans_and_the_plan_is_saved_beside_the_run(t
     out = tmp_path / "run"
     result, job, _ = _reach(tmp_path, ["train", "--cluster", THREE, *FAST, "--global-batch",
                                        "16", "--seq-len", "16", "--out-dir", str(out)])
-    cfg = model_config("tiny")
-    cost = CostModel(job.cluster, model_spec(cfg, 16))
-    want = search_plan(job.cluster, cost, 16, SearchOptions(tp_sizes=tp_sizes_for(cfg))).plan
+    tiny = load_model("tiny")
+    cost = CostModel(job.cluster, tiny.spec(16))
+    want = search_plan(job.cluster, cost, 16, SearchOptions(tp_sizes=tiny.tp_sizes())).plan
     assert job.plan == want
     assert load_plan(out / "plan.json", job.cluster) == want
     assert "the planner's plan" in result.stdout and "plan.json" in result.stdout
@@ -143,8 +142,8 @@ def test_a_corpus_shorter_than_one_sample_in_the_job_file(sandbox):
 def test_token_ids_beyond_the_vocabulary_are_refused_before_spawning(sandbox, three_kinds):
     from hetrain.planner.data_parallel import data_parallel_plan
 
-    plan = data_parallel_plan(three_kinds, CostModel(three_kinds, model_spec(
-        model_config("tiny"), 16)), 6)
+    plan = data_parallel_plan(three_kinds, CostModel(three_kinds, load_model("tiny").spec(16)),
+                              6)
     corpus = Corpus(torch.arange(1000) % 300, "ids to 299")
     before = sandbox.snapshot()
     with pytest.raises(DataError) as refused:

@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from hetrain.cli.main import app
-from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.data.corpus import Corpus
+from hetrain.data.loading import load_corpus
 from hetrain.data.tokens import TokenCorpus, read_sidecar, write_tokens
 from hetrain.errors import DataError
 

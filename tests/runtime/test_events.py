@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from hetrain.cli.main import app
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.recipe import lr_at
 from hetrain.runtime.reference import train_reference

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import hetrain
 from hetrain.cluster import load_cluster
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.model.loading import load_model
 from hetrain.plan import expand_plan
 from hetrain.runtime import TrainConfig

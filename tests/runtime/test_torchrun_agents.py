@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hetrain.cluster.loading import load_cluster
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.plan import load_plan
 from hetrain.runtime.checkpoint import META, committed_steps, read_model, step_dir
 from hetrain.runtime.config import TrainConfig

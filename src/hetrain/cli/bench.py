@@ -19,7 +19,8 @@ from hetrain.cli.report import emulated_tag, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.data.corpus import Corpus
+from hetrain.data.loading import load_corpus
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec
 from hetrain.plan.io import check_writable_file

@@ -16,7 +16,7 @@ from hetrain.cli.main import bench_app, user_errors
 from hetrain.cli.report import emulated_tag, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.errors import ConfigError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec

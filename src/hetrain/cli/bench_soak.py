@@ -17,7 +17,7 @@ from hetrain.cli.main import bench_app, user_errors
 from hetrain.cli.report import emulated_tag, write_json
 from hetrain.cluster.loading import load_cluster
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.model.loading import load_model
 from hetrain.plan.io import check_writable_file
 from hetrain.planner.data_parallel import data_parallel_plan

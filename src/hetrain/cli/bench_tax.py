@@ -14,7 +14,7 @@ from rich.table import Table
 from hetrain.cli.main import bench_app, user_errors
 from hetrain.cli.report import write_json
 from hetrain.cluster.loading import cluster_from_dict
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.errors import PlanError
 from hetrain.model.config import model_config
 from hetrain.model.spec import model_spec

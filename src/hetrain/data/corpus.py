@@ -99,12 +99,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read the data file ({err.strerror})") from None
-
-
-def load_corpus(data: str | Path | None, seed: int = 0) -> Corpus:
-    """The stdlib default, a token file or folder of them (data/tokens.py), or text."""
-    if data in (None, "", "default"):
-        return default_corpus(seed)
-    from hetrain.data.tokens import is_token_data, token_corpus
-
-    return token_corpus(data, seed) if is_token_data(data) else text_corpus(data, seed)

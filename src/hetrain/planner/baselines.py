@@ -18,8 +18,9 @@ from hetrain.cost.model import CostModel
 from hetrain.errors import PlannerError
 from hetrain.plan.types import Plan, Route, StageGroup
 from hetrain.planner.estimate import StepEstimate, estimate_step, stage_time_s
+from hetrain.planner.options import MICRO_BATCH_SIZES, TP_SIZES, SearchOptions
 from hetrain.planner.partition import MEMORY_SLACK
-from hetrain.planner.search import MICRO_BATCH_SIZES, TP_SIZES, SearchOptions, search_plan
+from hetrain.planner.search import search_plan
 
 
 @dataclass(frozen=True)

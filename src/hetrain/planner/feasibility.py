@@ -8,7 +8,7 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, CostModel
 
 if TYPE_CHECKING:
-    from hetrain.planner.search import SearchOptions
+    from hetrain.planner.options import SearchOptions
 
 GIB = 1024**3
 
@@ -21,7 +21,7 @@ def state_bytes_per_param(dtype: str) -> int:
 
 def explain_infeasible(cluster: Cluster, cost: CostModel, global_batch: int,
                        options: SearchOptions) -> str:
-    from hetrain.planner.search import kind_dtypes, plan_kinds
+    from hetrain.planner.options import kind_dtypes, plan_kinds
 
     spec = cost.spec
     counts = plan_kinds(cluster, options)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +24,13 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.errors import PlannerError
-from hetrain.plan.types import Plan, ScheduleKind
+from hetrain.plan.types import Plan
 from hetrain.plan.validate import plan_memory_fn
 from hetrain.planner.counts import CountSolution, best_single, capacities, choose_counts
 from hetrain.planner.estimate import StepEstimate, estimate_step
 from hetrain.planner.feasibility import explain_infeasible
 from hetrain.planner.links import BoundaryComm, LinkModel
+from hetrain.planner.options import SearchOptions, kind_dtypes, plan_kinds
 from hetrain.planner.partition import MEMORY_SLACK, Partitioner, ScaledSlots
 from hetrain.planner.placement import place_plan
 from hetrain.planner.screening import CoverLP, beyond_reach, screen_templates
@@ -44,29 +44,6 @@ from hetrain.planner.templates import (
     proportional_shapes,
     tp_options,
 )
-
-TP_SIZES = (1, 2, 4, 8)
-MICRO_BATCH_SIZES = (1, 2, 4, 8)
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    micro_batch_sizes: Sequence[int] = MICRO_BATCH_SIZES  # those dividing the global batch
-    tp_sizes: Sequence[int] = TP_SIZES
-    dtype: str | None = None  # None: each kind's best (bf16 where it has it)
-    kinds: Sequence[str] | None = None  # None: all kinds in the cluster
-    allow_recompute: bool = True
-    shape_budget: int = 20_000  # try every shape when there are at most this many
-    max_shapes: int = 8  # distinct templates in one plan
-    mixed_tp_per_kind: int = 2  # tp sizes per kind in mixed shapes when not exhaustive
-    screen_keep: int = 40  # templates the count program sees when not exhaustive
-    program_budget: int = 16  # integer programs per micro-batch size when not exhaustive
-    schedule: ScheduleKind = "zero_bubble"
-    in_flight_scales: Sequence[float] = (1.0, 1.5)  # zero-bubble: tried per template
-    sharded_optimizer: bool = True
-    # with a sharded optimizer, partitions are also tried assuming each layer's optimizer state
-    # spread over this many holders (kept only where the placed plan then fits)
-    optimizer_shards: Sequence[int] = (1, 4)
 
 
 @dataclass(frozen=True)
@@ -91,34 +68,6 @@ class SearchResult:
     templates_built: int  # memory-feasible templates completed, over all micro-batch sizes
     candidates: Candidates
     solution: CountSolution
-
-
-def tp_sizes_for(cfg) -> tuple[int, ...]:  # noqa: ANN001 - a model.config.ModelConfig
-    """Tensor-parallel sizes the reference model can be split into (heads and FFN divide)."""
-    return tuple(t for t in (1, 2, 4, 8)
-                 if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0)
-
-
-def kind_dtypes(cluster: Cluster, kinds: Sequence[str], dtype: str | None) -> dict[str, str]:
-    out = {}
-    for k in kinds:
-        kind = cluster.kinds[k]
-        if dtype is not None and not kind.supports(dtype):
-            raise PlannerError(f"{k} does not compute in {dtype}; use one of "
-                               f"{', '.join(kind.flops)} or leave --dtype out")
-        out[k] = dtype or kind.best_dtype()
-    return out
-
-
-def plan_kinds(cluster: Cluster, options: SearchOptions) -> dict[str, int]:
-    counts = cluster.kind_counts()
-    if options.kinds is None:
-        return counts
-    missing = [k for k in options.kinds if k not in counts]
-    if missing:
-        raise PlannerError(f"kind {missing[0]!r} is not in the cluster "
-                           f"(it has {', '.join(counts)})")
-    return {k: n for k, n in counts.items() if k in options.kinds}
 
 
 def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, global_batch: int,

@@ -30,12 +30,12 @@ from hetrain.runtime.launch import (
     plan_model,
     plan_spec,
     run_attempt,
-    torchrun_main,
 )
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.recovery import ReplanFn, supervise
 from hetrain.runtime.results import RunResult
 from hetrain.runtime.runlock import run_folder
+from hetrain.runtime.torchrun import run_rank
 
 TORCHRUN_OUT = "out/torchrun"  # the reports folder of a torchrun rank without --out-dir
 
@@ -76,7 +76,7 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     check_plan(plan, cluster, plan_spec(plan, model), config.precision)
     if torchrun:
         # torchrun's elastic agent supervises; each rank resumes from the checkpoints.
-        torchrun_main(cluster, plan, config, str(out_dir or TORCHRUN_OUT), replan)
+        run_rank(cluster, plan, config, str(out_dir or TORCHRUN_OUT), replan)
         return None
     note_dropout(model)
     with run_folder(config, plan) as config:  # owned for every attempt

@@ -20,7 +20,8 @@ from torch import nn
 from hetrain.cluster.devices import bind_process
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.data.corpus import Corpus
+from hetrain.data.loading import load_corpus
 from hetrain.errors import HetrainError, RuntimeFailure
 from hetrain.model.loading import as_model, load_model
 from hetrain.model.source import ModelSource
@@ -319,12 +320,3 @@ def _error_names(cls: type) -> set[str]:
 
 
 _HETRAIN_ERRORS = _error_names(HetrainError) | {"TrainingDiverged"}
-
-
-def torchrun_main(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
-                  replan: ReplanFn | None = None) -> None:
-    """Entry under torchrun: this process is one rank of one agent (runtime/torchrun.py places
-    it on the plan, or on `replan`'s plan for the nodes present after an elastic restart)."""
-    from hetrain.runtime.torchrun import run_rank
-
-    run_rank(cluster, plan, config, out_dir, replan)

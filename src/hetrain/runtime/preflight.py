@@ -19,7 +19,8 @@ from pathlib import Path
 
 from hetrain.cluster.topology import Cluster
 from hetrain.comm.bridge import require_bridge
-from hetrain.data.corpus import Corpus, load_corpus
+from hetrain.data.corpus import Corpus
+from hetrain.data.loading import load_corpus
 from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
 from hetrain.model.loading import load_model
 from hetrain.model.source import ModelSource

@@ -34,7 +34,7 @@ from hetrain.plan.io import atomic_write_text
 from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.job import Job
-from hetrain.runtime.launch import ReplanFn
+from hetrain.runtime.launch import ReplanFn, _worker_entry, check_plan, plan_spec
 from hetrain.runtime.runlock import RUN, RunComplete, read_run, run_folder
 
 NODES_ENV = "HETRAIN_NODES"
@@ -277,7 +277,6 @@ def check_restartable() -> None:
 def run_rank(cluster: Cluster, plan: Plan, config: TrainConfig, out_dir: str,
              replan: ReplanFn | None = None) -> None:
     """Process entry under torchrun: place this rank, own the folder (plan rank 0), train."""
-    from hetrain.runtime.launch import _worker_entry, check_plan, plan_spec
     from hetrain.runtime.watchdog import die_with_parent
 
     die_with_parent(os.getppid())  # a worker never outlives its agent

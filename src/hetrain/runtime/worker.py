@@ -22,7 +22,7 @@ from hetrain.comm.groups import GroupCache, torch_backend
 from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
-from hetrain.data.corpus import load_corpus
+from hetrain.data.loading import load_corpus
 from hetrain.model.loading import load_model
 from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
 from hetrain.plan.sync import SyncBucket, ready_fraction
