@@ -19,7 +19,7 @@ from torch import nn
 
 from hetrain.cluster.devices import bind_process
 from hetrain.cluster.topology import Cluster
-from hetrain.cost.model import CostModel
+from hetrain.cost.model import LIBRARY_WORKSPACE_BYTES, CostModel
 from hetrain.data.corpus import Corpus
 from hetrain.data.loading import load_corpus
 from hetrain.errors import HetrainError, RuntimeFailure
@@ -140,6 +140,7 @@ def run_attempt(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     corpus = corpus or load_corpus(config.data, config.seed)
     real = real_devices_by_kind(plan, cluster)  # fails here for a missing `mode: real` kind
     emulated = set(plan.kinds()) - set(real)
+    estimated = _as_emulated(estimated, plan, cluster, emulated)
     cost = CostModel(cluster, spec)
     scale = time_scale or config.time_scale or (
         calibrate_time_scale(plan, cost, corpus, config, model, real) if emulated
@@ -180,6 +181,17 @@ def note_dropout(model: ModelSource) -> None:
     note = dropout_note(model.user_module())
     if note:
         print(f"hetrain: {note}", file=sys.stderr, flush=True)
+
+
+def _as_emulated(estimated: dict[str, float], plan: Plan, cluster: Cluster,
+                 emulated: set[str]) -> dict[str, float]:
+    """The estimate reported beside an emulated worker's measured peak: what that CPU process
+    holds, without the accelerator libraries' workspaces the plan was checked with."""
+    out = dict(estimated)
+    for g in plan.stage_groups:
+        if g.kind in emulated and cluster.kinds[g.kind].device_type != "cpu":
+            out[g.name] = estimated[g.name] - LIBRARY_WORKSPACE_BYTES
+    return out
 
 
 def _keep_worker_log(out: Path, config: TrainConfig, keep: bool) -> Path | None:
