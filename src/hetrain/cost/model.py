@@ -202,19 +202,20 @@ class CostModel:
     def state_bytes(self, group: GroupLike, optimizer_params: float | None = None) -> float:
         """Weights and gradients in the master dtype (fp32 under mixed precision: autocast
         keeps them so) and one 16-bit copy of the weights per step under mixed precision;
-        two fp32 Adam moments of the stepped parameters, and when a sharded optimizer leaves it
-        fewer to step an fp32 copy of them (the pieces it steps)."""
+        two Adam moments of the stepped parameters in the master dtype, and when a sharded
+        optimizer leaves it fewer to step a master copy of them (the pieces it steps)."""
         params = self.device_params(group)
         wbytes = DTYPE_BYTES[group.dtype]
         master = max(wbytes, 4)
         stepped = params if optimizer_params is None else optimizer_params
-        # ZeRO-1 steps fp32 copies of the pieces it owns of shared buckets (bounded here by
+        # ZeRO-1 steps master-dtype copies of the pieces it owns of shared buckets (bounded here by
         # all it steps); a plan that shards nothing steps its own weights in place.
-        piece = 4 if stepped < params else 0
+        piece = master if stepped < params else 0
         cast = wbytes if wbytes < 4 else 0
         start, end = group.layers
         buffers = sum(lay.buffer_bytes for lay in self.spec.layers[start:end])
-        return params * (2 * master + cast) + stepped * (piece + 8) + buffers
+        # Adam's two moments take the master dtype (fp32; fp64 in float64 exactness runs)
+        return params * (2 * master + cast) + stepped * (piece + 2 * master) + buffers
 
     def activation_bytes_peak(self, group: GroupLike, micro_batch_size: int,
                               in_flight: int) -> float:

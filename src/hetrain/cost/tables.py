@@ -123,9 +123,10 @@ class TableCache:
         # as CostModel.stage_memory_bytes
         wbytes = DTYPE_BYTES[dtype]
         params = self._rep_params + (self._params - self._rep_params) / tp
-        piece = 4 if optimizer_shards > 1 else 0
+        master = max(wbytes, 4)
+        piece = master if optimizer_shards > 1 else 0
         cast = wbytes if wbytes < 4 else 0
-        states = params * (2 * max(wbytes, 4) + cast) + params / optimizer_shards * (piece + 8) \
+        states = params * (2 * master + cast) + params / optimizer_shards * (piece + 2 * master) \
             + self._buffers
         scale = tokens * wbytes
         acts = self._whole + (self._acts - self._whole) / tp + self._boundary
