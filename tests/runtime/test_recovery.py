@@ -22,10 +22,10 @@ from hetrain.runtime.checkpoint import (
     read_model,
     step_dir,
 )
+from hetrain.runtime.entry import train_resilient
 from hetrain.runtime.failure import lost_ranks
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import train
-from hetrain.runtime.recovery import train_resilient
 from tests.helpers import (
     assert_params_match_reference,
     make_config,

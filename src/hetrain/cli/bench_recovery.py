@@ -25,9 +25,9 @@ from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.replan import data_parallel_replan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import emulated_kinds
+from hetrain.runtime.entry import train_resilient
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import calibrate_time_scale
-from hetrain.runtime.recovery import train_resilient
 from hetrain.runtime.reference import train_reference
 
 

@@ -10,6 +10,8 @@ and every recovery. Callers only build its inputs and show its result.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +90,27 @@ def run_training(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         return run_attempt(cluster, plan, config, model=model, corpus=corpus,
                            out_dir=out_dir, progress=hooks.progress, time_scale=time_scale,
                            on_suspect=hooks.on_suspect, faults=faults)
+
+
+def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
+                    replan: ReplanFn, max_recoveries: int = 3,
+                    model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
+                    out_dir: str | Path | None = None, progress: ProgressFn | None = None,
+                    time_scale: float | None = None, on_suspect: SuspectFn | None = None,
+                    faults: Faults | None = None) -> RunResult:
+    """run_training, always supervised: surviving up to `max_recoveries` lost devices, with
+    checkpoints in `config.checkpoint_dir` (a temporary folder when unset). The result holds
+    every step of every attempt, and the recoveries; its figures are the last attempt's."""
+    scratch = None
+    if not config.checkpoint_dir:
+        scratch = tempfile.mkdtemp(prefix="hetrain-ckpt-")
+        config = config.model_copy(update={"checkpoint_dir": scratch})
+    try:
+        return run_training(cluster, plan, config, replan=replan, model=model, corpus=corpus,
+                            out_dir=out_dir, hooks=RunHooks(None, progress, on_suspect),
+                            time_scale=time_scale, max_recoveries=max_recoveries,
+                            faults=faults)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+

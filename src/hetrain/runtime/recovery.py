@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,15 +38,10 @@ from hetrain.runtime.launch import (
     ProgressFn,
     ReplanFn,
     SuspectFn,
-    check_plan,
-    plan_model,
-    plan_spec,
     run_attempt,
 )
-from hetrain.runtime.preflight import preflight
 from hetrain.runtime.records import StepRecord
 from hetrain.runtime.results import Attempt, Recovery, RunResult
-from hetrain.runtime.runlock import run_folder
 
 
 class _Steps:
@@ -75,35 +68,6 @@ class _Steps:
         self.attempts[-1].step_s.append(record.step_s)
         if self.forward is not None:
             self.forward(record)
-
-
-def train_resilient(cluster: Cluster, plan: Plan, config: TrainConfig, *,
-                    replan: ReplanFn, max_recoveries: int = 3,
-                    model: ModelSource | nn.Module | None = None, corpus: Corpus | None = None,
-                    out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-                    time_scale: float | None = None, on_suspect: SuspectFn | None = None,
-                    faults: Faults | None = None) -> RunResult:
-    """`train`, surviving up to `max_recoveries` lost devices; `replan` makes the survivors'
-    plan (e.g. planner.replan.data_parallel_replan: the runtime does not import the planner).
-    Checkpoints go to `config.checkpoint_dir` (a temporary folder when unset) every
-    `checkpoint_every` steps. The result holds every step of every attempt, and the
-    recoveries; its figures (step times, per kind) are the last attempt's."""
-    scratch = None
-    if not config.checkpoint_dir:
-        scratch = tempfile.mkdtemp(prefix="hetrain-ckpt-")
-        config = config.model_copy(update={"checkpoint_dir": scratch})
-    try:
-        # Checked once, before the folder is claimed; each attempt's plan again (cheap).
-        model = plan_model(plan, model)  # a user's module as the model object
-        corpus = preflight(cluster, plan, config, model=model, corpus=corpus,
-                           out_dir=out_dir, time_scale=time_scale)
-        check_plan(plan, cluster, plan_spec(plan, model), config.precision)
-        with run_folder(config, plan) as config:  # owned for every attempt
-            return supervise(cluster, plan, config, replan, max_recoveries, model,
-                             corpus, out_dir, progress, time_scale, on_suspect, faults)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def supervise(cluster: Cluster, plan: Plan, config: TrainConfig, replan: ReplanFn,
