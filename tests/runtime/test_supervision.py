@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from hetrain.errors import RuntimeFailure
 from hetrain.plan import expand_plan
+from hetrain.runtime import launch
 from hetrain.runtime.checkpoint import LATEST, read_model, step_dir
 from hetrain.runtime.faults import Faults
 from hetrain.runtime.launch import WORKER_LOG, train
@@ -168,6 +169,18 @@ def test_stopped_worker_is_declared_lost_within_the_hang_timeout(three_kinds):
     assert time.monotonic() - stopped["at"] < 3 + 5
     assert lost.value.lost_devices == ("a100:0",)
     assert {s.rank for s in suspects} == {1}
+    assert not [c for c in mp.active_children() if c.name.startswith("hetrain")]
+
+
+def test_worker_stuck_after_its_report_does_not_hold_the_run(three_kinds, monkeypatch):
+    # A worker whose report is written but whose process never ends (a gloo group freed under
+    # the GIL can deadlock the interpreter's teardown) is killed after the exit grace.
+    monkeypatch.setattr(launch, "EXIT_GRACE_S", 1.0)
+    plan = two_replicas(three_kinds)
+    result = run(three_kinds, plan, 2, faults=Faults(step=0, rank=1, mode="teardown"),
+                 run_timeout_s=120)
+    assert len(result.losses) == 2
+    assert_params_match_reference(result.params, "tiny", 2, plan.global_batch, plan.seq_len)
     assert not [c for c in mp.active_children() if c.name.startswith("hetrain")]
 
 

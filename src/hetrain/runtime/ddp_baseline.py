@@ -6,9 +6,12 @@ CPU workers (even shares), so the two step times differ only by what hetrain add
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
 import statistics
+import sys
 import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -22,12 +25,15 @@ from hetrain.model.config import model_config
 from hetrain.model.decoder import build_decoder
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.precision import param_dtype
-from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
+from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore, gloo_on_loopback
+from hetrain.runtime.watchdog import die_with_parent
 
 
 def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: Corpus,
-                global_batch: int, seq_len: int, queue) -> None:
-    torch.set_num_threads(1)  # as hetrain's workers
+                global_batch: int, seq_len: int, queue, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # as hetrain's workers: no orphan outlives the bench
+    gloo_on_loopback()
+    torch.set_num_threads(1)
     timeout = timedelta(seconds=config.op_timeout_s)
     store = dist.TCPStore(LOOPBACK, port, world, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
@@ -56,8 +62,17 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: C
             steps_s.append(time.perf_counter() - t0)
             losses.append(float(total) / world)
         queue.put((rank, steps_s, losses))
-    finally:
+        queue.close()
+        queue.join_thread()  # the figures are in the pipe before the exit below
         dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - the launcher sees the exit code, stderr the cause
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # Skip the interpreter's teardown: freeing DDP's reducer drops the last reference to its
+    # gloo group while holding the GIL, and the group's destructor joins gloo's work thread,
+    # which needs the GIL to free its last work's tensors: a deadlock in about 1 run in 25.
+    os._exit(0)
 
 
 def ddp_run(config: TrainConfig, corpus: Corpus, global_batch: int, seq_len: int,
@@ -71,7 +86,7 @@ def ddp_run(config: TrainConfig, corpus: Corpus, global_batch: int, seq_len: int
     store = LoopbackStore(world, config.op_timeout_s)  # as hetrain's: 127.0.0.1 only
     procs = [ctx.Process(target=_ddp_worker, daemon=True,
                          args=(r, world, store.port, config, corpus, global_batch, seq_len,
-                               queue))
+                               queue, os.getpid()))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -17,14 +17,15 @@ from typing import Literal
 import torch
 import torch.distributed.checkpoint as dcp
 
-FaultMode = Literal["exit", "hang", "checkpoint", "nan", "nospace"]
+FaultMode = Literal["exit", "hang", "checkpoint", "nan", "nospace", "teardown"]
 
 
 @dataclass(frozen=True)
 class Faults:
     """Rank `rank` exits at the start of step `step` (mode "exit"), hangs there ("hang"), gets
     NaN weights at that step ("nan"), dies while writing the checkpoint of step `step`
-    ("checkpoint"), or finds its disk full writing it ("nospace")."""
+    ("checkpoint"), or finds its disk full writing it ("nospace"); or, its report written,
+    never ends its process ("teardown", any step)."""
 
     step: int
     rank: int = 0
@@ -46,6 +47,12 @@ def before_step(faults: Faults | None, rank: int, step: int,
     if faults.mode == "hang":  # a hung device: alive, silent (its heartbeat thread beats)
         time.sleep(24 * 3600)
     os._exit(13)  # die without cleanup, like a lost device
+
+
+def at_exit(faults: Faults | None, rank: int) -> None:
+    """After this rank's report is written: stuck in its interpreter's teardown."""
+    if faults is not None and faults.rank == rank and faults.mode == "teardown":
+        time.sleep(24 * 3600)
 
 
 def checkpoint_writer(faults: Faults | None, rank: int, step: int,

@@ -54,6 +54,7 @@ ProgressFn = Callable[[StepRecord], None]  # rank 0's record of each step
 SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]  # a plan for the survivors
 WORKER_LOG = "workers.log"
+EXIT_GRACE_S = 30.0  # a worker that wrote its report exits within this, or is killed
 
 
 def plan_model(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSource:
@@ -241,11 +242,12 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
     beats = Heartbeats(store, beat_key, world, job.config.hang_timeout_s)
     deadline = time.monotonic() + (job.config.run_timeout_s or float("inf"))
     next_beat_check = 0.0
+    reported_at: dict[int, float] = {}
     try:
         while True:
             _drain(job, progress, beats)
             codes = [p.exitcode for p in procs]
-            if all(c == 0 for c in codes):
+            if all(c == 0 for c in codes) or _all_reported(job, codes, reported_at):
                 break
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
@@ -270,6 +272,20 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
                 p.kill()
         for p in procs:
             p.join(5)
+
+
+def _all_reported(job: Job, codes: list[int | None], reported_at: dict[int, float]) -> bool:
+    """Every worker wrote its report and those still alive are stuck past EXIT_GRACE_S in
+    their interpreter's teardown (a process group freed while its thread waits for the GIL
+    can deadlock there): the run is complete, the stragglers are killed by the caller."""
+    now = time.monotonic()
+    out = Path(job.out_dir)
+    for r, code in enumerate(codes):
+        if code is None and (out / f"rank{r}.pt").exists():
+            reported_at.setdefault(r, now)
+    alive = [r for r, c in enumerate(codes) if c is None]
+    return (all(c in (None, 0) for c in codes)
+            and all(r in reported_at and now - reported_at[r] > EXIT_GRACE_S for r in alive))
 
 
 def _check_heartbeats(job: Job, beats: Heartbeats, codes: list[int | None],

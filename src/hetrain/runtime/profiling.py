@@ -18,7 +18,7 @@ from hetrain.cost.profile import (
     sample_ids,
 )
 from hetrain.errors import CostError
-from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
+from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore, gloo_on_loopback
 
 
 def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
@@ -31,6 +31,7 @@ def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
 
     from hetrain.model.source import DecoderModel
 
+    gloo_on_loopback()
     torch.set_num_threads(1)
     device = devices[rank]
     tp = len(devices)

@@ -8,6 +8,7 @@ in the launcher (not in worker 0) also lets the launcher read the workers' heart
 
 from __future__ import annotations
 
+import os
 import socket
 from datetime import timedelta
 
@@ -41,3 +42,17 @@ class LoopbackStore:
     def close(self) -> None:
         """Stop listening (the store closes its socket when released)."""
         self.store = None
+
+
+def gloo_on_loopback() -> None:
+    """Gloo listens on the address its host name resolves to, which on some hosts is an
+    interface the other local workers cannot reach (they wait for each other until the op
+    timeout). A local run keeps gloo on the loopback interface, unless the user chose one."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return
+    if "lo" in names:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"

@@ -28,8 +28,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from hetrain.cluster.devices import bind_process
+from hetrain.runtime.faults import at_exit
 from hetrain.runtime.job import Job
 from hetrain.runtime.loop import run_worker
+from hetrain.runtime.rendezvous import gloo_on_loopback
 
 BEAT_S = 0.5  # heartbeat period
 _PR_SET_PDEATHSIG = 1
@@ -46,7 +48,7 @@ def supervised_worker(job: Job, rank: int, world: int, parent_pid: int) -> None:
         device_id = job.rank_devices[rank]
         if device_id in job.torch_device_of:  # a real device: its kind's plugin first
             bind_process(job.cluster.kind_of(device_id), job.torch_device_of[device_id])
-        _loopback_only()
+        gloo_on_loopback()
         timeout = timedelta(seconds=job.config.op_timeout_s)
         store = dist.TCPStore(job.master_addr, job.master_port, world, is_master=False,
                               timeout=timeout)
@@ -55,6 +57,7 @@ def supervised_worker(job: Job, rank: int, world: int, parent_pid: int) -> None:
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                     timeout=timeout)
             run_worker(job, rank, world)
+            at_exit(job.faults, rank)
         finally:
             heartbeat.stop()  # before the interpreter exits: no store call left in flight
     except BaseException as err:  # noqa: BLE001 - the report file holds the traceback
@@ -82,23 +85,6 @@ def _watch_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(1)  # orphaned: stop before writing anything more into the run folder
-
-
-def _loopback_only() -> None:
-    """Gloo listens on the address its host name resolves to; a local run keeps it on the
-    loopback interface (unless the user chose an interface)."""
-    names = {name for _, name in _interfaces()}
-    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in names:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-
-
-def _interfaces() -> list[tuple[int, str]]:
-    import socket
-
-    try:
-        return socket.if_nameindex()
-    except OSError:
-        return []
 
 
 class Heartbeat:
