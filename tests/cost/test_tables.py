@@ -90,3 +90,26 @@ def test_a_sharded_sum_across_kinds_moves_shards_over_the_bridge():
     assert cost.sync_s(h + b, nbytes) == pytest.approx(inside + bridge)
     # a leader per kind carrying the whole buffer would pay twice the bridge bytes
     assert cost.sync_s(h + b, nbytes) < inside + 2 * (1 / 2) * nbytes / bw + 2 * lat
+
+
+def test_sequence_parallelism_splits_what_tensor_parallelism_left_whole():
+    cfg = model_config("llama-70b")
+    split, plain = model_spec(cfg, 4096), model_spec(cfg, 4096, sequence_parallel=False)
+    assert split.sequence_parallel(8) and not split.sequence_parallel(1)
+    assert not plain.sequence_parallel(8)  # Hugging Face layers: the runtime does not split
+    assert not model_spec(cfg, 4095).sequence_parallel(8)  # uneven: plain TP, priced so
+    g = group("H100", 8, (1, 11), "bf16", False)
+    with_sp = CostModel(CLUSTER, split).activation_bytes_peak(g, 1, 4)
+    without = CostModel(CLUSTER, plain).activation_bytes_peak(g, 1, 4)
+    assert with_sp < 0.65 * without  # norms and residuals were most of a TP-8 block's share
+    rc = group("H100", 8, (1, 11), "bf16", True)
+    assert CostModel(CLUSTER, split).activation_bytes_peak(rc, 1, 4) < \
+        CostModel(CLUSTER, plain).activation_bytes_peak(rc, 1, 4)
+    for spec in (split, plain, model_spec(cfg, 4095)):  # the tables price both ways alike
+        cost = CostModel(CLUSTER, spec)
+        tables = TableCache(cost).get("H100", 8, "bf16", 1)
+        for recompute in (False, True):
+            want = cost.stage_memory_bytes(group("H100", 8, (1, 11), "bf16", recompute), 1, 4)
+            fixed, per = tables.fixed_bytes[recompute][1, 11], \
+                tables.per_in_flight_bytes[recompute][1, 11]
+            assert fixed + 4 * per == pytest.approx(want, rel=1e-9)

@@ -73,6 +73,7 @@ def _plan(model: str, shape: str, seq_len: int, mbs: int):
 @pytest.mark.parametrize(("model", "shape", "seq_len", "mbs"), [
     ("tiny", "dp", 16, 2), ("tiny", "pp", 16, 2), ("tiny", "tp", 16, 2), ("tiny", "zero", 16, 2),
     ("small", "pp", 32, 4), ("small", "zero", 32, 4),  # the most activations; ZeRO's buffers
+    ("small", "tp", 32, 4), ("small", "tp", 31, 4),  # sequence-parallel TP; plain (31 odd)
 ])
 def test_the_estimate_holds_the_measured_peak_within_15_percent(model, shape, seq_len, mbs):
     cluster, plan = _plan(model, shape, seq_len, mbs)

@@ -18,8 +18,9 @@ def cluster():
     return load_cluster(EXAMPLES / "clusters" / "test-mixed.yaml")
 
 
-def _run(cluster, raw, model="tiny", steps=3):
-    plan = expand_plan({"model": model, "seq_len": 16, "micro_batch_size": 2, **raw}, cluster)
+def _run(cluster, raw, model="tiny", steps=3, seq_len=16):
+    plan = expand_plan({"model": model, "seq_len": seq_len, "micro_batch_size": 2, **raw},
+                       cluster)
     result = run_plan(cluster, plan, steps=steps)
     assert_matches_reference(result, steps=steps)
     return result
@@ -66,8 +67,9 @@ def test_data_parallel_two_then_four(cluster):
     assert len(result.plan.stage_groups) == 6
 
 
-def test_tensor_parallel_two_then_four_then_two(cluster):
-    _run(cluster, {"pipelines": [
+@pytest.mark.parametrize("seq_len", [16, 14])  # sequence split 2 and 4 ways; 4 ways not
+def test_tensor_parallel_two_then_four_then_two(cluster, seq_len):
+    _run(cluster, seq_len=seq_len, raw={"pipelines": [
         {"micro_batches": 3, "stages": [{"kind": "H100", "tp": 2, "layers": [0, 2]},
                                         {"kind": "A100-80GB", "tp": 4, "layers": [2, 4]},
                                         {"kind": "H100", "tp": 2, "layers": [4, 6]}]},

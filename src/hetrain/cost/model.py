@@ -227,12 +227,13 @@ class CostModel:
         if not layers:
             return 0.0
 
+        sp = self.spec.sequence_parallel(tp)
+
         def per_device(lay) -> float:  # noqa: ANN001 - LayerSpec
-            whole = lay.tp_replicated_elems_per_token
-            return whole + (lay.activation_elems_per_token - whole) / tp
+            return lay.kept_elems_per_token(tp, sp)
 
         if group.recompute:
-            kept = sum(lay.recompute_elems_per_token for lay in layers)
+            kept = sum(lay.recompute_kept_elems_per_token(tp, sp) for lay in layers)
             # one layer's full activations are rebuilt at a time during backward
             peak = max(per_device(lay) for lay in layers)
         else:

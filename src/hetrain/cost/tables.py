@@ -80,10 +80,7 @@ class TableCache:
         self._rep_params = range_sums(np.array([float(x.tp_replicated_params) for x in layer]))
         self._buffers = range_sums(np.array([float(x.buffer_bytes) for x in layer]))
         self._acts_layer = np.array([x.activation_elems_per_token for x in layer])
-        self._whole_layer = np.array([x.tp_replicated_elems_per_token for x in layer])
         self._acts = range_sums(self._acts_layer)
-        self._whole = range_sums(self._whole_layer)
-        self._recompute = range_sums(np.array([x.recompute_elems_per_token for x in layer]))
         self._bwd_peak = range_maxima(np.array([x.backward_peak_elems_per_token
                                                 for x in layer]))
         # CostModel.boundary_elems_per_token for every range
@@ -129,8 +126,9 @@ class TableCache:
         states = params * (2 * master + cast) + params / optimizer_shards * (piece + 2 * master) \
             + self._buffers
         scale = tokens * wbytes
-        acts = self._whole + (self._acts - self._whole) / tp + self._boundary
-        acts_peak = range_maxima(self._whole_layer + (self._acts_layer - self._whole_layer) / tp)
+        kept, kept_rc = self._kept(tp)
+        acts = range_sums(kept) + self._boundary
+        acts_peak = range_maxima(kept)
         fixed_plain = states + self._bwd_peak * scale
         fixed_rc = fixed_plain + acts_peak * scale
         floor = states + sync_bound_bytes(params, dtype, optimizer_shards > 1)
@@ -141,10 +139,18 @@ class TableCache:
             time_s=(plain, recompute),
             fixed_bytes=(fixed_plain * grow + extra, fixed_rc * grow + extra),
             per_in_flight_bytes=(acts * scale * grow,
-                                 (self._recompute + self._boundary) * scale * grow),
+                                 (range_sums(kept_rc) + self._boundary) * scale * grow),
             floor_bytes=floor * grow + extra,
             capacity_bytes=kind.memory_bytes,
         )
+
+    def _kept(self, tp: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per layer, elements per token one device keeps: without and with recomputation
+        (as CostModel.activation_bytes_peak)."""
+        spec = self.cost.spec
+        sp = spec.sequence_parallel(tp)
+        return (np.array([x.kept_elems_per_token(tp, sp) for x in spec.layers]),
+                np.array([x.recompute_kept_elems_per_token(tp, sp) for x in spec.layers]))
 
     def _compute(self, kind_name: str, tp: int, dtype: str,
                  tokens: float) -> tuple[np.ndarray, np.ndarray]:

@@ -182,7 +182,7 @@ class HFModel(LlamaShaped):
             return int(name.split(".")[2]) + 1
         return self.n_layers - 1
 
-    def apply_tensor_parallel(self, stage: Stage, mesh) -> None:
+    def apply_tensor_parallel(self, stage: Stage, mesh, sequence_parallel: bool = False) -> None:
         """Megatron-style TP on every decoder layer, as torchtitan's Llama plan: q/k/v and
         gate/up column-wise, o and down row-wise; the attention's head counts become the
         local shard's. Embedding, norms and head stay replicated across the group."""

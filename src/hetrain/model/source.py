@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 
+import torch
 from torch import nn
 
 from hetrain.errors import ModelError, PlanError
@@ -61,8 +62,10 @@ class ModelSource(ABC):
     def layer_of(self, name: str) -> int:
         """The layer a parameter (by canonical name) belongs to."""
 
-    def apply_tensor_parallel(self, stage: Stage, mesh) -> None:
-        """Shard the stage's blocks over `mesh` (DTensor plans), in place."""
+    def apply_tensor_parallel(self, stage: Stage, mesh, sequence_parallel: bool = False) -> None:
+        """Shard the stage's blocks over `mesh` (DTensor plans), in place; with
+        `sequence_parallel` (ModelSpec.sequence_parallel says when) also split their
+        sequence."""
         self.check_tp(mesh.size())
 
     @abstractmethod
@@ -75,9 +78,10 @@ class LlamaShaped(ModelSource):
     """A model priced as the reference decoder of its ModelConfig (`self.cfg`)."""
 
     cfg: ModelConfig
+    sequence_parallel = False  # whether apply_tensor_parallel splits the blocks' sequence
 
     def spec(self, seq_len: int) -> ModelSpec:
-        return model_spec(self.cfg, seq_len)
+        return model_spec(self.cfg, seq_len, self.sequence_parallel)
 
     def tp_sizes(self) -> tuple[int, ...]:
         return tuple(t for t in (1, 2, 4, 8) if self._divides(t))
@@ -96,6 +100,8 @@ class LlamaShaped(ModelSource):
 
 class DecoderModel(LlamaShaped):
     """The reference decoder (model/decoder.py) of a ModelConfig: a built-in name or a YAML."""
+
+    sequence_parallel = True
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -128,27 +134,66 @@ class DecoderModel(LlamaShaped):
             return int(name.split(".")[1]) + 1
         return self.n_layers - 1
 
-    def apply_tensor_parallel(self, stage: Stage, mesh) -> None:
-        """Megatron-style TP on every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise.
-        Embedding, norms and head stay replicated across the group; attention infers its
-        local head count from the projection's width."""
+    def apply_tensor_parallel(self, stage: Stage, mesh, sequence_parallel: bool = False) -> None:
+        """Megatron-style TP on every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise;
+        attention infers its local head count from the projection's width. Embedding and head
+        stay replicated across the group. With `sequence_parallel`, as Megatron's sequence
+        parallelism (torchtitan's plan): the norms and residual sums between the blocks work
+        on this rank's share of the sequence, all-gathered before the first matmuls and
+        reduce-scattered after the last (the norms' weight gradients come out partial:
+        runtime/stage.settle_partial_grads sums them); the stage's first block splits its
+        input, its last block gathers its output, so stages exchange whole activations."""
+        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
+            PrepareModuleInput,
             RowwiseParallel,
+            SequenceParallel,
             parallelize_module,
         )
 
         from hetrain.model.decoder import Block
 
         self.check_tp(mesh.size())
-        for layer in stage.layers:
-            if isinstance(layer, Block):
-                parallelize_module(layer, mesh, {
-                    "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
-                    "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
-                    "ffn.w1": ColwiseParallel(), "ffn.w3": ColwiseParallel(),
-                    "ffn.w2": RowwiseParallel(),
-                })
+        blocks = [layer for layer in stage.layers if isinstance(layer, Block)]
+        split = {"attn.wo": RowwiseParallel(), "ffn.w2": RowwiseParallel()}
+        if sequence_parallel:
+            gather = PrepareModuleInput(input_layouts=(Shard(1),),
+                                        desired_input_layouts=(Replicate(),))
+            split = {"attn_norm": SequenceParallel(), "attn": gather,
+                     "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
+                     "ffn_norm": SequenceParallel(), "ffn": gather,
+                     "ffn.w2": RowwiseParallel(output_layouts=Shard(1))}
+        for block in blocks:
+            parallelize_module(block, mesh, {
+                "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
+                "attn.wv": ColwiseParallel(), "ffn.w1": ColwiseParallel(),
+                "ffn.w3": ColwiseParallel(), **split,
+            })
+        if sequence_parallel and blocks:
+            blocks[0].register_forward_pre_hook(
+                lambda _m, args: (_split_sequence(args[0], mesh), *args[1:]))
+            blocks[-1].register_forward_hook(
+                lambda _m, _args, out: _gather_sequence(out, mesh))
+
+
+def _split_sequence(x: torch.Tensor, mesh) -> torch.Tensor:
+    """A whole activation (the same on every rank) -> this rank's share of the sequence;
+    backward all-gathers the gradient."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False) \
+        .redistribute(mesh, [Shard(1)]).to_local()
+
+
+def _gather_sequence(x: torch.Tensor, mesh) -> torch.Tensor:
+    """This rank's share of the sequence -> the whole activation; backward keeps this rank's
+    share of the (whole, same on every rank) gradient."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    # Not a view of the DTensor's storage: pipelining's split backward detaches the stage's
+    # output in place, which a view refuses.
+    return DTensor.from_local(x, mesh, [Shard(1)], run_check=False).full_tensor().clone()
 
 
 class WholeModule(ModelSource):

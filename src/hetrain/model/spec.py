@@ -25,8 +25,24 @@ class LayerSpec(BaseModel):
     # working set backward needs on top of what the forward kept.
     tp_replicated_params: int = 0
     tp_replicated_elems_per_token: float = 0.0
+    # Under sequence parallelism (ModelSpec.sequence_parallel): what stays whole on every TP
+    # rank, the rest (the layer input kept under recomputation included) split by the degree.
+    # None: the layer's sequence is never split.
+    sp_replicated_elems_per_token: float | None = None
     backward_peak_elems_per_token: float = 0.0
     buffer_bytes: int = 0  # persistent buffers (rotary tables), whatever the dtype
+
+    def kept_elems_per_token(self, tp: int, sequence_parallel: bool) -> float:
+        """Activations one device of a `tp`-way group keeps for backward, per token."""
+        whole = self.sp_replicated_elems_per_token if sequence_parallel and \
+            self.sp_replicated_elems_per_token is not None else self.tp_replicated_elems_per_token
+        return whole + (self.activation_elems_per_token - whole) / tp
+
+    def recompute_kept_elems_per_token(self, tp: int, sequence_parallel: bool) -> float:
+        """Kept under full recomputation (the layer input): split along the sequence under
+        sequence parallelism."""
+        split = sequence_parallel and self.sp_replicated_elems_per_token is not None
+        return self.recompute_elems_per_token / (tp if split else 1)
 
 
 class ModelSpec(BaseModel):
@@ -50,6 +66,13 @@ class ModelSpec(BaseModel):
             total -= self.vocab_size * self.dim
         return total
 
+    def sequence_parallel(self, tp: int) -> bool:
+        """Whether a `tp`-way group splits its blocks' sequence (norms, residuals) over its
+        ranks, as the runtime does (model/source.py): when the model supports it and the
+        sequence divides evenly."""
+        return tp > 1 and self.seq_len % tp == 0 and \
+            any(lay.sp_replicated_elems_per_token is not None for lay in self.layers)
+
     def flops_per_token(self, start: int = 0, end: int | None = None) -> float:
         """Forward + backward FLOPs per token of layers [start, end)."""
         return 3 * sum(layer.forward_flops_per_token for layer in self.layers[start:end])
@@ -64,7 +87,10 @@ class ModelSpec(BaseModel):
                    for lay in self.layers[start:end])
 
 
-def model_spec(cfg: ModelConfig, seq_len: int) -> ModelSpec:
+def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -> ModelSpec:
+    """`sequence_parallel`: whether the runtime splits the blocks' sequence under TP (the
+    reference decoder does; Hugging Face layers, which build their positions from their
+    input, do not)."""
     h, f, kv = cfg.dim, cfg.ffn_dim, cfg.kv_heads * cfg.head_dim
     q = cfg.n_heads * cfg.head_dim
     block_params = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h
@@ -74,7 +100,9 @@ def model_spec(cfg: ModelConfig, seq_len: int) -> ModelSpec:
     # its 1/rms, x*rms and output (2h + 1); the residual sums (2h); the rotated q and k, v,
     # or with grouped heads the repeated k and v (2q); the attention output and its
     # logsumexp per head (flash attention: no s^2 term); w1's output, silu's, w3's and
-    # their product (4f). Norms and residuals stay whole under tensor parallelism.
+    # their product (4f). Norms and residuals stay whole under tensor parallelism; under
+    # sequence parallelism they are split along the sequence, and what stays whole is the
+    # all-gathered input each of the attention's and the FFN's first matmuls keeps (2h).
     kv_kept = q if cfg.n_heads != cfg.kv_heads else kv
     whole = 4 * h + 2 + 2 * h
     block_acts = whole + 2 * q + 2 * kv_kept + cfg.n_heads + 4 * f
@@ -90,6 +118,7 @@ def model_spec(cfg: ModelConfig, seq_len: int) -> ModelSpec:
                       activation_elems_per_token=block_acts, recompute_elems_per_token=h,
                       output_elems_per_token=h, tp_allreduces=2, tp_replicated_params=2 * h,
                       tp_replicated_elems_per_token=whole,
+                      sp_replicated_elems_per_token=2 * h if sequence_parallel else None,
                       backward_peak_elems_per_token=2 * (h + f),
                       buffer_bytes=cfg.max_seq_len * cfg.head_dim * 4)
             for i in range(cfg.n_layers)

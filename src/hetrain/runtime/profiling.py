@@ -43,7 +43,7 @@ def _time_group(cfg, devices: list[str], native: str, dtype: str, seq_len: int,
         model = DecoderModel(cfg)
         stage = model.build_stage(0, model.n_layers, seed=0)
         mesh = DeviceMesh(torch.device(device).type, list(range(tp)))
-        model.apply_tensor_parallel(stage, mesh)
+        model.apply_tensor_parallel(stage, mesh, model.spec(seq_len).sequence_parallel(tp))
         stage.to(device=device, dtype=getattr(torch, TORCH_DTYPES[dtype]))
         figures = {}
         for mbs in micro_batch_sizes:

@@ -35,7 +35,7 @@ from hetrain.runtime.memory import ActivationMeter, PeakTracker, held_tensors, s
 from hetrain.runtime.precision import loss_scaler, param_dtype, precision_of
 from hetrain.runtime.recipe import StepRecipe, adamw, decays, recipe_state
 from hetrain.runtime.records import StepRecord, WorkerReport
-from hetrain.runtime.stage import Stage, full_tensor
+from hetrain.runtime.stage import Stage, full_tensor, settle_partial_grads
 from hetrain.runtime.transfers import transfer_pairs
 
 
@@ -119,7 +119,8 @@ class Worker:
 
             mesh = DeviceMesh.from_group(tp_groups[g.name], self.device.type,
                                          mesh=torch.tensor(tp_ranks))
-            self.model.apply_tensor_parallel(self.stage, mesh)
+            self.model.apply_tensor_parallel(self.stage, mesh,
+                                             self.spec.sequence_parallel(g.tp))
         self.params = [(name, self.model.layer_of(name), p)
                        for name, p in self.stage.canonical_parameters()]
         self.dtype = param_dtype(job.config.precision)  # master weights
@@ -188,6 +189,7 @@ class Worker:
         # or the next stage would start before this one could have finished.
         emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
         if start_sync:
+            settle_partial_grads(p for _, _, p in self.params)
             self.grad_sync.launch(lambda b: self._bucket_ready_s(b, t0, emulated_s))
         self.pacer.finish(t0, emulated_s)
         if action.send_to is not None:
