@@ -9,6 +9,7 @@ import pytest
 from hetrain.cluster import cluster_from_dict
 from hetrain.cluster.kinds import CATALOG
 from hetrain.cost import CostModel, Profile
+from hetrain.cost.model import tp_comm_passes
 from hetrain.cost.profile import KindProfile, ProfileEntry, measure_profile
 from hetrain.errors import CostError
 from hetrain.model import model_config, model_spec
@@ -44,7 +45,9 @@ def test_round_trip_and_cost_model(tiny_profile, tmp_path):
     kp = loaded.kinds["cpu"].entries[0]
     want = 32 * sum(kp.backward_s_per_token[1:3]) / 2  # tp 2 not measured: tp 1's work / 2
     got = cost.layers_compute_s("cpu", (1, 3), 32, "backward", "fp32", tp=2)
-    assert got == pytest.approx(want + cost.tp_comm_s("cpu", (1, 3), 32, "fp32", 2))
+    assert spec.sequence_parallel(2)  # backward gathers the saved shards again: 1.5 passes
+    assert got == pytest.approx(want + tp_comm_passes("backward", True, False)
+                                * cost.tp_comm_s("cpu", (1, 3), 32, "fp32", 2))
 
 
 def test_bad_files_name_the_problem(tmp_path, tiny_profile):

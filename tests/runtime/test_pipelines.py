@@ -82,3 +82,15 @@ def test_replicas_with_different_tp_degrees_share_layers(cluster):
         {"micro_batches": 2, "stages": [{"kind": "H100", "tp": 2, "layers": [0, 6]}]},
         {"micro_batches": 3, "stages": [{"kind": "A100-80GB", "tp": 4, "layers": [0, 6]}]},
     ]})
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_recomputed_stages_including_a_sequence_parallel_group(cluster, schedule):
+    # Recomputation reruns each layer's forward (its TP collectives too) in backward: the
+    # same values, so the run stays exact under either schedule.
+    _run(cluster, {"schedule": schedule, "pipelines": [
+        {"micro_batches": 3, "stages": [
+            {"kind": "H100", "tp": 2, "layers": [0, 3], "recompute": True},
+            {"kind": "A100-80GB", "layers": [3, 5]},
+            {"kind": "BR104", "layers": [5, 6], "recompute": True}]},
+    ]})

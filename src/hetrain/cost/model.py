@@ -39,6 +39,21 @@ class GroupLike(Protocol):
     devices: list[str]
 
 
+def tp_comm_passes(op: Op, sequence_parallel: bool, recompute: bool) -> float:
+    """An action's collectives inside its tensor-parallel group, in forward passes' worth
+    (per matmul pair one all-reduce, or under sequence parallelism an all-gather and a
+    reduce-scatter): backward sums the input gradients as forward summed the outputs;
+    recomputation runs forward's again; sequence parallelism gathers the saved shard of
+    the matmuls' input again (half a pass) in each backward action that reads it (a split
+    backward: both). The weight-gradient action moves no activation gradient."""
+    if op == "forward":
+        return 1.0
+    regather = 0.5 if sequence_parallel and not recompute else 0.0
+    if op == "backward_weight":
+        return regather
+    return 1.0 + (1.0 if recompute else 0.0) + regather
+
+
 class CostModel:
     def __init__(self, cluster: Cluster, spec: ModelSpec, profile: Any | None = None):
         self.cluster = cluster
@@ -54,6 +69,7 @@ class CostModel:
             raise CostError(f"unknown kind {kind!r}")
         start, end = layers
         comm = self.tp_comm_s(kind, layers, tokens, dtype, tp)
+        passes = tp_comm_passes(op, self.spec.sequence_parallel(tp), recompute)
         if self.profile is not None and self.profile.has(kind):
             fwd = self.profile.forward_s(kind, start, end, tokens, tp)
             bwd = self.profile.backward_s(kind, start, end, tokens, tp)
@@ -64,10 +80,10 @@ class CostModel:
         if op == "forward":
             return fwd + comm
         compute = bwd * SPLIT_BACKWARD[op]
-        if op == "backward_weight":  # no activation gradient crosses the TP group
-            return compute
+        if op == "backward_weight":
+            return compute + passes * comm
         # recomputation rebuilds the activations before the input gradient
-        return compute + (fwd if recompute else 0.0) + comm
+        return compute + (fwd if recompute else 0.0) + passes * comm
 
     def _roofline_s(self, kind_name: str, start: int, end: int, tokens: float, dtype: str,
                     tp: int) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from hetrain.cost.model import (
     UNMODELLED_FRACTION,
     CostModel,
     sync_bound_bytes,
+    tp_comm_passes,
 )
 from hetrain.errors import CostError
 
@@ -114,9 +115,11 @@ class TableCache:
         if cost.profile is not None and cost.profile.has(kind_name) and \
                 cost.profile.measured_tp(kind_name, tp):
             comm = 0.0  # as CostModel.layers_compute_s: measured TP includes its all-reduces
+        sp = spec.sequence_parallel(tp)
+        back, back_rc = (tp_comm_passes("backward", sp, rc) * comm for rc in (False, True))
         with np.errstate(invalid="ignore"):
-            plain = np.where(self.valid, (fwd + comm) + (bwd + comm), np.inf)
-            recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + comm), np.inf)
+            plain = np.where(self.valid, (fwd + comm) + (bwd + back), np.inf)
+            recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + back_rc), np.inf)
         # as CostModel.stage_memory_bytes
         wbytes = DTYPE_BYTES[dtype]
         params = self._rep_params + (self._params - self._rep_params) / tp

@@ -137,16 +137,20 @@ class DecoderModel(LlamaShaped):
     def apply_tensor_parallel(self, stage: Stage, mesh, sequence_parallel: bool = False) -> None:
         """Megatron-style TP on every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise;
         attention infers its local head count from the projection's width. Embedding and head
-        stay replicated across the group. With `sequence_parallel`, as Megatron's sequence
-        parallelism (torchtitan's plan): the norms and residual sums between the blocks work
-        on this rank's share of the sequence, all-gathered before the first matmuls and
-        reduce-scattered after the last (the norms' weight gradients come out partial:
-        runtime/stage.settle_partial_grads sums them); the stage's first block splits its
-        input, its last block gathers its output, so stages exchange whole activations."""
-        from torch.distributed.tensor import Replicate, Shard
+        stay replicated across the group.
+
+        With `sequence_parallel`, Megatron's sequence parallelism: the norms and residual sums
+        between the blocks work on this rank's share of the sequence (DTensor's
+        SequenceParallel; the norms' weight gradients come out partial and are summed by
+        runtime/stage.settle_partial_grads); the attention's and the FFN's input is
+        all-gathered before their first matmuls and their output reduce-scattered after the
+        last. The gathered input is saved for backward as this rank's shard and gathered again
+        when backward needs it (unless the stage recomputes, which keeps nothing). The stage's
+        first block splits its input and its last block gathers its output, so stages
+        exchange whole activations."""
+        from torch.distributed.tensor import Shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
-            PrepareModuleInput,
             RowwiseParallel,
             SequenceParallel,
             parallelize_module,
@@ -156,20 +160,20 @@ class DecoderModel(LlamaShaped):
 
         self.check_tp(mesh.size())
         blocks = [layer for layer in stage.layers if isinstance(layer, Block)]
-        split = {"attn.wo": RowwiseParallel(), "ffn.w2": RowwiseParallel()}
+        rows = {"attn.wo": RowwiseParallel(), "ffn.w2": RowwiseParallel()}
         if sequence_parallel:
-            gather = PrepareModuleInput(input_layouts=(Shard(1),),
-                                        desired_input_layouts=(Replicate(),))
-            split = {"attn_norm": SequenceParallel(), "attn": gather,
-                     "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
-                     "ffn_norm": SequenceParallel(), "ffn": gather,
-                     "ffn.w2": RowwiseParallel(output_layouts=Shard(1))}
+            rows = {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel(),
+                    "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
+                    "ffn.w2": RowwiseParallel(output_layouts=Shard(1))}
         for block in blocks:
             parallelize_module(block, mesh, {
                 "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
                 "attn.wv": ColwiseParallel(), "ffn.w1": ColwiseParallel(),
-                "ffn.w3": ColwiseParallel(), **split,
+                "ffn.w3": ColwiseParallel(), **rows,
             })
+            if sequence_parallel:
+                _gather_sequence_first(block.attn, mesh, stage)
+                _gather_sequence_first(block.ffn, mesh, stage)
         if sequence_parallel and blocks:
             blocks[0].register_forward_pre_hook(
                 lambda _m, args: (_split_sequence(args[0], mesh), *args[1:]))
@@ -191,9 +195,88 @@ def _gather_sequence(x: torch.Tensor, mesh) -> torch.Tensor:
     share of the (whole, same on every rank) gradient."""
     from torch.distributed.tensor import DTensor, Shard
 
+    local = x.to_local() if hasattr(x, "to_local") else x
     # Not a view of the DTensor's storage: pipelining's split backward detaches the stage's
     # output in place, which a view refuses.
-    return DTensor.from_local(x, mesh, [Shard(1)], run_check=False).full_tensor().clone()
+    return DTensor.from_local(local, mesh, [Shard(1)], run_check=False).full_tensor().clone()
+
+
+def _gather_sequence_first(module: nn.Module, mesh, stage: Stage) -> None:
+    """`module` (attention or FFN) takes this rank's share of the sequence, all-gathers it
+    (backward: reduce-scatter) and runs on the whole sequence; what its matmuls save of the
+    gathered input is kept as the shard (_Regathered)."""
+    inner = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        shard = x.to_local() if hasattr(x, "to_local") else x
+        full = _gather_sequence_autograd(shard, mesh)
+        if stage.recompute:  # the stage's checkpoint keeps only the layer's input anyway
+            return inner(full)
+        saved = _Regathered(shard.detach(), mesh, full)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            return inner(full)
+
+    module.forward = forward
+
+
+def _gather_sequence_autograd(shard: torch.Tensor, mesh) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return DTensor.from_local(shard, mesh, [Shard(1)], run_check=False) \
+        .redistribute(mesh, [Replicate()]).to_local()
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    local = getattr(t, "_local_tensor", t)  # a DTensor's shard on this rank
+    return local.untyped_storage().data_ptr()
+
+
+class _Regathered:
+    """Saved-tensor hooks for one forward of an attention or FFN under sequence parallelism:
+    a saved tensor that is (a view of) the all-gathered input is kept as this rank's shard
+    and the view's layout; backward gathers the shard again, once for the saved tensors
+    unpacked together (the q/k/v matmuls' inputs), and rebuilds the view."""
+
+    def __init__(self, shard: torch.Tensor, mesh, full: torch.Tensor):
+        self.shard, self.mesh = shard, mesh
+        self.full_ptr = full.untyped_storage().data_ptr()
+        self.packed = 0
+        self.left = 0
+        self.gathered: torch.Tensor | None = None
+
+    def pack(self, t: torch.Tensor) -> object:
+        if _storage_ptr(t) != self.full_ptr:
+            return t
+        self.packed += 1
+        local = getattr(t, "_local_tensor", t)
+        dt = (t.placements, t.shape, t.stride()) if hasattr(t, "placements") else None
+        return _SavedView(local.size(), local.stride(), local.storage_offset(), dt)
+
+    def unpack(self, saved: object) -> torch.Tensor:
+        if not isinstance(saved, _SavedView):
+            return saved
+        from torch.distributed.tensor import DTensor
+
+        if self.gathered is None:
+            with torch.no_grad():
+                self.gathered = _gather_sequence_autograd(self.shard, self.mesh)
+            self.left = self.packed
+        view = self.gathered.as_strided(saved.size, saved.stride, saved.offset)
+        self.left -= 1
+        if self.left == 0:
+            self.gathered = None
+        if saved.dtensor is None:
+            return view
+        placements, shape, stride = saved.dtensor
+        return DTensor.from_local(view, self.mesh, placements, run_check=False, shape=shape,
+                                  stride=stride)
+
+
+class _SavedView:
+    __slots__ = ("size", "stride", "offset", "dtensor")
+
+    def __init__(self, size, stride, offset: int, dtensor):  # noqa: ANN001 - torch sizes
+        self.size, self.stride, self.offset, self.dtensor = size, stride, offset, dtensor
 
 
 class WholeModule(ModelSource):

@@ -101,8 +101,9 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -
     # or with grouped heads the repeated k and v (2q); the attention output and its
     # logsumexp per head (flash attention: no s^2 term); w1's output, silu's, w3's and
     # their product (4f). Norms and residuals stay whole under tensor parallelism; under
-    # sequence parallelism they are split along the sequence, and what stays whole is the
-    # all-gathered input each of the attention's and the FFN's first matmuls keeps (2h).
+    # sequence parallelism they are split along the sequence, and so is what the first
+    # matmuls keep of their all-gathered input (saved as the shard, gathered again in
+    # backward): nothing of a block stays whole.
     kv_kept = q if cfg.n_heads != cfg.kv_heads else kv
     whole = 4 * h + 2 + 2 * h
     block_acts = whole + 2 * q + 2 * kv_kept + cfg.n_heads + 4 * f
@@ -118,7 +119,7 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -
                       activation_elems_per_token=block_acts, recompute_elems_per_token=h,
                       output_elems_per_token=h, tp_allreduces=2, tp_replicated_params=2 * h,
                       tp_replicated_elems_per_token=whole,
-                      sp_replicated_elems_per_token=2 * h if sequence_parallel else None,
+                      sp_replicated_elems_per_token=0.0 if sequence_parallel else None,
                       backward_peak_elems_per_token=2 * (h + f),
                       buffer_bytes=cfg.max_seq_len * cfg.head_dim * 4)
             for i in range(cfg.n_layers)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Stage(nn.Module):
@@ -25,12 +26,16 @@ class Stage(nn.Module):
         self.start, self.end = start, end
         self.first, self.last = start == 0, end == n_layers
         self.aliases = aliases or {}
+        # Full recomputation (the plan's `recompute`): each layer keeps only its input for
+        # backward and runs its forward again there (torch.utils.checkpoint, non-reentrant,
+        # the RNG state restored: the same values, so training stays exact).
+        self.recompute = False
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Layers from the `start`-th of the stage on (zero-bubble splits stage 0 after its
         embedding)."""
         for layer in self.layers[start:]:
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if self.recompute else layer(x)
             x = getattr(x, "logits", x)
         return x
 
