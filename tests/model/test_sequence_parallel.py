@@ -1,6 +1,7 @@
 """Sequence parallelism of the reference decoder's blocks on a 2-way TP group (two gloo
 processes): the same outputs and gradients as one process, and the matmuls' gathered input
-saved as this rank's shard (gathered again in backward), under a whole and a split backward."""
+saved as this rank's shard when regathering (gathered again in backward), under a whole and
+a split backward."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.helpers import free_port
 pytestmark = pytest.mark.slow
 
 
-def _rank(rank: int, port: int, split: bool, out) -> None:  # noqa: ANN001 - a queue
+def _rank(rank: int, port: int, split: bool, regather: bool, out) -> None:  # noqa: ANN001 - a queue
     import copy
 
     import torch
@@ -42,6 +43,7 @@ def _rank(rank: int, port: int, split: bool, out) -> None:  # noqa: ANN001 - a q
         source._Regathered.pack = counting
         model = source.DecoderModel(model_config("tiny"))
         stage = model.build_stage(1, 3, seed=0).double()  # two blocks
+        stage.regather = regather
         ref = copy.deepcopy(stage)
         model.apply_tensor_parallel(stage, DeviceMesh("cpu", [0, 1]), sequence_parallel=True)
         x = torch.randn(2, 16, model.hidden_size, dtype=torch.double,
@@ -71,12 +73,13 @@ def _rank(rank: int, port: int, split: bool, out) -> None:  # noqa: ANN001 - a q
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("regather", [True, False], ids=["regather", "keep-gathered"])
 @pytest.mark.parametrize("split", [False, True], ids=["backward", "split-backward"])
-def test_blocks_match_one_process_and_keep_the_gathered_input_as_shards(split):
+def test_blocks_match_one_process_and_keep_the_gathered_input_as_shards(split, regather):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, split, out), daemon=True)
+    procs = [ctx.Process(target=_rank, args=(r, port, split, regather, out), daemon=True)
              for r in range(2)]
     for p in procs:
         p.start()
@@ -90,4 +93,4 @@ def test_blocks_match_one_process_and_keep_the_gathered_input_as_shards(split):
     for rank, worst, shards, saved in results:
         assert worst < 1e-12, (rank, worst)
         # per block: q, k, v keep the attention's gathered input; w1, w3 the FFN's
-        assert shards == 2 * 5, (rank, shards, saved)
+        assert shards == (2 * 5 if regather else 0), (rank, shards, saved)

@@ -49,7 +49,9 @@ def test_an_hf_config_prices_as_the_decoder_of_its_shape(tmp_path):
         "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
         "max_position_embeddings": 4096}))
     hf = load_model(tmp_path)
-    assert hf.spec(1024).layers == model_spec(seven, 1024).layers
+    # the same figures, less sequence parallelism: HF layers build positions from their input
+    assert hf.spec(1024).layers == model_spec(seven, 1024, sequence_parallel=False).layers
+    assert not hf.spec(1024).sequence_parallel(2) and model_spec(seven, 1024).sequence_parallel(2)
     assert hf.tp_sizes() == (1, 2, 4, 8)
     with pytest.raises(PlanError, match="does not divide"):
         hf.check_tp(3)

@@ -27,9 +27,11 @@ def brute_partition(cost, comm, dtypes, mbs, stages, allow_recompute=True):
             layers = (bounds[s], bounds[s + 1])
             cap = cost.cluster.kinds[kind].memory_bytes * (1 - MEMORY_SLACK)
             t = math.inf
-            for rc in ((False, True) if allow_recompute else (False,)):
+            # the fastest that fits: plain, regathering (sequence parallelism), recomputation
+            modes = ((False, False), (False, True), (True, False))
+            for rc, rg in (modes if allow_recompute else modes[:2]):
                 g = StageGroup(name="g", kind=kind, devices=["x"] * tp, layers=layers,
-                               dtype=dtypes[kind], recompute=rc)
+                               dtype=dtypes[kind], recompute=rc, regather=rg)
                 if cost.stage_memory_bytes(g, mbs, s_count - s) <= cap:
                     t = sum(cost.stage_compute_s(g, op, mbs, cost.spec.seq_len)
                             for op in ("forward", "backward"))

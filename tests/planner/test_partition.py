@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from hetrain.cluster import cluster_from_dict
 from hetrain.cost import CostModel
+from hetrain.cost.model import PLAIN, RECOMPUTE, REGATHER
 from hetrain.cost.tables import TableCache
 from hetrain.model import model_config, model_spec
 from hetrain.planner.links import BoundaryComm, LinkModel
@@ -59,15 +60,25 @@ def test_dp_matches_every_cut(blocks, mbs, allow_recompute):
     assert all(a < b for a, b in best.layers)
     assert all(x[1] == y[0] for x, y in zip(best.layers, best.layers[1:], strict=False))
     if not allow_recompute:
-        assert not any(best.recompute)
+        assert RECOMPUTE not in best.modes
 
 
 def test_recomputation_only_where_needed():
     part, _ = partitioner(2)
     best = part.best((("fast", 1, 3, True), ("slow", 1, 2, True)))
-    assert best is not None and any(best.recompute)  # the fast kind's 0.05 GiB is tight
+    assert best is not None and RECOMPUTE in best.modes  # the fast kind's 0.05 GiB is tight
     without, _ = partitioner(2, allow_recompute=False)
     assert without.slot_s((("fast", 1, 3, True), ("slow", 1, 2, True))) >= best.slot_s
+
+
+def test_regathering_before_recomputation_under_sequence_parallelism():
+    # TP-2 stages split their sequence: a stage that does not fit plain first keeps its
+    # gathered inputs as shards (cheaper than recomputing) where that is enough.
+    part, _ = partitioner(1)
+    best = part.best((("fast", 2, 1, True), ("slow", 2, 1, True)))
+    assert best is not None and best.modes == (REGATHER, PLAIN)
+    no_sp = partitioner(1)[0].best((("fast", 1, 2, True), ("slow", 1, 2, True)))
+    assert REGATHER not in no_sp.modes  # tp 1: nothing to gather
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -63,6 +63,8 @@ def _plan(model: str, shape: str, seq_len: int, mbs: int):
             {"kind": "cpu", "layers": [0, n // 2]}, {"kind": "cpu", "layers": [n // 2, n]}]}]},
         "tp": {"pipelines": [{"micro_batches": 2, "stages": [
             {"kind": "cpu", "tp": 2, "layers": [0, n]}]}]},
+        "tp-regather": {"pipelines": [{"micro_batches": 2, "stages": [
+            {"kind": "cpu", "tp": 2, "layers": [0, n], "regather": True}]}]},
         "pp-recompute": {"pipelines": [{"micro_batches": 4, "stages": [
             {"kind": "cpu", "layers": [0, n // 2], "recompute": True},
             {"kind": "cpu", "layers": [n // 2, n], "recompute": True}]}]},
@@ -77,6 +79,7 @@ def _plan(model: str, shape: str, seq_len: int, mbs: int):
     ("tiny", "dp", 16, 2), ("tiny", "pp", 16, 2), ("tiny", "tp", 16, 2), ("tiny", "zero", 16, 2),
     ("small", "pp", 32, 4), ("small", "zero", 32, 4),  # the most activations; ZeRO's buffers
     ("small", "tp", 32, 4), ("small", "tp", 31, 4),  # sequence-parallel TP; plain (31 odd)
+    ("small", "tp-regather", 32, 4),
     ("small", "pp-recompute", 32, 4),
 ])
 def test_the_estimate_holds_the_measured_peak_within_15_percent(model, shape, seq_len, mbs):

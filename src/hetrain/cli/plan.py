@@ -102,7 +102,8 @@ def print_plan_table(console: Console, plan, cost, estimate, title: str,
     memory = checked_memory_bytes(plan, cost) if memory is None else memory
     unused = unused_devices_note(plan, cost.cluster)
     table = Table(title=title, caption="pipelines: copies x devices each; GiB: per device at "
-                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch"
+                  "the schedule's peak / capacity; ms: forward + backward of one micro-batch; "
+                  "recomp: yes, or 'gather' (sequence parallelism's input kept as shards)"
                   + (f"\n[yellow]{escape(unused)}[/]" if unused else ""))
     for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
                 "micro-b.", "time s"):
@@ -113,7 +114,8 @@ def print_plan_table(console: Console, plan, cost, estimate, title: str,
             table.add_row(
                 f"{row.pipelines}x{row.devices}" if first else "",
                 str(st.stage), st.kind, str(st.tp), f"{st.layers[0]}-{st.layers[1] - 1}",
-                "yes" if st.recompute else "", f"{st.memory_gib:.1f}/{st.capacity_gib:.0f}",
+                "yes" if st.recompute else "gather" if st.regather else "",
+                f"{st.memory_gib:.1f}/{st.capacity_gib:.0f}",
                 f"{st.stage_ms:.4g}",
                 "/".join(map(str, row.micro_batches)) if first else "",
                 f"{row.route_s:.4g}" if first else "",

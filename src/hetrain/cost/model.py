@@ -36,22 +36,32 @@ class GroupLike(Protocol):
     layers: tuple[int, int]
     dtype: str
     recompute: bool
+    regather: bool
     devices: list[str]
 
 
-def tp_comm_passes(op: Op, sequence_parallel: bool, recompute: bool) -> float:
+# How a stage group trades time for memory: the index of the StageTables variants.
+PLAIN, RECOMPUTE, REGATHER = 0, 1, 2
+
+
+def memory_mode(group: GroupLike) -> int:
+    """The group's variant: recomputation wins over regathering."""
+    return RECOMPUTE if group.recompute else REGATHER if group.regather else PLAIN
+
+
+def tp_comm_passes(op: Op, sequence_parallel: bool, mode: int) -> float:
     """An action's collectives inside its tensor-parallel group, in forward passes' worth
     (per matmul pair one all-reduce, or under sequence parallelism an all-gather and a
     reduce-scatter): backward sums the input gradients as forward summed the outputs;
-    recomputation runs forward's again; sequence parallelism gathers the saved shard of
-    the matmuls' input again (half a pass) in each backward action that reads it (a split
-    backward: both). The weight-gradient action moves no activation gradient."""
+    recomputation runs forward's again; regathering (sequence parallelism only) gathers the
+    saved shard of the matmuls' input again, half a pass, in each backward action that reads
+    it (a split backward: both). The weight-gradient action moves no activation gradient."""
     if op == "forward":
         return 1.0
-    regather = 0.5 if sequence_parallel and not recompute else 0.0
+    regather = 0.5 if sequence_parallel and mode == REGATHER else 0.0
     if op == "backward_weight":
         return regather
-    return 1.0 + (1.0 if recompute else 0.0) + regather
+    return 1.0 + (1.0 if mode == RECOMPUTE else 0.0) + regather
 
 
 class CostModel:
@@ -63,13 +73,15 @@ class CostModel:
 
     # --- compute -----------------------------------------------------------------------------
     def layers_compute_s(self, kind: str, layers: tuple[int, int], tokens: float, op: Op,
-                         dtype: str = "bf16", tp: int = 1, recompute: bool = False) -> float:
-        """Seconds for one device of a `tp`-way group to run `op` over `tokens` tokens."""
+                         dtype: str = "bf16", tp: int = 1, mode: int = PLAIN) -> float:
+        """Seconds for one device of a `tp`-way group to run `op` over `tokens` tokens, in
+        memory mode `mode` (PLAIN, RECOMPUTE, REGATHER)."""
+        recompute = mode == RECOMPUTE
         if kind not in self.cluster.kinds:
             raise CostError(f"unknown kind {kind!r}")
         start, end = layers
         comm = self.tp_comm_s(kind, layers, tokens, dtype, tp)
-        passes = tp_comm_passes(op, self.spec.sequence_parallel(tp), recompute)
+        passes = tp_comm_passes(op, self.spec.sequence_parallel(tp), mode)
         if self.profile is not None and self.profile.has(kind):
             fwd = self.profile.forward_s(kind, start, end, tokens, tp)
             bwd = self.profile.backward_s(kind, start, end, tokens, tp)
@@ -110,7 +122,7 @@ class CostModel:
     def stage_compute_s(self, group: GroupLike, op: Op, samples: int, seq_len: int) -> float:
         """Duration of one schedule action (plan.schedule.StageCost)."""
         return self.layers_compute_s(group.kind, tuple(group.layers), samples * seq_len, op,
-                                     group.dtype, len(group.devices), group.recompute)
+                                     group.dtype, len(group.devices), memory_mode(group))
 
     def tokens_per_s(self, kind: str, dtype: str | None = None, tokens: float = 8192) -> float:
         """Training throughput of one device of `kind` holding the whole model, over passes of
@@ -244,9 +256,10 @@ class CostModel:
             return 0.0
 
         sp = self.spec.sequence_parallel(tp)
+        regather = memory_mode(group) == REGATHER
 
         def per_device(lay) -> float:  # noqa: ANN001 - LayerSpec
-            return lay.kept_elems_per_token(tp, sp)
+            return lay.kept_elems_per_token(tp, sp, regather)
 
         if group.recompute:
             kept = sum(lay.recompute_kept_elems_per_token(tp, sp) for lay in layers)

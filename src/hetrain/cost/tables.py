@@ -13,6 +13,9 @@ import numpy as np
 
 from hetrain.cost.model import (
     DTYPE_BYTES,
+    PLAIN,
+    RECOMPUTE,
+    REGATHER,
     UNMODELLED_FRACTION,
     CostModel,
     sync_bound_bytes,
@@ -50,8 +53,9 @@ def valid_ranges(n_layers: int) -> np.ndarray:
 class StageTables:
     """Per-device figures of a stage of one kind and tensor-parallel degree, for every range.
 
-    time_s[rc][a, b]: forward + backward of one micro-batch (rc: with recomputation).
-    memory: max(fixed_bytes[rc][a, b] + in_flight * per_in_flight_bytes[rc][a, b],
+    time_s[mode][a, b]: forward + backward of one micro-batch, mode PLAIN, RECOMPUTE or
+    REGATHER (cost.model; without sequence parallelism REGATHER is PLAIN).
+    memory: max(fixed_bytes[mode][a, b] + in_flight * per_in_flight_bytes[mode][a, b],
     floor_bytes[a, b]) -- the activation phase, or the states and gradient-sync buffers.
     """
 
@@ -60,9 +64,9 @@ class StageTables:
     dtype: str
     micro_batch_size: int
     forward_s: np.ndarray
-    time_s: tuple[np.ndarray, np.ndarray]
-    fixed_bytes: tuple[np.ndarray, np.ndarray]
-    per_in_flight_bytes: tuple[np.ndarray, np.ndarray]
+    time_s: tuple[np.ndarray, np.ndarray, np.ndarray]
+    fixed_bytes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    per_in_flight_bytes: tuple[np.ndarray, np.ndarray, np.ndarray]
     floor_bytes: np.ndarray
     capacity_bytes: float
 
@@ -116,10 +120,13 @@ class TableCache:
                 cost.profile.measured_tp(kind_name, tp):
             comm = 0.0  # as CostModel.layers_compute_s: measured TP includes its all-reduces
         sp = spec.sequence_parallel(tp)
-        back, back_rc = (tp_comm_passes("backward", sp, rc) * comm for rc in (False, True))
+        back, back_rc, back_rg = (tp_comm_passes("backward", sp, mode) * comm
+                                  for mode in (PLAIN, RECOMPUTE, REGATHER))
         with np.errstate(invalid="ignore"):
             plain = np.where(self.valid, (fwd + comm) + (bwd + back), np.inf)
             recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + back_rc), np.inf)
+            regather = np.where(self.valid, (fwd + comm) + (bwd + back_rg), np.inf) if sp \
+                else plain
         # as CostModel.stage_memory_bytes
         wbytes = DTYPE_BYTES[dtype]
         params = self._rep_params + (self._params - self._rep_params) / tp
@@ -129,8 +136,9 @@ class TableCache:
         states = params * (2 * master + cast) + params / optimizer_shards * (piece + 2 * master) \
             + self._buffers
         scale = tokens * wbytes
-        kept, kept_rc = self._kept(tp)
+        kept, kept_rc, kept_rg = self._kept(tp)
         acts = range_sums(kept) + self._boundary
+        acts_rg = range_sums(kept_rg) + self._boundary if sp else acts
         acts_peak = range_maxima(kept)
         fixed_plain = states + self._bwd_peak * scale
         fixed_rc = fixed_plain + acts_peak * scale
@@ -139,21 +147,24 @@ class TableCache:
         return StageTables(
             kind=kind_name, tp=tp, dtype=dtype, micro_batch_size=mbs,
             forward_s=np.where(self.valid, fwd + comm, np.inf),
-            time_s=(plain, recompute),
-            fixed_bytes=(fixed_plain * grow + extra, fixed_rc * grow + extra),
+            time_s=(plain, recompute, regather),
+            fixed_bytes=(fixed_plain * grow + extra, fixed_rc * grow + extra,
+                         fixed_plain * grow + extra),
             per_in_flight_bytes=(acts * scale * grow,
-                                 (range_sums(kept_rc) + self._boundary) * scale * grow),
+                                 (range_sums(kept_rc) + self._boundary) * scale * grow,
+                                 acts_rg * scale * grow),
             floor_bytes=floor * grow + extra,
             capacity_bytes=kind.memory_bytes,
         )
 
-    def _kept(self, tp: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per layer, elements per token one device keeps: without and with recomputation
+    def _kept(self, tp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per layer, elements per token one device keeps: plain, recomputing, regathering
         (as CostModel.activation_bytes_peak)."""
         spec = self.cost.spec
         sp = spec.sequence_parallel(tp)
         return (np.array([x.kept_elems_per_token(tp, sp) for x in spec.layers]),
-                np.array([x.recompute_kept_elems_per_token(tp, sp) for x in spec.layers]))
+                np.array([x.recompute_kept_elems_per_token(tp, sp) for x in spec.layers]),
+                np.array([x.kept_elems_per_token(tp, sp, True) for x in spec.layers]))
 
     def _compute(self, kind_name: str, tp: int, dtype: str,
                  tokens: float) -> tuple[np.ndarray, np.ndarray]:

@@ -144,8 +144,9 @@ class DecoderModel(LlamaShaped):
         SequenceParallel; the norms' weight gradients come out partial and are summed by
         runtime/stage.settle_partial_grads); the attention's and the FFN's input is
         all-gathered before their first matmuls and their output reduce-scattered after the
-        last. The gathered input is saved for backward as this rank's shard and gathered again
-        when backward needs it (unless the stage recomputes, which keeps nothing). The stage's
+        last. With `stage.regather` (and no recomputation, which keeps only the layer input)
+        the gathered input is saved for backward as this rank's shard and gathered again when
+        backward needs it, as Megatron does. The stage's
         first block splits its input and its last block gathers its output, so stages
         exchange whole activations."""
         from torch.distributed.tensor import Shard
@@ -203,14 +204,14 @@ def _gather_sequence(x: torch.Tensor, mesh) -> torch.Tensor:
 
 def _gather_sequence_first(module: nn.Module, mesh, stage: Stage) -> None:
     """`module` (attention or FFN) takes this rank's share of the sequence, all-gathers it
-    (backward: reduce-scatter) and runs on the whole sequence; what its matmuls save of the
-    gathered input is kept as the shard (_Regathered)."""
+    (backward: reduce-scatter) and runs on the whole sequence; when the stage regathers,
+    what its matmuls save of the gathered input is kept as the shard (_Regathered)."""
     inner = module.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         shard = x.to_local() if hasattr(x, "to_local") else x
         full = _gather_sequence_autograd(shard, mesh)
-        if stage.recompute:  # the stage's checkpoint keeps only the layer's input anyway
+        if stage.recompute or not stage.regather:  # recomputing keeps only the layer input
             return inner(full)
         saved = _Regathered(shard.detach(), mesh, full)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):

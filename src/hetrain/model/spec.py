@@ -27,15 +27,22 @@ class LayerSpec(BaseModel):
     tp_replicated_elems_per_token: float = 0.0
     # Under sequence parallelism (ModelSpec.sequence_parallel): what stays whole on every TP
     # rank, the rest (the layer input kept under recomputation included) split by the degree.
-    # None: the layer's sequence is never split.
+    # None: the layer's sequence is never split. Regathering (StageGroup.regather) keeps the
+    # matmuls' gathered inputs as shards: `sp_gathered_elems_per_token` of the whole part.
     sp_replicated_elems_per_token: float | None = None
+    sp_gathered_elems_per_token: float = 0.0
     backward_peak_elems_per_token: float = 0.0
     buffer_bytes: int = 0  # persistent buffers (rotary tables), whatever the dtype
 
-    def kept_elems_per_token(self, tp: int, sequence_parallel: bool) -> float:
+    def kept_elems_per_token(self, tp: int, sequence_parallel: bool,
+                             regather: bool = False) -> float:
         """Activations one device of a `tp`-way group keeps for backward, per token."""
-        whole = self.sp_replicated_elems_per_token if sequence_parallel and \
-            self.sp_replicated_elems_per_token is not None else self.tp_replicated_elems_per_token
+        if sequence_parallel and self.sp_replicated_elems_per_token is not None:
+            whole = self.sp_replicated_elems_per_token
+            if regather:
+                whole -= self.sp_gathered_elems_per_token
+        else:
+            whole = self.tp_replicated_elems_per_token
         return whole + (self.activation_elems_per_token - whole) / tp
 
     def recompute_kept_elems_per_token(self, tp: int, sequence_parallel: bool) -> float:
@@ -101,9 +108,9 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -
     # or with grouped heads the repeated k and v (2q); the attention output and its
     # logsumexp per head (flash attention: no s^2 term); w1's output, silu's, w3's and
     # their product (4f). Norms and residuals stay whole under tensor parallelism; under
-    # sequence parallelism they are split along the sequence, and so is what the first
-    # matmuls keep of their all-gathered input (saved as the shard, gathered again in
-    # backward): nothing of a block stays whole.
+    # sequence parallelism they are split along the sequence, and what stays whole is the
+    # all-gathered input the attention's and the FFN's first matmuls keep (2h), unless
+    # regathered (saved as the shard, gathered again in backward).
     kv_kept = q if cfg.n_heads != cfg.kv_heads else kv
     whole = 4 * h + 2 + 2 * h
     block_acts = whole + 2 * q + 2 * kv_kept + cfg.n_heads + 4 * f
@@ -119,7 +126,8 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -
                       activation_elems_per_token=block_acts, recompute_elems_per_token=h,
                       output_elems_per_token=h, tp_allreduces=2, tp_replicated_params=2 * h,
                       tp_replicated_elems_per_token=whole,
-                      sp_replicated_elems_per_token=0.0 if sequence_parallel else None,
+                      sp_replicated_elems_per_token=2 * h if sequence_parallel else None,
+                      sp_gathered_elems_per_token=2 * h,
                       backward_peak_elems_per_token=2 * (h + f),
                       buffer_bytes=cfg.max_seq_len * cfg.head_dim * 4)
             for i in range(cfg.n_layers)

@@ -30,6 +30,9 @@ class Stage(nn.Module):
         # backward and runs its forward again there (torch.utils.checkpoint, non-reentrant,
         # the RNG state restored: the same values, so training stays exact).
         self.recompute = False
+        # Under sequence parallelism (StageGroup.regather): the matmuls' all-gathered input
+        # is saved as this rank's shard and gathered again in backward.
+        self.regather = False
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Layers from the `start`-th of the stage on (zero-bubble splits stage 0 after its

@@ -85,7 +85,7 @@ def _stage_devices(stage: dict, alloc: _Allocator, where: str) -> tuple[str, lis
 
 def _group(name: str, kind: str, devices: list[str], stage: dict) -> dict:
     out = {"name": name, "kind": kind, "devices": devices, "layers": stage.get("layers")}
-    for key in ("dtype", "recompute", "in_flight_scale", "shard_weight"):
+    for key in ("dtype", "recompute", "regather", "in_flight_scale", "shard_weight"):
         if key in stage:
             out[key] = stage[key]
     return out

@@ -22,6 +22,7 @@ class StageShape(_Shape):
     layers: tuple[int, int] | None = None
     dtype: str | None = None
     recompute: bool | None = None
+    regather: bool | None = None
     in_flight_scale: float | None = Field(default=None, ge=1.0)
     shard_weight: float | None = Field(default=None, gt=0)
 
@@ -51,6 +52,7 @@ class ShareShape(_Shape):
     micro_batch_size: int | None = Field(default=None, gt=0)
     dtype: str | None = None
     recompute: bool | None = None
+    regather: bool | None = None
     in_flight_scale: float | None = Field(default=None, ge=1.0)
     shard_weight: float | None = Field(default=None, gt=0)
 

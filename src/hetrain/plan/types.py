@@ -34,6 +34,10 @@ class StageGroup(BaseModel):
     layers: tuple[int, int] = Field(description="[start, end) in ModelSpec layers")
     dtype: str = "fp32"
     recompute: bool = False
+    regather: bool = Field(
+        default=False, description="under sequence parallelism (a TP group of the reference "
+        "decoder): keep the matmuls' all-gathered input as this rank's shard and gather it "
+        "again in backward (less memory, more TP traffic); ignored when recomputing")
     in_flight_scale: float = Field(
         default=1.0, ge=1.0, description="micro-batches the group may hold activations for, "
         "as a multiple of the 1F1B limit (more fills pipeline warm-up, costs memory)")

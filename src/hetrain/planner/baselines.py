@@ -38,6 +38,7 @@ class Layout:
     dp: int
     micro_batch_size: int
     recompute: bool
+    regather: bool = False  # under sequence parallelism (tp > 1): gathered inputs as shards
 
 
 def common_dtype(cluster: Cluster, kinds: Sequence[str]) -> str:
@@ -75,6 +76,8 @@ def layouts(cluster: Cluster, n_layers: int, global_batch: int, tp_sizes: Sequen
                 if global_batch % (dp * mbs) == 0:
                     for recompute in (False, True):
                         yield Layout(tp, pp, dp, mbs, recompute)
+                    if tp > 1:
+                        yield Layout(tp, pp, dp, mbs, False, regather=True)
 
 
 def layout_plan(cluster: Cluster, cost: CostModel, global_batch: int, layout: Layout,
@@ -92,7 +95,8 @@ def layout_plan(cluster: Cluster, cost: CostModel, global_batch: int, layout: La
             ids = [d.id for d in devices[first:first + layout.tp]]
             names.append(f"p{p}s{s}")
             groups.append(StageGroup(name=names[-1], kind=devices[first].kind, devices=ids,
-                                     layers=ranges[s], dtype=dtype, recompute=layout.recompute))
+                                     layers=ranges[s], dtype=dtype, recompute=layout.recompute,
+                                     regather=layout.regather))
         routes.append(Route(stages=names, micro_batches=m,
                             micro_batch_size=layout.micro_batch_size))
     return Plan(model=spec.name, seq_len=spec.seq_len, global_batch=global_batch,
@@ -116,7 +120,8 @@ def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: st
     for s, kinds in enumerate(_stage_kinds(cluster, layout)):
         for kind in kinds:
             group = StageGroup(name="probe", kind=kind, devices=["x"] * layout.tp,
-                               layers=ranges[s], dtype=dtype, recompute=layout.recompute)
+                               layers=ranges[s], dtype=dtype, recompute=layout.recompute,
+                               regather=layout.regather)
             need = cost.stage_memory_bytes(group, layout.micro_batch_size, layout.pp - s)
             if need > cluster.kinds[kind].memory_bytes * (1 - MEMORY_SLACK):
                 return None
@@ -154,7 +159,8 @@ def homogeneous_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     est, plan, layout = best
     plan = plan.model_copy(update={"predicted": est.predicted()})
     note = (f"tp={layout.tp} pp={layout.pp} dp={layout.dp} micro-batch={layout.micro_batch_size}"
-            f"{' recompute' if layout.recompute else ''} {dtype}")
+            f"{' recompute' if layout.recompute else ''}"
+            f"{' regather' if layout.regather else ''} {dtype}")
     return Baseline("homogeneous", plan, est, note)
 
 

@@ -121,7 +121,8 @@ def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
         links = tuple(transfer(a, b, d, route.micro_batch_size)
                       for a, b in zip(route.stages, route.stages[1:], strict=False)
                       for d in ("forward", "backward"))
-        key = (tuple((g.kind, g.tp, g.layers, g.dtype, g.recompute, g.in_flight_scale)
+        key = (tuple((g.kind, g.tp, g.layers, g.dtype, g.recompute, g.regather,
+                      g.in_flight_scale)
                      for g in stages), route.micro_batches, route.micro_batch_size, links)
         rep_of[r] = reps.setdefault(key, r)
     kept = sorted(set(rep_of.values()))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetrain.cost.model import PLAIN, RECOMPUTE, REGATHER
 from hetrain.cost.tables import StageTables, TableCache
 from hetrain.planner.links import BoundaryComm
 
@@ -37,11 +38,11 @@ Peer = tuple[str, bool] | None  # (kind, in one node) of a neighbour stage
 
 @dataclass(frozen=True)
 class Partition:
-    """Per stage: layer range, recomputation, forward+backward seconds of one micro-batch,
-    and seconds waiting for its inputs."""
+    """Per stage: layer range, memory mode (cost.model PLAIN, RECOMPUTE, REGATHER),
+    forward+backward seconds of one micro-batch, and seconds waiting for its inputs."""
 
     layers: tuple[tuple[int, int], ...]
-    recompute: tuple[bool, ...]
+    modes: tuple[int, ...]
     stage_s: tuple[float, ...]
     wait_s: tuple[float, ...]
 
@@ -114,25 +115,29 @@ class Partitioner:
                                self.optimizer_shards)
 
     def stage_costs(self, kind: str, tp: int, in_flight: int) -> tuple[np.ndarray, np.ndarray]:
-        """Seconds per range for this stage (inf where it does not fit) and where it recomputes."""
+        """Seconds per range for this stage (inf where it does not fit) and its memory mode:
+        the fastest that fits (plain, then regathering, then recomputation)."""
         key = (kind, tp, in_flight)
         if key not in self._costs:
             t = self.stage_tables(kind, tp)
             cap = t.capacity_bytes * (1 - MEMORY_SLACK)
             floor_fits = t.floor_bytes <= cap  # states and gradient-sync buffers
-            fits = (t.fixed_bytes[0] + in_flight * t.per_in_flight_bytes[0] <= cap) & floor_fits
-            if self.allow_recompute:
-                fits_rc = (t.fixed_bytes[1] + in_flight * t.per_in_flight_bytes[1] <= cap) \
-                    & floor_fits
-            else:
-                fits_rc = np.zeros_like(fits)
-            cost = np.where(fits, t.time_s[0], np.where(fits_rc, t.time_s[1], np.inf))
-            self._costs[key] = (cost, ~fits & fits_rc)
+            cost = np.full(t.floor_bytes.shape, np.inf)
+            mode = np.zeros(t.floor_bytes.shape, dtype=np.int8)
+            modes = (PLAIN, REGATHER, RECOMPUTE) if self.allow_recompute else (PLAIN, REGATHER)
+            for m in modes:
+                if m == REGATHER and t.time_s[REGATHER] is t.time_s[PLAIN]:
+                    continue  # no sequence parallelism: nothing to regather
+                fits = (t.fixed_bytes[m] + in_flight * t.per_in_flight_bytes[m] <= cap) \
+                    & floor_fits & ~np.isfinite(cost)
+                cost = np.where(fits, t.time_s[m], cost)
+                mode = np.where(fits, m, mode)
+            self._costs[key] = (cost, mode)
         return self._costs[key]
 
     def stage_matrix(self, before: Peer, blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
-        """Seconds per range of the first stage of `blocks` (compute + waits), and where it
-        recomputes."""
+        """Seconds per range of the first stage of `blocks` (compute + waits), and its memory
+        mode."""
         kind, tp, _, local = blocks[0]
         cost, rc = self.stage_costs(kind, tp, n_stages(blocks))
         fwd, bwd = self.comm.recv_s(before, (kind, local), peer(drop_first_stage(blocks)))
@@ -254,7 +259,7 @@ class Partitioner:
     def best(self, blocks: Blocks) -> Partition | None:
         if not np.isfinite(self.slot_s(blocks)):
             return None
-        layers, recompute, times, waits = [], [], [], []
+        layers, modes, times, waits = [], [], [], []
         a, before, key = 0, None, blocks
         while key:
             b = self._choice(before, key, a)
@@ -262,11 +267,11 @@ class Partitioner:
             cost, rc = self.stage_costs(kind, tp, n_stages(key))
             fwd, bwd = self.comm.recv_s(before, peer(key), peer(drop_first_stage(key)))
             layers.append((a, b))
-            recompute.append(bool(rc[a, b]))
+            modes.append(int(rc[a, b]))
             times.append(float(cost[a, b]))
             waits.append(float(fwd[a] + bwd[b]))
             a, before, key = b, peer(key), drop_first_stage(key)
-        return Partition(layers=tuple(layers), recompute=tuple(recompute), stage_s=tuple(times),
+        return Partition(layers=tuple(layers), modes=tuple(modes), stage_s=tuple(times),
                          wait_s=tuple(waits))
 
 
@@ -314,7 +319,7 @@ def _pairs(smaller: Partitioner, larger: Partitioner, tps: dict[str, list[int]]
     for kind, sizes in tps.items():
         for tp in sizes:
             small, large = smaller.stage_tables(kind, tp), larger.stage_tables(kind, tp)
-            for rc in (0, 1):
+            for rc in (PLAIN, RECOMPUTE, REGATHER):
                 ok = np.isfinite(small.time_s[rc])
                 compute.append(np.stack([small.time_s[rc][ok], large.time_s[rc][ok]]))
     peers = [(kind, local) for kind in tps for local in (True, False)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hetrain.cluster.topology import Cluster
+from hetrain.cost.model import RECOMPUTE, REGATHER
 from hetrain.errors import PlannerError
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.types import Plan, Route, StageGroup
@@ -71,7 +72,8 @@ def place_plan(cluster: Cluster, spec: ModelSpec, templates: Sequence[Template],
                 groups.append(StageGroup(name=names[-1], kind=kind,
                                          devices=devices[(c.template, copy, s)],
                                          layers=part.layers[s], dtype=tpl.dtypes[s],
-                                         recompute=part.recompute[s],
+                                         recompute=part.modes[s] == RECOMPUTE,
+                                         regather=part.modes[s] == REGATHER,
                                          in_flight_scale=tpl.in_flight_scale,
                                          shard_weight=cluster.kinds[kind].memory_gib))
             routes.append(Route(stages=names, micro_batches=m, micro_batch_size=micro_batch_size))

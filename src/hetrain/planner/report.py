@@ -28,6 +28,7 @@ class StageRow:
     tp: int
     layers: tuple[int, int]
     recompute: bool
+    regather: bool
     memory_gib: float  # per device, at the schedule's peak of micro-batches in flight
     capacity_gib: float
     stage_ms: float  # forward + backward of one micro-batch
@@ -77,6 +78,7 @@ def shape_rows(plan: Plan, cost: CostModel, memory_bytes: dict[str, float],
             g = plan.group_by_name[name]
             stages.append(StageRow(
                 stage=s, kind=g.kind, tp=g.tp, layers=tuple(g.layers), recompute=g.recompute,
+                regather=g.regather and not g.recompute and g.tp > 1,
                 memory_gib=memory_bytes[name] / GIB,
                 capacity_gib=cost.cluster.kinds[g.kind].memory_gib,
                 stage_ms=1e3 * stage_time_s(cost, g, first.micro_batch_size, plan.seq_len)))

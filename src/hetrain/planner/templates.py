@@ -184,7 +184,7 @@ class TemplateBuilder:
 
     def _holds(self, stages, part: Partition, peaks: dict[str, int]) -> bool:
         """Whether every stage's memory holds the micro-batches its schedule keeps."""
-        for i, ((kind, tp), (a, b), rc) in enumerate(zip(stages, part.layers, part.recompute,
+        for i, ((kind, tp), (a, b), rc) in enumerate(zip(stages, part.layers, part.modes,
                                                           strict=True)):
             t = self.partitioner.stage_tables(kind, tp)
             need = max(t.fixed_bytes[rc][a, b] + peaks[f"s{i}"] * t.per_in_flight_bytes[rc][a, b],

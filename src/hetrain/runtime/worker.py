@@ -114,7 +114,7 @@ class Worker:
         self.n_layers, self.tied = self.model.n_layers, self.model.tie_embeddings
         self.dim = self.model.hidden_size  # elements per token sent between stages
         self.stage: Stage = self.model.build_stage(*g.layers, job.config.seed)
-        self.stage.recompute = g.recompute
+        self.stage.recompute, self.stage.regather = g.recompute, g.regather
         if g.tp > 1:
             from torch.distributed.device_mesh import DeviceMesh
 
