@@ -3,12 +3,16 @@ not (V100), fp32 master weights; a mixed-precision run's loss curve follows the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from hetrain.cluster import CATALOG, cluster_from_dict
-from hetrain.errors import ConfigError
+from hetrain.errors import ConfigError, RuntimeFailure
 from hetrain.plan import expand_plan
+from hetrain.runtime.checkpoint import step_dir
+from hetrain.runtime.faults import Faults
 from hetrain.runtime.precision import LossScaler, check_precision, loss_scaler, precision_of
 from tests.helpers import run_plan
 
@@ -96,3 +100,28 @@ def test_a_bf16_run_follows_the_fp32_loss_curve_within_3_percent():
     for want, got in zip(fp32.losses, mixed.losses, strict=True):
         assert got == pytest.approx(want, rel=0.03)
     assert mixed.losses != fp32.losses  # it did compute in 16 bits
+
+
+@pytest.mark.slow
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path):
+    """The V100 computes in fp16 under loss scaling from 2**20: steps 0 and 1 overflow and
+    halve the scale. A run stopped at step 3 and resumed from the checkpoint of step 2 scales,
+    skips and trains exactly as the unbroken run (restarting from 2**20 would skip step 2)."""
+    cluster = _bf16_and_fp16_kinds()
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "n_layers": 6,
+                        "data_parallel": [{"kind": "A100-80GB", "samples": 4},
+                                          {"kind": "V100", "samples": 2}]}, cluster)
+    cfg = {"precision": "bf16", "lr": 3e-3, "loss_scale": 2.0**20}
+    whole = run_plan(cluster, plan, steps=4, **cfg)
+    assert whole.skipped_steps[:2] == [0, 1]  # the premise: the scale moved by step 2
+    ckpt = {"checkpoint_dir": str(tmp_path / "ckpt"), "checkpoint_every": 2}
+    with pytest.raises(RuntimeFailure):
+        run_plan(cluster, plan, steps=4, faults=Faults(step=3), **ckpt, **cfg)
+    meta = json.loads((step_dir(tmp_path / "ckpt", 2) / "meta.json").read_text())
+    assert meta["loss_scale"] == {"scale": 2.0**18, "good_steps": 0}
+    resumed = run_plan(cluster, plan, steps=4, **ckpt, **cfg)
+    assert [r.step for r in resumed.records] == [2, 3]
+    assert resumed.skipped_steps == [s for s in whole.skipped_steps if s >= 2]
+    assert resumed.losses == whole.losses[2:]
+    for name, value in whole.params.items():
+        assert torch.equal(resumed.params[name], value), name

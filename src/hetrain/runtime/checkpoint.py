@@ -6,8 +6,8 @@ A checkpoint folder (`checkpoint_dir`):
     step-000006/             one committed checkpoint
         .metadata            torch.distributed.checkpoint (DCP) index of every tensor
         __<rank>_0.distcp    DCP data, one file per writing rank
-        meta.json            step, model, seed, precision, run id, recipe, and the plan it was
-                             taken under
+        meta.json            step, model, seed, precision, run id, recipe, the fp16 loss
+                             scale, and the plan it was taken under
         manifest.json        size and SHA-256 of every other file; written last
     step-000009.tmp/         being written, or left by a crash: never read
     run.json, .lock          the folder's run and its owner (runtime/runlock.py)
@@ -100,6 +100,9 @@ class TrainState:
     precision: str
     run_id: str | None
     recipe: dict[str, Any] = field(default_factory=dict)  # runtime.recipe.recipe_state
+    # fp16 loss scaling (runtime.precision.LossScaler, the same on every rank): its scale and
+    # clean-step count are saved and restored, so a resumed run scales as an unbroken one.
+    scaler: Any = None
 
 
 # --- verification ----------------------------------------------------------------------------
@@ -262,6 +265,9 @@ def _commit(state: TrainState, root: Path, tmp: Path, final: Path, step: int) ->
             "precision": state.precision, "saved_at": time.time(),
             "run_id": state.run_id or "legacy", "recipe": state.recipe,
             "plan": state.plan.model_dump(mode="json")}
+    if state.scaler is not None and state.scaler.enabled:
+        meta["loss_scale"] = {"scale": state.scaler.scale,
+                              "good_steps": state.scaler.good_steps}
     _write_synced(tmp / META, json.dumps(meta, indent=1))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -334,6 +340,10 @@ def load_latest(train: TrainState, root: str | Path) -> int:
         raise CheckpointError(f"checkpoint {found.path} does not fit this plan: "
                               f"{str(err).strip().splitlines()[0]}") from err
     train.grad_sync.load_state(zero_state)
+    scale = meta.get("loss_scale")
+    if scale is not None and train.scaler is not None and train.scaler.enabled:
+        train.scaler.scale = float(scale["scale"])
+        train.scaler.good_steps = int(scale["good_steps"])
     if "rng/torch" in state:
         torch.set_rng_state(state["rng/torch"])
     return found.step

@@ -28,6 +28,10 @@ class TrainConfig(BaseModel):
         default="float32", description="math of every worker; float64 makes exactness tests "
         "immune to the summation order Adam amplifies for near-zero gradients; bf16/fp16: "
         "mixed precision per kind, fp32 master weights (runtime/precision.py)")
+    loss_scale: float = Field(default=2.0**16, gt=0, allow_inf_nan=False,
+                              description="fp16 kinds: the initial loss scale")
+    loss_scale_growth_interval: int = Field(
+        default=2000, gt=0, description="fp16 kinds: clean steps before the scale doubles")
     data: str | None = Field(default=None, description="text file or folder; None: stdlib")
     time_scale: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,

@@ -7,7 +7,8 @@ into the runtime's TrainConfig.
     [cluster]    path = "cluster.yaml"
     [plan]       global_batch = 48; seq_len = 64; search = true   # or path = "plan.json"
     [optimizer]  lr = 1e-3; weight_decay = 0.0; warmup_steps = 0; lr_schedule = "constant"
-    [schedule]   steps = 20; seed = 0; precision = "float32"
+    [schedule]   steps = 20; seed = 0; precision = "float32"; loss_scale = 65536.0;
+                 loss_scale_growth_interval = 2000 (fp16 kinds)
     [checkpoint] dir = "runs/a"; every = 10; resume = true; fresh = false
     [logging]    json_file = "out/run.json"; trace_file = "out/trace.json"; out_dir = "out/run"
 
@@ -73,6 +74,8 @@ class ScheduleSection(_Section):
     steps: int = Field(default=20, gt=0, strict=True)
     seed: int = Field(default=0, ge=0, lt=2**32, strict=True)
     precision: Literal["float32", "float64", "bf16", "fp16"] = "float32"
+    loss_scale: float = Field(default=2.0**16, gt=0, allow_inf_nan=False)
+    loss_scale_growth_interval: int = Field(default=2000, gt=0, strict=True)
 
 
 class CheckpointSection(_Section):
@@ -107,7 +110,9 @@ class JobConfig(_Section):
             lr=self.optimizer.lr, weight_decay=self.optimizer.weight_decay,
             warmup_steps=self.optimizer.warmup_steps, lr_schedule=self.optimizer.lr_schedule,
             min_lr=self.optimizer.min_lr, grad_clip=self.optimizer.grad_clip,
-            precision=self.schedule.precision, data=self.data.path,
+            precision=self.schedule.precision, loss_scale=self.schedule.loss_scale,
+            loss_scale_growth_interval=self.schedule.loss_scale_growth_interval,
+            data=self.data.path,
             time_scale=self.cluster.time_scale, op_timeout_s=self.cluster.op_timeout_s,
             hang_timeout_s=self.cluster.hang_timeout_s, trace=self.logging.trace_file is not None,
             checkpoint_dir=self.checkpoint.dir, checkpoint_every=self.checkpoint.every,

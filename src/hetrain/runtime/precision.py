@@ -141,11 +141,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def loss_scaler(setting: str, plan_kind_flops: list[dict[str, float]]) -> LossScaler:
+def loss_scaler(setting: str, plan_kind_flops: list[dict[str, float]], scale: float = 2.0**16,
+                growth_interval: int = 2000) -> LossScaler:
     """One scaler for the whole job: enabled when any kind of the plan computes in fp16, since
     gradients are summed across kinds and must all carry the same scale."""
     enabled = any(precision_of(setting, flops).loss_scaling for flops in plan_kind_flops)
-    return LossScaler(enabled=enabled)
+    return LossScaler(scale=scale, growth_interval=growth_interval, enabled=enabled)
 
 
 def check_precision(setting: str, sharded_optimizer: bool,

@@ -49,7 +49,7 @@ class WorkerReport:
     events: list[dict] = field(default_factory=list)  # trace events (TraceEvent fields)
     peak_in_flight: int = 0
     dtype: str = "float32"  # the kind's compute dtype (runtime/precision.py)
-    skipped_steps: int = 0  # fp16 loss scaling: steps skipped on overflow
+    skipped_steps: list[int] = field(default_factory=list)  # fp16 loss scaling: overflowed
     memory_source: str = "estimate"  # how measured_bytes was measured
 
     def as_saved(self) -> dict[str, Any]:

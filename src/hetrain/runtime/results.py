@@ -81,6 +81,8 @@ class RunResult:
     stopped: bool = False  # SIGTERM: checkpointed and stopped before config.steps
     records: list[StepRecord] = field(repr=False, default_factory=list)  # rank 0's, this run
     kind_busy: dict[str, list[float]] = field(repr=False, default_factory=dict)  # per step
+    # fp16 loss scaling: steps skipped on an overflow (the same on every rank), this run
+    skipped_steps: list[int] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -112,6 +114,7 @@ class RunResult:
             "attempts": [a.summary() for a in self.attempts],
             "recoveries": [r.summary() for r in self.recoveries],
             "stopped": self.stopped,
+            "skipped_steps": self.skipped_steps,
         }
 
 
@@ -167,7 +170,8 @@ def gather_result(job: Job, out: Path, estimated_bytes: dict[str, float]) -> Run
                      time_scale=job.time_scale, params=params, events=events,
                      late_s=max(rep.late_s for rep in reports), first_step=first,
                      attempts=[Attempt(first, losses, plan.devices(), step_s)],
-                     records=list(steps0), kind_busy=_kind_busy(reports))
+                     records=list(steps0), kind_busy=_kind_busy(reports),
+                     skipped_steps=list(reports[0].skipped_steps))
 
 
 def _kind_busy(reports: list[WorkerReport]) -> dict[str, list[float]]:

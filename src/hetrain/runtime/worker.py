@@ -60,7 +60,8 @@ class Worker:
         }
         self.corpus = job.corpus or load_corpus(cfg.data, cfg.seed)
         self.precision = precision_of(cfg.precision, kinds[self.kind].flops)
-        self.scaler = loss_scaler(cfg.precision, [kinds[k].flops for k in plan.kinds()])
+        self.scaler = loss_scaler(cfg.precision, [kinds[k].flops for k in plan.kinds()],
+                                  cfg.loss_scale, cfg.loss_scale_growth_interval)
         self.events: list[dict] = []
         self.clock_offset = 0.0  # wall clock minus perf_counter, set when steps start
         self._build_model()
@@ -317,7 +318,7 @@ class Worker:
                           group=self.group.name, tp_index=self.tp_index, params=self.params,
                           optimizer=self.optimizer, grad_sync=self.grad_sync, seed=cfg.seed,
                           precision=cfg.precision, run_id=cfg.run_id,
-                          recipe=recipe_state(cfg))
+                          recipe=recipe_state(cfg), scaler=self.scaler)
 
     def report(self, steps: list[StepRecord]) -> WorkerReport:
         params = self.full_parameters()
