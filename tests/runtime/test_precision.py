@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from hetrain.cluster import CATALOG, cluster_from_dict
-from hetrain.errors import ConfigError, RuntimeFailure
+from hetrain.errors import RuntimeFailure
 from hetrain.plan import expand_plan
 from hetrain.runtime.checkpoint import step_dir
 from hetrain.runtime.faults import Faults
-from hetrain.runtime.precision import LossScaler, check_precision, loss_scaler, precision_of
+from hetrain.runtime.precision import LossScaler, loss_scaler, precision_of
 from tests.helpers import run_plan
 
 
@@ -44,14 +44,6 @@ def test_one_fp16_kind_turns_loss_scaling_on_for_the_whole_job():
     assert not loss_scaler("float32", kinds).enabled
 
 
-def test_loss_scaling_with_zero1_is_refused_before_spawning():
-    flops = [CATALOG["V100"].flops]
-    with pytest.raises(ConfigError, match="sharded optimizer"):
-        check_precision("bf16", True, flops)
-    check_precision("bf16", False, flops)
-    check_precision("float32", True, flops)
-
-
 def _params_with_grads(*grads: float) -> list[torch.nn.Parameter]:
     params = []
     for g in grads:
@@ -61,16 +53,19 @@ def _params_with_grads(*grads: float) -> list[torch.nn.Parameter]:
     return params
 
 
-def test_the_scaler_unscales_finite_gradients_and_skips_a_step_that_overflowed():
+def test_the_scaler_grows_after_clean_steps_and_skips_a_step_that_overflowed():
     scaler = LossScaler(scale=8.0, growth_interval=2)
     params = _params_with_grads(16.0, 8.0)
-    assert scaler.unscale_or_skip(params, step=0)
-    assert [p.grad.tolist() for p in params] == [[2.0, 2.0], [1.0, 1.0]]
-    assert scaler.unscale_or_skip(_params_with_grads(1.0), step=1)
+    assert scaler.step_ok(params, step=0) and scaler.current == 8.0
+    assert [p.grad.tolist() for p in params] == [[16.0, 16.0], [8.0, 8.0]]  # the recipe unscales
+    assert scaler.step_ok(_params_with_grads(1.0), step=1)
     assert scaler.scale == 16.0  # two clean steps: doubled
     bad = _params_with_grads(1.0, float("inf"))
-    assert not scaler.unscale_or_skip(bad, step=2)
+    assert not scaler.step_ok(bad, step=2)
     assert all(p.grad is None for p in bad) and scaler.scale == 8.0 and scaler.skipped == [2]
+    # a ZeRO-1 sum waiting for its step counts too
+    assert not scaler.step_ok(_params_with_grads(1.0), 3, [torch.tensor([float("nan")])])
+    assert not LossScaler(enabled=False).skipped and LossScaler(enabled=False).current == 1.0
 
 
 def _bf16_and_fp16_kinds():
@@ -125,3 +120,27 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path):
     assert resumed.losses == whole.losses[2:]
     for name, value in whole.params.items():
         assert torch.equal(resumed.params[name], value), name
+
+
+@pytest.mark.slow
+def test_fp16_with_sharded_optimizer_and_clipping():
+    """Loss scaling under ZeRO-1 (its pieces wait for the overflow check) and clipping: the
+    sharded run skips the steps the unsharded one skips and follows it; the clipped norm is
+    the true gradients' (the float32 run's), not the scaled ones'."""
+    cluster = _bf16_and_fp16_kinds()
+    raw = {"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "n_layers": 6,
+           "data_parallel": [{"kind": "A100-80GB", "samples": 4}, {"kind": "V100", "samples": 2}]}
+    cfg = {"lr": 3e-3, "grad_clip": 0.5, "loss_scale": 2.0**18}
+    plain = run_plan(cluster, expand_plan(raw, cluster), steps=5, precision="bf16", **cfg)
+    zero = run_plan(cluster, expand_plan({**raw, "sharded_optimizer": True}, cluster), steps=5,
+                    precision="bf16", **cfg)
+    fp32 = run_plan(cluster, expand_plan(raw, cluster), steps=5, precision="float32", **cfg)
+    assert plain.skipped_steps and plain.skipped_steps == zero.skipped_steps
+    assert zero.losses == pytest.approx(plain.losses, rel=1e-4)
+    clean = [s for s in range(5) if s not in plain.skipped_steps]
+    assert 0 in clean and all(plain.records[s].clipped for s in clean)  # clipping acted
+    # step 0: the same weights and samples in both precisions, so the same norm within 16-bit
+    # rounding (the scaled gradients' norm would be 2**18 times larger)
+    assert plain.records[0].grad_norm == pytest.approx(fp32.records[0].grad_norm, rel=0.05)
+    for s in clean:
+        assert zero.records[s].grad_norm == pytest.approx(plain.records[s].grad_norm, rel=1e-4)

@@ -225,10 +225,22 @@ class GradSync:
         for a, b in rb.norm_ranges:
             self.norm_sq += float(grads[a:b].double().pow(2).sum())
 
+    def deferred_sums(self) -> list[torch.Tensor]:
+        """ZeRO-1 sums waiting for their step (clipping or loss scaling)."""
+        return [rb.deferred for rb in self.mine if rb.deferred is not None]
+
+    def drop_deferred(self) -> None:
+        """A step skipped on overflow: its waiting sums are dropped."""
+        for rb in self.mine:
+            rb.deferred = None
+
     def finish_deferred(self, coef: float) -> None:
-        """ZeRO + clipping: step every bucket's pieces with gradients times `coef`, in the
-        global bucket order, on the comm thread (it owns the sync's process groups)."""
+        """ZeRO + clipping or loss scaling: step every bucket's pieces with gradients times
+        `coef`, in the global bucket order, on the comm thread (it owns the sync's process
+        groups); nothing when no sum waits."""
         todo = [rb for rb in self.mine if rb.deferred is not None]
+        if not todo:
+            return  # (wait() would count a ZeRO step a second time)
         for rb in todo:
             self.pending.append(self.thread.submit(
                 lambda rb=rb: self._zero_step(rb, rb.deferred, coef)))

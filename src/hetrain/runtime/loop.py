@@ -69,7 +69,8 @@ def train_loop(worker: Worker) -> list[StepRecord]:
     steps = []
     for step in range(start, cfg.steps):
         before_step(faults, worker.rank, step, [p for _, _, p in worker.params])
-        worker.recipe.begin(step)  # seed (seed, rank, step), learning rate of the step
+        # seed (seed, rank, step), learning rate; ZeRO-1 waits for the overflow check (fp16)
+        worker.recipe.begin(step, loss_scaling=worker.scaler.enabled)
         # Peak memory of one steady step (the second; the only one of a one-step run):
         # tracking slows every op, so it runs once.
         tracker = PeakTracker() if step - start == min(1, cfg.steps - start - 1) else None

@@ -107,17 +107,24 @@ class LossScaler:
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
 
-    def unscale_or_skip(self, params: list[nn.Parameter], step: int) -> bool:
-        """Unscale every gradient in place; False (gradients cleared) if the step must be
-        skipped because some rank's gradients overflowed."""
+    @property
+    def current(self) -> float:
+        """What this step's gradients carry (1 when scaling is off): the recipe divides the
+        gradients and their norm by it (runtime/recipe.py)."""
+        return self.scale if self.enabled else 1.0
+
+    def step_ok(self, params: list[nn.Parameter], step: int,
+                summed: list[torch.Tensor] = ()) -> bool:
+        """Whether this step's gradients (the parameters', and `summed`: ZeRO-1 sums waiting
+        for their step) are finite on every rank: a collective. False: the step is skipped
+        everywhere (gradients cleared, scale halved); True: a clean step (the scale doubles
+        after `growth_interval` of them)."""
         if not self.enabled:
             return True
-        grads = [_local(p.grad) for p in params if p.grad is not None]
         bad = torch.zeros((), dtype=torch.float32)
-        for g in grads:
-            if not torch.isfinite(g).all():
-                bad.fill_(1.0)
-                break
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in [*grads, *summed]):
+            bad.fill_(1.0)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
@@ -127,9 +134,6 @@ class LossScaler:
             self.good_steps = 0
             self.skipped.append(step)
             return False
-        inv = 1.0 / self.scale
-        for g in grads:
-            g.mul_(inv)
         self.good_steps += 1
         if self.good_steps >= self.growth_interval:
             self.scale *= 2
@@ -147,17 +151,6 @@ def loss_scaler(setting: str, plan_kind_flops: list[dict[str, float]], scale: fl
     gradients are summed across kinds and must all carry the same scale."""
     enabled = any(precision_of(setting, flops).loss_scaling for flops in plan_kind_flops)
     return LossScaler(scale=scale, growth_interval=growth_interval, enabled=enabled)
-
-
-def check_precision(setting: str, sharded_optimizer: bool,
-                    plan_kind_flops: list[dict[str, float]]) -> None:
-    """ConfigError before any worker starts for what the runtime cannot do exactly: ZeRO-1
-    steps shared weights on the comm thread as soon as their sum is in, before the global
-    overflow check fp16 loss scaling needs."""
-    if sharded_optimizer and loss_scaler(setting, plan_kind_flops).enabled:
-        raise ConfigError("precision fp16 (or bf16 on a kind without bf16) needs loss scaling, "
-                          "which the sharded optimizer (ZeRO-1) does not support yet; use "
-                          "float32, or a plan without sharded_optimizer")
 
 
 def run_memory_fn(memory_fn, setting: str, cluster):  # noqa: ANN001, ANN201 - plan.validate

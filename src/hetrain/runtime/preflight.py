@@ -29,7 +29,6 @@ from hetrain.plan.types import Plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.emulation import real_devices_by_kind
 from hetrain.runtime.layout import META, committed_steps, step_dir
-from hetrain.runtime.precision import check_precision
 
 # Local runs spawn one process per device; more than this would exhaust the machine's
 # memory (each worker holds a Python interpreter and torch, a few hundred MB) long before
@@ -192,8 +191,6 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
     check_checkpoint(config, plan, cli)
     model = model if model is not None else load_model(plan.model)
     check_model(plan, model)
-    check_precision(config.precision, plan.sharded_optimizer,
-                    [cluster.kinds[k].flops for k in plan.kinds()])
     require_bridge(cluster.bridge_backend, cluster.bridge_plugin)
     if spawn:
         check_worker_count(plan)

@@ -143,30 +143,38 @@ class StepRecipe:
     def clipping(self) -> bool:
         return self.config.grad_clip is not None
 
-    def begin(self, step: int) -> None:
+    def begin(self, step: int, loss_scaling: bool = False) -> None:
+        """`loss_scaling`: ZeRO-1 steps wait for the overflow check (as for the norm)."""
         torch.manual_seed(step_seed(self.config.seed, self.rank, step))
         self.lr = lr_at(self.config, step)
         set_lr(self.optimizers(), self.lr)
-        self.grad_sync.defer_zero = self.clipping
+        self.grad_sync.defer_zero = self.clipping or loss_scaling
         self.grad_sync.norm_sq = 0.0
         self.norm = None
 
-    def before_optimizer(self) -> None:
-        """This rank's share of the squared norm; with clipping on, the global norm (a
-        collective over every rank), every gradient scaled, the deferred ZeRO-1 pieces
-        stepped."""
-        total = self.pending_sq = self._local_norm_sq()
-        if not self.clipping:
-            return
-        dist.all_reduce(total)
-        self.norm = math.sqrt(float(total))
-        coef = clip_coefficient(self.config, self.norm)
-        if coef < 1.0:
+    def before_optimizer(self, loss_scale: float = 1.0) -> None:
+        """This rank's share of the squared norm of the true (unscaled) gradients; with
+        clipping on, the global norm (a collective over every rank); every gradient multiplied
+        once by the clipping coefficient over `loss_scale`, the deferred ZeRO-1 pieces
+        stepped with the same factor."""
+        total = self.pending_sq = self._local_norm_sq() / loss_scale**2
+        coef = 1.0
+        if self.clipping:
+            dist.all_reduce(total)
+            self.norm = math.sqrt(float(total))
+            coef = clip_coefficient(self.config, self.norm)
+        factor = coef / loss_scale
+        if factor != 1.0:
             with torch.no_grad():
                 for p in self.params:
                     if p.grad is not None:
-                        p.grad.mul_(coef)
-        self.grad_sync.finish_deferred(coef)
+                        p.grad.mul_(factor)
+        self.grad_sync.finish_deferred(factor)
+
+    def skip(self) -> None:
+        """A step skipped on overflow: no norm to report."""
+        self.pending_sq = torch.tensor(float("nan"), dtype=torch.float64)
+        self.norm = None
 
     def unreduced_norm_sq(self) -> torch.Tensor:
         """This rank's share of the squared norm, still to be summed (0 when clipping did)."""

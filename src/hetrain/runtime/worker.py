@@ -156,10 +156,18 @@ class Worker:
         # shared weights were already stepped shard by shard on the comm thread.
         t_sync = time.perf_counter()
         self.grad_sync.wait()
-        self.recipe.before_optimizer()  # the global norm; clipping (waits for it when on)
+        # fp16: a step whose gradients overflowed anywhere is skipped everywhere; else the
+        # gradients are unscaled and clipped in one multiplication (the global norm when
+        # clipping; ZeRO-1 pieces wait for both).
+        ok = self.scaler.step_ok(self._weights(), step, self.grad_sync.deferred_sums())
+        if ok:
+            self.recipe.before_optimizer(self.scaler.current)
+        else:
+            self.grad_sync.drop_deferred()
+            self.recipe.skip()
         t_opt = time.perf_counter()
         self._event("allreduce", "comm", t_sync, t_opt)
-        if self.scaler.unscale_or_skip(self._weights(), step):  # fp16: skipped on overflow
+        if ok:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_end = time.perf_counter()
