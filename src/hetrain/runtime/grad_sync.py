@@ -223,7 +223,8 @@ class GradSync:
 
     def _add_norm_sq(self, rb: RankBucket, grads: torch.Tensor) -> None:
         for a, b in rb.norm_ranges:
-            self.norm_sq += float(grads[a:b].double().pow(2).sum())
+            part = grads[a:b]  # the master dtype (fp32 or fp64): one BLAS dot, no copy
+            self.norm_sq += float(torch.dot(part, part))
 
     def deferred_sums(self) -> list[torch.Tensor]:
         """ZeRO-1 sums waiting for their step (clipping or loss scaling)."""

@@ -75,6 +75,7 @@ def train_loop(worker: Worker) -> list[StepRecord]:
         # tracking slows every op, so it runs once.
         tracker = PeakTracker() if step - start == min(1, cfg.steps - start - 1) else None
         worker.peak = tracker or worker.peak
+        worker.meter.active = tracker is not None
         with measuring(tracker, worker.state_tensors, worker.grad_sync.thread, worker.device):
             record = worker.run_step(step)
         if not math.isfinite(record.loss):  # all-reduced: every rank stops here alike

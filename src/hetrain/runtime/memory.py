@@ -34,9 +34,15 @@ class ActivationMeter:
     def __init__(self):
         self.in_flight: dict[int, int] = {}
         self.peak_bytes = 0
+        # Counting runs a Python hook per saved tensor: the loop turns it on for the one
+        # steady step whose peak it measures (loop.train_loop), as for PeakTracker.
+        self.active = False
 
     @contextmanager
     def forward(self, micro_batch: int):
+        if not self.active:
+            yield
+            return
         seen: set[int] = set()
         total = 0
 

@@ -120,14 +120,24 @@ def dropout_note(model: nn.Module | None) -> str | None:
             "step) but not plan-invariant, since masks depend on how samples are grouped")
 
 
+def seed_generators(seed: int, device_type: str) -> None:
+    """Seed the CPU generator and, on an accelerator, its device's: what the step draws from.
+    (torch.manual_seed also queues a seeding of every accelerator module torch knows, with
+    a stack trace each: a millisecond a step on a CPU worker.)"""
+    torch.default_generator.manual_seed(seed)
+    if device_type not in ("cpu", "meta"):
+        torch.get_device_module(device_type).manual_seed(seed)
+
+
 class StepRecipe:
     """A worker's recipe for each step: seed and learning rate first, the global norm and
     clipping before the optimizer, the figures for the step's record."""
 
     def __init__(self, config: TrainConfig, rank: int, tp_index: int,
                  params: list[tuple[str, int, nn.Parameter]], grad_sync,
-                 optimizers: Callable[[], list[torch.optim.Optimizer]]):
-        self.config, self.rank = config, rank
+                 optimizers: Callable[[], list[torch.optim.Optimizer]],
+                 device_type: str = "cpu"):
+        self.config, self.rank, self.device_type = config, rank, device_type
         self.params = [p for _, _, p in params]
         self.grad_sync = grad_sync
         self.optimizers = optimizers
@@ -145,7 +155,7 @@ class StepRecipe:
 
     def begin(self, step: int, loss_scaling: bool = False) -> None:
         """`loss_scaling`: ZeRO-1 steps wait for the overflow check (as for the norm)."""
-        torch.manual_seed(step_seed(self.config.seed, self.rank, step))
+        seed_generators(step_seed(self.config.seed, self.rank, step), self.device_type)
         self.lr = lr_at(self.config, step)
         set_lr(self.optimizers(), self.lr)
         self.grad_sync.defer_zero = self.clipping or loss_scaling

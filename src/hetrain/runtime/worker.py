@@ -89,7 +89,7 @@ class Worker:
         # stepped them: this optimizer then steps only weights held by one group.
         self.optimizer = self._adamw([(p, decays(p)) for _, _, p in self.params])
         self.recipe = StepRecipe(cfg, rank, self.tp_index, self.params, self.grad_sync,
-                                 self._optimizers)
+                                 self._optimizers, self.device.type)
         self.pacer = Pacer(self.kind in job.emulated, job.time_scale)
         self.meter = ActivationMeter()
         self.peak: PeakTracker | None = None  # set by the loop for the step it measures
