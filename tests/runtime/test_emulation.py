@@ -75,3 +75,17 @@ def test_a_busy_machine_gets_a_longer_time_scale():
     # Eight other processes per core: each worker gets about an eighth of a core.
     busy = auto_time_scale(plan, cost, 1e-3, workers=2, load=8.0 * (os.cpu_count() or 1))
     assert busy > 4 * idle
+
+
+def test_the_benches_calibrate_from_the_plans_model():
+    # The benches give no model object: the plan's is loaded (they crashed without it).
+    from hetrain.data.loading import load_corpus
+    from hetrain.runtime.config import TrainConfig
+    from hetrain.runtime.launch import calibrate_time_scale
+
+    cluster = cluster_from_dict({"nodes": [{"name": "h", "kind": "H100", "count": 1},
+                                           {"name": "a", "kind": "A100-80GB", "count": 1}]})
+    cost = CostModel(cluster, model_spec(model_config("tiny"), 16))
+    plan = data_parallel_plan(cluster, cost, 4)
+    config = TrainConfig(model="tiny", steps=1)
+    assert calibrate_time_scale(plan, cost, load_corpus(None, 0), config) > 0

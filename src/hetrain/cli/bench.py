@@ -98,7 +98,7 @@ def bench_dp(cluster: Cluster, model: str, global_batch: int, seq_len: int, step
     config = TrainConfig(model=model, steps=steps)
     hetero = data_parallel_plan(cluster, cost, global_batch)
     corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
-    scale = time_scale or calibrate_time_scale(hetero, cost, corpus, config, None)
+    scale = time_scale or calibrate_time_scale(hetero, cost, corpus, config)
     kinds = list(cluster.kind_counts())
     plans = {f"alone {k}": data_parallel_plan(cluster, cost, global_batch, kinds=[k])
              for k in kinds}
@@ -155,7 +155,7 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
     balanced = pipeline_plan(cluster, cost, kinds, balanced_layers, micro_batches,
                              micro_batch_size)
     corpus = load_corpus(config.data, config.seed)  # read once for every run of the bench
-    scale = time_scale or calibrate_time_scale(balanced, cost, corpus, config, None)
+    scale = time_scale or calibrate_time_scale(balanced, cost, corpus, config)
     zero_bubble = Plan.model_validate({
         **balanced.model_dump(), "schedule": "zero_bubble",
         "stage_groups": [g.model_dump() | {"in_flight_scale": 1.5}

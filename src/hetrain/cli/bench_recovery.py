@@ -45,7 +45,7 @@ def bench_recovery(cluster_path: Path, model: str, global_batch: int, seq_len: i
                          fresh=True)
     corpus = load_corpus(None, config.seed)
     emulated = bool(emulated_kinds(plan, cluster))
-    scale = time_scale or (calibrate_time_scale(plan, cost, corpus, config, None)
+    scale = time_scale or (calibrate_time_scale(plan, cost, corpus, config)
                            if emulated else 1.0)
     t0 = time.perf_counter()
     out = train_resilient(cluster, plan, config, replan=data_parallel_replan(),

@@ -162,7 +162,7 @@ def bench_sim(cluster: Cluster, model: str = "tiny", seq_len: int = 64, steps: i
     # One stretch for all runs: the largest any plan needs, with headroom, so that the real
     # work and this machine's scheduling noise stay small beside the paced compute.
     scale = time_scale or STRETCH * max(
-        calibrate_time_scale(plan, cost, corpus, config, None) for plan in plans.values())
+        calibrate_time_scale(plan, cost, corpus, config) for plan in plans.values())
     runs = measure_plans(cluster, plans, config, corpus, scale)
     rows, measured_cost = compare(cluster, cost, plans, runs)
     errors = [abs(r["error_pct"]) for r in rows]

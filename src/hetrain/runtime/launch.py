@@ -81,10 +81,12 @@ def check_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
 
 
 def calibrate_time_scale(plan: Plan, cost: CostModel, corpus: Corpus, config: TrainConfig,
-                         model: ModelSource,
+                         model: ModelSource | None = None,
                          real: dict[str, list[str]] | None = None) -> float:
     """Time scale of the emulated kinds: anchored on the measured speed of the real kind that
-    carries the most samples when the job has one, else on the CPU's."""
+    carries the most samples when the job has one, else on the CPU's. `model`: the plan's
+    model when None."""
+    model = model if model is not None else load_model(plan.model)
     real = real_devices_by_kind(plan, cost.cluster) if real is None else real
     kind_of = {r: [plan.group_by_name[g].kind for g in route.stages]
                for r, route in enumerate(plan.routes)}
