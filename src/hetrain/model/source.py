@@ -146,9 +146,8 @@ class DecoderModel(LlamaShaped):
         all-gathered before their first matmuls and their output reduce-scattered after the
         last. With `stage.regather` (and no recomputation, which keeps only the layer input)
         the gathered input is saved for backward as this rank's shard and gathered again when
-        backward needs it, as Megatron does. The stage's
-        first block splits its input and its last block gathers its output, so stages
-        exchange whole activations."""
+        backward needs it, as Megatron does. The stage's first block splits its input and its
+        last block gathers its output, so stages exchange whole activations."""
         from torch.distributed.tensor import Shard
         from torch.distributed.tensor.parallel import (
             ColwiseParallel,
