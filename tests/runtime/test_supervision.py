@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hetrain.cli.bench_soak import live_children
 from hetrain.errors import RuntimeFailure
 from hetrain.plan import expand_plan
 from hetrain.runtime import launch
@@ -41,22 +42,6 @@ def two_replicas(cluster):
 def run(cluster, plan, steps, progress=None, faults=None, **cfg):
     return train(cluster, plan, make_config(plan.model, steps, **cfg), corpus=small_corpus(),
                  time_scale=1e-9, progress=progress, faults=faults)
-
-
-def children(pid):
-    """Pids of the live (not zombie) processes whose parent is `pid`."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            out.append(int(entry.name))
-    return out
 
 
 def alive(pid):
@@ -93,7 +78,7 @@ def test_killing_the_launcher_leaves_no_worker_alive(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while len(workers) < 3 and time.monotonic() < deadline:  # three kinds: three workers
-            workers = [p for p in children(launcher.pid)
+            workers = [p for p in live_children(launcher.pid)
                        if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
             time.sleep(0.2)
         assert len(workers) == 3, "the workers did not start"

@@ -43,7 +43,7 @@ class Sample:
     worker_fds: list[int]
 
 
-def _children(pid: int) -> list[int]:
+def live_children(pid: int) -> list[int]:
     """Live child processes of `pid` that are workers (not multiprocessing's helpers)."""
     out = []
     for entry in Path("/proc").iterdir():
@@ -72,7 +72,7 @@ def open_fds(pid: int) -> int:
 
 
 def sample(step: int, t0: float) -> Sample:
-    me, workers = os.getpid(), _children(os.getpid())
+    me, workers = os.getpid(), live_children(os.getpid())
     rss, fds = [], []
     for pid in workers:
         try:
