@@ -69,6 +69,7 @@ class StageTables:
     per_in_flight_bytes: tuple[np.ndarray, np.ndarray, np.ndarray]
     floor_bytes: np.ndarray
     capacity_bytes: float
+    sequence_parallel: bool = False  # else the REGATHER variant is the PLAIN one
 
 
 class TableCache:
@@ -136,7 +137,7 @@ class TableCache:
         states = params * (2 * master + cast) + params / optimizer_shards * (piece + 2 * master) \
             + self._buffers
         scale = tokens * wbytes
-        kept, kept_rc, kept_rg = self._kept(tp)
+        kept, kept_rc, kept_rg = self._kept(tp, sp)
         acts = range_sums(kept) + self._boundary
         acts_rg = range_sums(kept_rg) + self._boundary if sp else acts
         acts_peak = range_maxima(kept)
@@ -154,14 +155,13 @@ class TableCache:
                                  (range_sums(kept_rc) + self._boundary) * scale * grow,
                                  acts_rg * scale * grow),
             floor_bytes=floor * grow + extra,
-            capacity_bytes=kind.memory_bytes,
+            capacity_bytes=kind.memory_bytes, sequence_parallel=sp,
         )
 
-    def _kept(self, tp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _kept(self, tp: int, sp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per layer, elements per token one device keeps: plain, recomputing, regathering
-        (as CostModel.activation_bytes_peak)."""
+        (as CostModel.activation_bytes_peak); `sp`: under sequence parallelism."""
         spec = self.cost.spec
-        sp = spec.sequence_parallel(tp)
         return (np.array([x.kept_elems_per_token(tp, sp) for x in spec.layers]),
                 np.array([x.recompute_kept_elems_per_token(tp, sp) for x in spec.layers]),
                 np.array([x.kept_elems_per_token(tp, sp, True) for x in spec.layers]))

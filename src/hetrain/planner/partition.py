@@ -126,8 +126,8 @@ class Partitioner:
             mode = np.zeros(t.floor_bytes.shape, dtype=np.int8)
             modes = (PLAIN, REGATHER, RECOMPUTE) if self.allow_recompute else (PLAIN, REGATHER)
             for m in modes:
-                if m == REGATHER and t.time_s[REGATHER] is t.time_s[PLAIN]:
-                    continue  # no sequence parallelism: nothing to regather
+                if m == REGATHER and not t.sequence_parallel:
+                    continue  # nothing to regather
                 fits = (t.fixed_bytes[m] + in_flight * t.per_in_flight_bytes[m] <= cap) \
                     & floor_fits & ~np.isfinite(cost)
                 cost = np.where(fits, t.time_s[m], cost)

@@ -199,7 +199,8 @@ class Worker:
         # or the next stage would start before this one could have finished.
         emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
         if start_sync:
-            settle_partial_grads(p for _, _, p in self.params)
+            if self.group.tp > 1:  # only TP leaves gradients partial
+                settle_partial_grads(p for _, _, p in self.params)
             self.grad_sync.launch(lambda b: self._bucket_ready_s(b, t0, emulated_s))
         self.pacer.finish(t0, emulated_s)
         if action.send_to is not None:
