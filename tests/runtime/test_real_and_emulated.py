@@ -51,14 +51,23 @@ def test_emulated_kinds_keep_the_catalog_ratio_to_the_real_kinds_measured_speed(
 
 
 @pytest.mark.slow
-def test_real_cpu_and_emulated_kinds_in_one_job_equal_one_process(mixed):
+@pytest.mark.parametrize("zero_and_clip", [False, True], ids=["plain", "zero1-clipped"])
+def test_real_cpu_and_emulated_kinds_in_one_job_equal_one_process(mixed, zero_and_clip):
+    """The real worker sums its buckets on its main thread (its backward ends its step), the
+    emulated ones on their comm threads, paced: the collectives meet all the same. With
+    ZeRO-1 and clipping the real worker's pieces wait for the norm like the others'."""
     cluster, plan = mixed
     assert len({r.samples for r in plan.routes}) == 3  # uneven shares across the kinds
-    result = run_plan(cluster, plan, steps=3)
+    cfg = {"grad_clip": 0.05} if zero_and_clip else {}
+    if zero_and_clip:
+        plan = plan.model_copy(update={"sharded_optimizer": True})
+    result = run_plan(cluster, plan, steps=3, **cfg)
     modes = result.summary()["modes"]
     assert modes == {"cpu": "real", "half-cpu": "emulated", "quarter-cpu": "emulated"}
     assert {g["mode"] for g in result.per_group.values()} == {"real", "emulated"}
-    assert_matches_reference(result, steps=3)
+    if zero_and_clip:
+        assert any(r.clipped for r in result.records), [r.grad_norm for r in result.records]
+    assert_matches_reference(result, steps=3, **cfg)
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ divided by the global token count, so the sum is the gradient of the global mean
 
 A rank's buckets run on its own comm thread, started once its group's last weight-gradient
 action of the step is done (not before the share of that action that finalises the bucket
-would have run on the emulated kind); the main thread waits only before the optimizer.
+would have run on the emulated kind); the main thread waits only before the optimizer. When
+that action is the step's last on a real kind, nothing is left to overlap: the main thread
+sums the buckets itself (run_now), without the hand-off.
 
 Holders of one TP degree sum shard by shard (tp rank j with tp rank j). Holders of different
 degrees meet on full tensors: each rank writes its shard into zeros (replicated weights
@@ -185,6 +187,15 @@ class GradSync:
         for rb in self.mine:
             self.pending.append(self.thread.submit(
                 lambda rb=rb, at=ready_at_s(rb.bucket): self._run_bucket(rb, at)))
+
+    def run_now(self) -> None:
+        """Sum this rank's buckets on the calling thread, in the global order: when the
+        gradients are final only at the end of the step's compute, there is nothing to
+        overlap, and the hand-off to the comm thread (and its return) would be pure cost.
+        The comm thread is idle then (launch() was not called this step), so its process
+        groups see one order."""
+        for rb in self.mine:
+            self._run_bucket(rb, 0.0)
 
     def wait(self) -> None:
         """Block until every queued bucket is summed (and, ZeRO, stepped)."""

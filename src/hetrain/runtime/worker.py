@@ -78,6 +78,11 @@ class Worker:
         self.actions: list[Action] = self.schedule.actions[self.group.name]
         self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
         self.split = plan.schedule == "zero_bubble"
+        # Gradients final only when the step's compute is over (a first stage, data
+        # parallelism), on a real kind: the main thread sums them itself (nothing to overlap;
+        # an emulated kind's buckets keep their paced start on the comm thread).
+        self.sync_inline = (self.last_weight_grad == len(self.actions) - 1
+                            and self.kind not in job.emulated)
         # Every rank builds every sync group, in one order (torch.distributed requires it).
         # Their own cache: the comm thread must never share a process group with the
         # compute thread's tensor-parallel collectives.
@@ -146,15 +151,20 @@ class Worker:
         st = _StepState(inputs, targets)
         t_step = time.perf_counter()
         # Phase 2: this group's actions in schedule order. After its last weight-gradient
-        # action every gradient of the stage is final: the sync of its buckets starts then.
+        # action every gradient of the stage is final: the sync of its buckets starts then,
+        # on the comm thread, unless that action ends the step's compute on a real kind.
         with self.precision.step_cache(self.device.type):  # one 16-bit weight copy a step
             for i, action in enumerate(self.actions):
-                self._run_action(action, st, start_sync=i == self.last_weight_grad,
+                self._run_action(action, st, start_sync=i == self.last_weight_grad
+                                 and not self.sync_inline,
                                  ahead=self.actions[i + 1:i + 1 + RECV_AHEAD])
         self.p2p.wait_sends()
         # Phase 3: wait for the sums (exposed sync only), then the optimizer. Under ZeRO-1
         # shared weights were already stepped shard by shard on the comm thread.
         t_sync = time.perf_counter()
+        if self.sync_inline:
+            self._settle_grads()
+            self.grad_sync.run_now()
         self.grad_sync.wait()
         # fp16: a step whose gradients overflowed anywhere is skipped everywhere; else the
         # gradients are unscaled and clipped in one multiplication (the global norm when
@@ -199,8 +209,7 @@ class Worker:
         # or the next stage would start before this one could have finished.
         emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
         if start_sync:
-            if self.group.tp > 1:  # only TP leaves gradients partial
-                settle_partial_grads(p for _, _, p in self.params)
+            self._settle_grads()
             self.grad_sync.launch(lambda b: self._bucket_ready_s(b, t0, emulated_s))
         self.pacer.finish(t0, emulated_s)
         if action.send_to is not None:
@@ -209,6 +218,10 @@ class Worker:
         t1 = time.perf_counter()
         st.busy_s += t1 - t0
         self._event(action.label, _CATEGORY[action.op], t0, t1)
+
+    def _settle_grads(self) -> None:
+        if self.group.tp > 1:  # only TP leaves gradients partial
+            settle_partial_grads(p for _, _, p in self.params)
 
     def _receive(self, action: Action, mb: MicroBatch) -> tuple[torch.Tensor | None, float]:
         """The activation (forward) or output gradient (backward) this action takes, if any,
