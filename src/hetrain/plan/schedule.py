@@ -18,6 +18,9 @@ Two kinds (Plan.schedule):
   cool-down, earlier ones run ahead in the warm-up (a = 1.75 reaches the least fill of
   equal stages, about S - 1 forwards, a third of 1F1B's). A micro-batch holds its
   activations until its weight gradient: `peak_in_flight` counts those, for memory.
+  A group that is first on every route through it keeps whole backwards (splits_backward):
+  no stage waits for its input gradient, and a split would only finalise its weight
+  gradients later, leaving more of the gradient sync after its last action.
 """
 
 from __future__ import annotations
@@ -143,6 +146,13 @@ def weight_grad_cap(plan: Plan, group: str) -> int:
     return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
 
 
+def splits_backward(plan: Plan, group: str) -> bool:
+    """Whether the group's backwards are split into input- and weight-gradient actions:
+    under zero-bubble, unless the group is first on every route through it."""
+    return plan.schedule == "zero_bubble" and any(
+        plan.routes[r].stages.index(group) > 0 for r in plan.routes_through(group))
+
+
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
     scale = {"forward": 1.0, "backward": 2.0, "backward_input": 1.0, "backward_weight": 1.0}[op]
     return group.n_layers * samples * scale / group.tp
@@ -168,7 +178,7 @@ class _ListScheduler:
     def __init__(self, plan: Plan, cost: StageCost | None, transfer: TransferFn | None):
         self.plan, self.cost, self.transfer = plan, cost, transfer
         self.groups = plan.group_by_name
-        self.split = plan.schedule == "zero_bubble"
+        self.split = {g: splits_backward(plan, g) for g in self.groups}
         self.state = {g: _GroupState() for g in self.groups}
         self.limit = {g: in_flight_limit(plan, g) for g in self.groups}
         self.w_cap = {g: weight_grad_cap(plan, g) for g in self.groups}
@@ -194,9 +204,9 @@ class _ListScheduler:
         if st.ready_b:
             sent, mb_id, pos = heapq.heappop(st.ready_b)
             st.in_flight -= 1
-            if not self.split:
+            if not self.split[g]:
                 st.held -= 1
-            return ("backward_input" if self.split else "backward"), sent, mb_id, pos
+            return ("backward_input" if self.split[g] else "backward"), sent, mb_id, pos
         if st.pending_w and len(st.pending_w) > self.w_cap[g]:
             return self._weight(st)
         if st.ready_f and st.in_flight < self.limit[g]:
@@ -296,8 +306,8 @@ def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
     transfer = transfer_times(plan, cost) if hasattr(cost, "p2p_s") else None
     run = _ListScheduler(plan, cost, transfer)
     makespan = run.run()
-    per_mb = 3 if run.split else 2
     for g, st in run.state.items():
+        per_mb = 3 if run.split[g] else 2
         want = per_mb * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
         if len(st.order) != want:
             raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "

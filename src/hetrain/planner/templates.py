@@ -199,14 +199,17 @@ class TemplateBuilder:
         weight-gradient action, and its optimizer step. Sync is plan.sync's sharded sum:
         a ring among the n replicas, then the shards (1/n) across the u shapes."""
         out = np.zeros((n_max, self.max_shapes))
-        split = 0.5 if self.schedule == "zero_bubble" else 1.0
         n = np.arange(1, n_max + 1, dtype=float)[:, None]
         u = np.arange(1, self.max_shapes + 1, dtype=float)[None, :]
         links = self.cost.cluster.links
         bridge_bw = min(links.bridge_gbps, links.inter_node_gbps) * 1e9
         bridge_lat = links.inter_node_latency_us * 1e-6
-        for (kind, tp), (a, b), dtype, (_, bwd) in zip(stages, part.layers, dtypes, times,
-                                                       strict=True):
+        for i, ((kind, tp), (a, b), dtype, (_, bwd)) in enumerate(zip(stages, part.layers,
+                                                                      dtypes, times,
+                                                                      strict=True)):
+            # the last weight-gradient action: half a backward where zero-bubble splits it,
+            # the whole one on the first stage (plan.schedule.splits_backward)
+            split = 0.5 if self.schedule == "zero_bubble" and i > 0 else 1.0
             params = self.spec.range_params(a, b)
             nbytes = params * DTYPE_BYTES[dtype] / tp
             replica = np.array([self._replica_s(kind, int(k), devices[kind], nbytes)

@@ -24,7 +24,7 @@ from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
 from hetrain.data.loading import load_corpus
 from hetrain.model.loading import load_model
-from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
+from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule, splits_backward
 from hetrain.plan.sync import SyncBucket, ready_fraction
 from hetrain.plan.types import MicroBatch, StageGroup
 from hetrain.runtime.checkpoint import TrainState
@@ -77,7 +77,7 @@ class Worker:
         self.schedule = build_schedule(plan, self.cost)
         self.actions: list[Action] = self.schedule.actions[self.group.name]
         self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
-        self.split = plan.schedule == "zero_bubble"
+        self.split = splits_backward(plan, self.group.name)
         # Gradients final only when the step's compute is over (a first stage, data
         # parallelism), on a real kind: the main thread sums them itself (nothing to overlap;
         # an emulated kind's buckets keep their paced start on the comm thread).

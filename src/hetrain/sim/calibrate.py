@@ -15,7 +15,7 @@ from typing import Any
 
 from hetrain.cost.measured import MeasuredFigures, allreduce_phases, stage_key
 from hetrain.cost.model import CostModel
-from hetrain.plan.schedule import Schedule
+from hetrain.plan.schedule import Schedule, splits_backward
 from hetrain.plan.sync import bucket_bytes, reductions, sync_buckets
 from hetrain.plan.types import Plan, StageGroup
 
@@ -61,14 +61,14 @@ def _compute(plan: Plan, at: dict[str, dict[str, Event]], figures: MeasuredFigur
             for name, e in at.get(lane, {}).items():
                 if e["category"] in ("forward", "backward", "weight"):
                     size = plan.micro_batches[int(name[1:])].size
-                    op = _op_of(plan, e["category"])
+                    op = _op_of(plan, g.name, e["category"])
                     by_size = figures.compute_s.setdefault(stage_key(g, op), {})
                     by_size.setdefault(size, []).append(e["dur_s"])
 
 
-def _op_of(plan: Plan, category: str) -> str:
-    """The schedule op a trace category times (split backwards under zero-bubble plans)."""
-    if plan.schedule == "zero_bubble" and category != "forward":
+def _op_of(plan: Plan, group: str, category: str) -> str:
+    """The schedule op a trace category times (split backwards where the group splits)."""
+    if splits_backward(plan, group) and category != "forward":
         return "backward_input" if category == "backward" else "backward_weight"
     return category
 

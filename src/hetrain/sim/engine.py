@@ -62,10 +62,11 @@ class StepEngine:
         self.pos = dict.fromkeys(self.groups, 0)
         self.busy = dict.fromkeys(self.groups, False)
         self.free_s = dict.fromkeys(self.groups, 0.0)
-        # Keyed by (receiving group, op, micro-batch):
-        self.sent: dict[tuple[str, str, int], tuple[str, Action, float]] = {}  # -> src, action, at
-        self.posted: dict[tuple[str, str, int], float] = {}  # receive posted at
-        self.arrived: dict[tuple[str, str, int], tuple[float, float]] = {}  # -> (arrive, sent)
+        # Keyed by (receiving group, backward?, micro-batch), as the runtime tags transfers:
+        # a split sender's input-gradient action feeds a whole backward alike.
+        self.sent: dict[tuple[str, bool, int], tuple[str, Action, float]] = {}  # -> src, action, at
+        self.posted: dict[tuple[str, bool, int], float] = {}  # receive posted at
+        self.arrived: dict[tuple[str, bool, int], tuple[float, float]] = {}  # -> (arrive, sent)
         self.link_free_s: dict[tuple[str, str], float] = {}
         self.events: list[TraceEvent] = []
         self.heap: list[tuple] = []
@@ -107,7 +108,7 @@ class StepEngine:
             return
         action = self.actions[g][self.pos[g]]
         if action.recv_from is not None:
-            key = (g, action.op, action.micro_batch)
+            key = (g, action.is_backward, action.micro_batch)
             got = self.arrived.get(key)
             if got is None:
                 if key not in self.posted:
@@ -143,7 +144,7 @@ class StepEngine:
         for nxt in self.actions[g][self.pos[g]:self.pos[g] + RECV_AHEAD]:
             if nxt.recv_from is None:
                 continue
-            key = (g, nxt.op, nxt.micro_batch)
+            key = (g, nxt.is_backward, nxt.micro_batch)
             if key not in self.posted:
                 self.posted[key] = now
                 if key in self.sent:
@@ -153,7 +154,7 @@ class StepEngine:
         self.busy[g] = False
         self.free_s[g] = now
         if action.send_to is not None:
-            key = (action.send_to, action.op, action.micro_batch)
+            key = (action.send_to, action.is_backward, action.micro_batch)
             self.sent[key] = (g, action, now)
             if key in self.posted:
                 self._transfer(key)
@@ -162,7 +163,7 @@ class StepEngine:
         else:
             self.time[g].last_compute_s = now
 
-    def _transfer(self, key: tuple[str, str, int]) -> None:
+    def _transfer(self, key: tuple[str, bool, int]) -> None:
         """Sent and posted: queue the transfer on its link and schedule its arrival."""
         g, action, sent_s = self.sent[key]
         src, dst = self.groups[g], self.groups[action.send_to]
