@@ -41,12 +41,20 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
                    for g in plan.stage_groups}
     gloo = {k for k in plan.kinds() if getattr(cost, "cluster", None) is None
             or cost.cluster.kinds[k].backend == "gloo"}
-    sync = {g.name: sync_buffer_bytes(plan, cost.spec, g, gloo, buckets)
-            for g in plan.stage_groups}
+    # Keyed by dtype too: a run in another precision prices the group in the dtype it
+    # computes in (runtime.precision.run_memory_fn), and gradients stay in its master dtype.
+    sync: dict[tuple[str, str], float] = {}
+
+    def sync_bytes(g: StageGroup) -> float:
+        key = (g.name, g.dtype)
+        if key not in sync:
+            sync[key] = sync_buffer_bytes(plan, cost.spec, g, gloo, buckets)
+        return sync[key]
+
     # Every worker draws the whole global batch: int64 inputs and targets.
     batch = plan.global_batch * plan.seq_len * 16
     return lambda g, in_flight: batch + cost.stage_memory_bytes(
-        g, sizes[g.name], in_flight, stepped[g.name], sync[g.name])
+        g, sizes[g.name], in_flight, stepped[g.name], sync_bytes(g))
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
