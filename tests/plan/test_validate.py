@@ -111,10 +111,12 @@ class _Recorder:
 
     def __init__(self):
         self.asked = {}
+        self.single = {}
 
     def stage_memory_bytes(self, group, micro_batch_size, in_flight, optimizer_params=None,
-                           sync_bytes=None):
+                           sync_bytes=None, single_backward=False):
         self.asked[group.name, group.dtype] = sync_bytes
+        self.single[group.name] = single_backward
         return 0.0
 
 
@@ -130,3 +132,18 @@ def test_memory_prices_the_sync_buffers_in_the_run_dtype(cluster):
     for g in ("dp0", "dp1"):  # flat gradients in the master dtype of the run
         sync32, sync64 = recorder.asked[g, "fp32"], recorder.asked[g, "fp64"]
         assert sync64 == pytest.approx(2 * sync32) and sync32 > 0
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_memory_knows_the_groups_that_run_one_whole_backward_a_step(cluster, schedule):
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "n_layers": 6,
+                        "schedule": schedule, "data_parallel": [
+                            {"kind": "H100", "samples": 4}, {"kind": "A100-80GB", "samples": 2}]},
+                       cluster)
+    recorder = _Recorder()
+    memory = plan_memory_fn(plan, recorder)
+    for g in plan.stage_groups:
+        memory(g, 1)
+    # dp1 runs one micro-batch a step: one whole backward under 1F1B only (a split backward
+    # keeps its input-gradient pass's tensors while the gradients build)
+    assert recorder.single == {"dp0": False, "dp1": schedule == "1f1b"}

@@ -22,18 +22,23 @@ class StageMemory(Protocol):
 
     def stage_memory_bytes(self, group: StageGroup, micro_batch_size: int, in_flight: int,
                            optimizer_params: float | None = None,
-                           sync_bytes: float | None = None) -> float: ...
+                           sync_bytes: float | None = None,
+                           single_backward: bool = False) -> float: ...
 
 
 def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     """The cost model's memory at each group's (largest) micro-batch size, with its share of
-    the optimizer state under a sharded optimizer (plan.sync.optimizer_params)."""
+    the optimizer state under a sharded optimizer (plan.sync.optimizer_params), and whether
+    it runs one whole backward a step (one micro-batch under 1F1B: its gradients and
+    activations are never all held at once)."""
     from hetrain.plan.sync import optimizer_params, sync_buckets, sync_buffer_bytes
 
     sizes: dict[str, int] = {}
     for route in plan.routes:
         for name in route.stages:
             sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
+    single = {g.name: plan.schedule == "1f1b" and plan.micro_batches_of(g.name) == 1
+              for g in plan.stage_groups}
     buckets = sync_buckets(plan, cost.spec)
     stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)
     if plan.sharded_optimizer:
@@ -54,7 +59,7 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     # Every worker draws the whole global batch: int64 inputs and targets.
     batch = plan.global_batch * plan.seq_len * 16
     return lambda g, in_flight: batch + cost.stage_memory_bytes(
-        g, sizes[g.name], in_flight, stepped[g.name], sync_bytes(g))
+        g, sizes[g.name], in_flight, stepped[g.name], sync_bytes(g), single[g.name])
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
