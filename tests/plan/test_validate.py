@@ -9,6 +9,7 @@ from hetrain.cost import CostModel
 from hetrain.errors import PlanError
 from hetrain.model import model_config, model_spec
 from hetrain.plan import check_memory, expand_plan, validate_plan
+from hetrain.plan.validate import plan_memory_fn
 from tests.conftest import EXAMPLES
 
 
@@ -101,3 +102,48 @@ def test_stage_over_memory_is_refused():
     cost = CostModel(cluster, spec)
     with pytest.raises(PlanError, match="'p0s0' is over memory: needs .* GiB per H100"):
         check_memory(plan, cluster, lambda g, n: cost.stage_memory_bytes(g, 1, n))
+
+
+class _Recorder:
+    """A StageMemory that records what plan_memory_fn asks of it."""
+
+    spec = SPEC
+
+    def __init__(self):
+        self.asked = {}
+        self.single = {}
+
+    def stage_memory_bytes(self, group, micro_batch_size, in_flight, optimizer_params=None,
+                           sync_bytes=None, single_backward=False):
+        self.asked[group.name, group.dtype] = sync_bytes
+        self.single[group.name] = single_backward
+        return 0.0
+
+
+def test_memory_prices_the_sync_buffers_in_the_run_dtype(cluster):
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "n_layers": 6,
+                        "data_parallel": [{"kind": "H100", "samples": 4},
+                                          {"kind": "A100-80GB", "samples": 2}]}, cluster)
+    recorder = _Recorder()
+    memory = plan_memory_fn(plan, recorder)
+    for g in plan.stage_groups:
+        for dtype in ("fp32", "fp64"):  # a float32 and a float64 run
+            memory(g.model_copy(update={"dtype": dtype}), 1)
+    for g in ("dp0", "dp1"):  # flat gradients in the master dtype of the run
+        sync32, sync64 = recorder.asked[g, "fp32"], recorder.asked[g, "fp64"]
+        assert sync64 == pytest.approx(2 * sync32) and sync32 > 0
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_memory_knows_the_groups_that_run_one_whole_backward_a_step(cluster, schedule):
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "n_layers": 6,
+                        "schedule": schedule, "data_parallel": [
+                            {"kind": "H100", "samples": 4}, {"kind": "A100-80GB", "samples": 2}]},
+                       cluster)
+    recorder = _Recorder()
+    memory = plan_memory_fn(plan, recorder)
+    for g in plan.stage_groups:
+        memory(g, 1)
+    # dp1 runs one micro-batch a step: one whole backward under 1F1B only (a split backward
+    # keeps its input-gradient pass's tensors while the gradients build)
+    assert recorder.single == {"dp0": False, "dp1": schedule == "1f1b"}

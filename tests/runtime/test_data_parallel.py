@@ -21,11 +21,12 @@ def test_uneven_shares_on_three_kinds_equal_one_device(three_kinds):
     result = run_plan(three_kinds, plan, steps=5)
     assert result.emulated == sorted(three_kinds.kind_counts())
     assert_matches_reference(result, steps=5)
-    # Emulated kinds' estimates are never below their CPU workers' measured peaks (float64
-    # here: Adam's moments in float64 too; no accelerator workspaces in either).
+    # Emulated kinds' estimates hold their CPU workers' measured peaks within 15 % (float64
+    # here: Adam's moments in float64 too; no accelerator workspaces in either), the workers
+    # that run one micro-batch a step (here BR104 and A100) included.
     for group in result.per_group.values():
         measured, estimated = group["measured_bytes"], group["estimated_bytes"]
-        assert measured <= estimated, (group["kind"], estimated, measured)
+        assert measured <= estimated <= 1.15 * measured, (group["kind"], estimated, measured)
 
 
 def test_tied_embeddings_and_micro_batches(three_kinds):

@@ -201,20 +201,36 @@ class CostModel:
     # --- memory ------------------------------------------------------------------------------
     def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int,
                            optimizer_params: float | None = None,
-                           sync_bytes: float | None = None) -> float:
+                           sync_bytes: float | None = None,
+                           single_backward: bool = False) -> float:
         """Peak bytes per device, as the runtime allocates them (runtime/memory.py measures
         it): model states, plus the larger of the activation phase (the micro-batches the
         schedule keeps, backward's working set, the tensors crossing to the neighbours) and
         the gradient-sync phase (`sync_bytes`, the bucket buffers of plan.sync; default: a
         bound from the stage's size). `optimizer_params`: parameters this device steps (all
-        its own by default; fewer with a sharded optimizer)."""
-        start, end = group.layers
+        its own by default; fewer with a sharded optimizer).
+
+        `single_backward`: the group runs one micro-batch a step (the sum over the routes
+        through it) and its backward in one pass (1F1B). Gradients are freed after each
+        optimizer step and built again by backward. A group that runs several micro-batches
+        holds all of them while a later one's activations are kept, so the states count
+        them in both phases (the default, also the safe side when the count is not known);
+        one backward a step never holds all its gradients with all its activations
+        (one_backward_bytes_peak prices what it holds at once), only with the sync buffers.
+        A split backward (zero-bubble) keeps its input-gradient pass's tensors while the
+        weight pass builds the gradients (measured up to 9 % above that bound): it stays
+        priced as several."""
         states = self.state_bytes(group, optimizer_params)
         if sync_bytes is None:
             sync_bytes = float(sync_bound_bytes(self.device_params(group), group.dtype,
                                                 optimizer_params is not None))
-        peak = states + max(self.activation_bytes_peak(group, micro_batch_size, in_flight),
-                            sync_bytes)
+        if single_backward:
+            grads = self.gradient_bytes(group)
+            peak = states - grads + max(self.one_backward_bytes_peak(group, micro_batch_size),
+                                        grads + sync_bytes)
+        else:
+            peak = states + max(self.activation_bytes_peak(group, micro_batch_size, in_flight),
+                                sync_bytes)
         return peak * (1 + UNMODELLED_FRACTION) + self.fixed_overhead_bytes(group.kind)
 
     def fixed_overhead_bytes(self, kind: str) -> float:
@@ -245,33 +261,58 @@ class CostModel:
         # Adam's two moments take the master dtype (fp32; fp64 in float64 exactness runs)
         return params * (2 * master + cast) + stepped * (piece + 2 * master) + buffers
 
+    def gradient_bytes(self, group: GroupLike, layers: tuple[int, int] | None = None) -> float:
+        """Gradients one device holds of the group's layers (or of `layers`): one per
+        parameter, in the master dtype (state_bytes counts them with the weights)."""
+        start, end = group.layers if layers is None else layers
+        master = max(DTYPE_BYTES[group.dtype], 4)
+        return self.spec.device_params(start, end, len(group.devices)) * master
+
     def activation_bytes_peak(self, group: GroupLike, micro_batch_size: int,
                               in_flight: int) -> float:
         """Activations of `in_flight` micro-batches, plus one backward's working set, plus the
         received input and the sent output of each micro-batch in flight."""
         start, end = group.layers
+        if not self.spec.layers[start:end]:
+            return 0.0
+        kept, working = self._kept_elems_per_token(group)
+        kept_sum = sum(kept) + self.boundary_elems_per_token(start, end)
+        tokens = micro_batch_size * self.spec.seq_len
+        return (in_flight * kept_sum + working) * tokens * DTYPE_BYTES[group.dtype]
+
+    def one_backward_bytes_peak(self, group: GroupLike, micro_batch_size: int) -> float:
+        """Activations and gradients together of a group that runs one micro-batch a step.
+        Backward goes from the last layer to the first, freeing each layer's activations as
+        it builds that layer's gradients: when it is in layer i the device holds the
+        activations of layers up to i and the gradients of layers from i (layer i counted in
+        both), plus backward's working set and the tensors crossing to the neighbours. The
+        largest over i; at the last layer, the whole forward's activations."""
+        start, end = group.layers
+        if not self.spec.layers[start:end]:
+            return 0.0
+        kept, working = self._kept_elems_per_token(group)
+        act_bytes = micro_batch_size * self.spec.seq_len * DTYPE_BYTES[group.dtype]
+        kept_bytes = np.cumsum(kept) * act_bytes  # layers start..i
+        grads = [self.gradient_bytes(group, (i, end)) for i in range(start, end)]  # i..end
+        held = max(k + g for k, g in zip(kept_bytes, grads, strict=True))
+        return float(held) + (working + self.boundary_elems_per_token(start, end)) * act_bytes
+
+    def _kept_elems_per_token(self, group: GroupLike) -> tuple[list[float], float]:
+        """Per layer, the elements per token one device keeps of a micro-batch for backward;
+        and backward's working set (with recomputation: one layer's rebuilt activations
+        too), the largest of the layers'."""
+        start, end = group.layers
         tp = len(group.devices)
         layers = self.spec.layers[start:end]
-        if not layers:
-            return 0.0
-
         sp = self.spec.sequence_parallel(tp)
         regather = memory_mode(group) == REGATHER
-
-        def per_device(lay) -> float:  # noqa: ANN001 - LayerSpec
-            return lay.kept_elems_per_token(tp, sp, regather)
-
+        full = [lay.kept_elems_per_token(tp, sp, regather) for lay in layers]
+        working = max(lay.backward_peak_elems_per_token for lay in layers)
         if group.recompute:
-            kept = sum(lay.recompute_kept_elems_per_token(tp, sp) for lay in layers)
             # one layer's full activations are rebuilt at a time during backward
-            peak = max(per_device(lay) for lay in layers)
-        else:
-            kept = sum(per_device(lay) for lay in layers)
-            peak = 0.0
-        peak += max(lay.backward_peak_elems_per_token for lay in layers)
-        kept += self.boundary_elems_per_token(start, end)
-        tokens = micro_batch_size * self.spec.seq_len
-        return (in_flight * kept + peak) * tokens * DTYPE_BYTES[group.dtype]
+            kept = [lay.recompute_kept_elems_per_token(tp, sp) for lay in layers]
+            return kept, max(full) + working
+        return full, working
 
     def boundary_elems_per_token(self, start: int, end: int) -> float:
         """Per micro-batch in flight: the received input kept for backward and the input

@@ -128,7 +128,10 @@ class TableCache:
             recompute = np.where(self.valid, (fwd + comm) + ((bwd + fwd) + back_rc), np.inf)
             regather = np.where(self.valid, (fwd + comm) + (bwd + back_rg), np.inf) if sp \
                 else plain
-        # as CostModel.stage_memory_bytes
+        # as CostModel.stage_memory_bytes with its default single_backward=False: the tables
+        # are built per micro-batch size and shared by routes of any count, so a group that
+        # will run one micro-batch a step is priced on the safe side here (its gradients and
+        # activations summed); plan.validate.plan_memory_fn prices the chosen plan exactly.
         wbytes = DTYPE_BYTES[dtype]
         params = self._rep_params + (self._params - self._rep_params) / tp
         master = max(wbytes, 4)

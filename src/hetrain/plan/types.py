@@ -143,6 +143,10 @@ class Plan(BaseModel):
     def samples_of(self, group: str) -> int:
         return sum(self.routes[r].samples for r in self.routes_through(group))
 
+    def micro_batches_of(self, group: str) -> int:
+        """Micro-batches the group runs a step, over every route through it."""
+        return sum(self.routes[r].micro_batches for r in self.routes_through(group))
+
     def holders(self, layer: int) -> list[StageGroup]:
         """Stage groups holding `layer`: their gradients for it are summed."""
         return [g for g in self.stage_groups if g.layers[0] <= layer < g.layers[1]]

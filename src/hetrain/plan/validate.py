@@ -22,18 +22,23 @@ class StageMemory(Protocol):
 
     def stage_memory_bytes(self, group: StageGroup, micro_batch_size: int, in_flight: int,
                            optimizer_params: float | None = None,
-                           sync_bytes: float | None = None) -> float: ...
+                           sync_bytes: float | None = None,
+                           single_backward: bool = False) -> float: ...
 
 
 def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     """The cost model's memory at each group's (largest) micro-batch size, with its share of
-    the optimizer state under a sharded optimizer (plan.sync.optimizer_params)."""
+    the optimizer state under a sharded optimizer (plan.sync.optimizer_params), and whether
+    it runs one whole backward a step (one micro-batch under 1F1B: its gradients and
+    activations are never all held at once)."""
     from hetrain.plan.sync import optimizer_params, sync_buckets, sync_buffer_bytes
 
     sizes: dict[str, int] = {}
     for route in plan.routes:
         for name in route.stages:
             sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
+    single = {g.name: plan.schedule == "1f1b" and plan.micro_batches_of(g.name) == 1
+              for g in plan.stage_groups}
     buckets = sync_buckets(plan, cost.spec)
     stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)
     if plan.sharded_optimizer:
@@ -41,12 +46,20 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
                    for g in plan.stage_groups}
     gloo = {k for k in plan.kinds() if getattr(cost, "cluster", None) is None
             or cost.cluster.kinds[k].backend == "gloo"}
-    sync = {g.name: sync_buffer_bytes(plan, cost.spec, g, gloo, buckets)
-            for g in plan.stage_groups}
+    # Keyed by dtype too: a run in another precision prices the group in the dtype it
+    # computes in (runtime.precision.run_memory_fn), and gradients stay in its master dtype.
+    sync: dict[tuple[str, str], float] = {}
+
+    def sync_bytes(g: StageGroup) -> float:
+        key = (g.name, g.dtype)
+        if key not in sync:
+            sync[key] = sync_buffer_bytes(plan, cost.spec, g, gloo, buckets)
+        return sync[key]
+
     # Every worker draws the whole global batch: int64 inputs and targets.
     batch = plan.global_batch * plan.seq_len * 16
     return lambda g, in_flight: batch + cost.stage_memory_bytes(
-        g, sizes[g.name], in_flight, stepped[g.name], sync[g.name])
+        g, sizes[g.name], in_flight, stepped[g.name], sync_bytes(g), single[g.name])
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,

@@ -112,21 +112,23 @@ def _stage_kinds(cluster: Cluster, layout: Layout) -> list[set[str]]:
 
 
 def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: str,
-                    global_batch: int) -> float | None:
+                    global_batch: int, schedule: str) -> float | None:
     """None when a stage is over memory, else a lower bound on the step (compute only: m
     slots of the slowest stage, which no schedule's fill can undercut)."""
     ranges = even_layer_ranges(cost.spec.n_layers, layout.pp)
+    m = global_batch // (layout.dp * layout.micro_batch_size)  # per route, one route a group
+    single = m == 1 and schedule == "1f1b"  # one whole backward a step
     slot = 0.0
     for s, kinds in enumerate(_stage_kinds(cluster, layout)):
         for kind in kinds:
             group = StageGroup(name="probe", kind=kind, devices=["x"] * layout.tp,
                                layers=ranges[s], dtype=dtype, recompute=layout.recompute,
                                regather=layout.regather)
-            need = cost.stage_memory_bytes(group, layout.micro_batch_size, layout.pp - s)
+            need = cost.stage_memory_bytes(group, layout.micro_batch_size, layout.pp - s,
+                                           single_backward=single)
             if need > cluster.kinds[kind].memory_bytes * (1 - MEMORY_SLACK):
                 return None
             slot = max(slot, stage_time_s(cost, group, layout.micro_batch_size, cost.spec.seq_len))
-    m = global_batch // (layout.dp * layout.micro_batch_size)
     return m * slot
 
 
@@ -141,7 +143,7 @@ def homogeneous_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     dtype = common_dtype(cluster, kinds)
     bounded = []
     for layout in layouts(cluster, cost.spec.n_layers, global_batch, tp_sizes, micro_batch_sizes):
-        bound = _fits_and_bound(cluster, cost, layout, dtype, global_batch)
+        bound = _fits_and_bound(cluster, cost, layout, dtype, global_batch, options.schedule)
         if bound is not None:
             bounded.append((bound, layout))
     best: tuple[StepEstimate, Plan, Layout] | None = None
