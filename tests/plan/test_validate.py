@@ -136,14 +136,21 @@ def test_memory_prices_the_sync_buffers_in_the_run_dtype(cluster):
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
 def test_memory_knows_the_groups_that_run_one_whole_backward_a_step(cluster, schedule):
-    plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2, "n_layers": 6,
-                        "schedule": schedule, "data_parallel": [
-                            {"kind": "H100", "samples": 4}, {"kind": "A100-80GB", "samples": 2}]},
-                       cluster)
-    recorder = _Recorder()
-    memory = plan_memory_fn(plan, recorder)
-    for g in plan.stage_groups:
-        memory(g, 1)
-    # dp1 runs one micro-batch a step: one whole backward under 1F1B only (a split backward
-    # keeps its input-gradient pass's tensors while the gradients build)
-    assert recorder.single == {"dp0": False, "dp1": schedule == "1f1b"}
+    def singles(raw):
+        plan = expand_plan({"model": "tiny", "seq_len": 16, "micro_batch_size": 2,
+                            "schedule": schedule, **raw}, cluster)
+        recorder = _Recorder()
+        memory = plan_memory_fn(plan, recorder)
+        for g in plan.stage_groups:
+            memory(g, 1)
+        return recorder.single
+
+    # dp1 runs one micro-batch a step; a first stage's backward is whole under either schedule
+    assert singles({"n_layers": 6, "data_parallel": [{"kind": "H100", "samples": 4},
+                                      {"kind": "A100-80GB", "samples": 2}]}) == \
+        {"dp0": False, "dp1": True}
+    # a later stage splits under zero-bubble: it keeps its input-gradient pass's tensors while
+    # the gradients build, so it is priced as holding both
+    assert singles({"pipelines": [{"micro_batches": 1, "stages": [
+        {"kind": "H100", "layers": [0, 3]}, {"kind": "A100-80GB", "layers": [3, 6]}]}]}) == \
+        {"p0s0": True, "p0s1": schedule == "1f1b"}

@@ -34,10 +34,8 @@ class Stage(nn.Module):
         # is saved as this rank's shard and gathered again in backward.
         self.regather = False
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Layers from the `start`-th of the stage on (zero-bubble splits stage 0 after its
-        embedding)."""
-        for layer in self.layers[start:]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
             x = checkpoint(layer, x, use_reentrant=False) if self.recompute else layer(x)
             x = getattr(x, "logits", x)
         return x

@@ -8,6 +8,7 @@ from typing import Protocol
 from hetrain.cluster.topology import Cluster
 from hetrain.errors import PlanError
 from hetrain.model.spec import ModelSpec
+from hetrain.plan.schedule import splits_backward
 from hetrain.plan.types import Plan, StageGroup
 
 GIB = 1024**3
@@ -29,15 +30,15 @@ class StageMemory(Protocol):
 def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     """The cost model's memory at each group's (largest) micro-batch size, with its share of
     the optimizer state under a sharded optimizer (plan.sync.optimizer_params), and whether
-    it runs one whole backward a step (one micro-batch under 1F1B: its gradients and
-    activations are never all held at once)."""
+    it runs one whole backward a step (one micro-batch, its backward not split: its
+    gradients and activations are never all held at once)."""
     from hetrain.plan.sync import optimizer_params, sync_buckets, sync_buffer_bytes
 
     sizes: dict[str, int] = {}
     for route in plan.routes:
         for name in route.stages:
             sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
-    single = {g.name: plan.schedule == "1f1b" and plan.micro_batches_of(g.name) == 1
+    single = {g.name: not splits_backward(plan, g.name) and plan.micro_batches_of(g.name) == 1
               for g in plan.stage_groups}
     buckets = sync_buckets(plan, cost.spec)
     stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)

@@ -117,13 +117,15 @@ def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: st
     slots of the slowest stage, which no schedule's fill can undercut)."""
     ranges = even_layer_ranges(cost.spec.n_layers, layout.pp)
     m = global_batch // (layout.dp * layout.micro_batch_size)  # per route, one route a group
-    single = m == 1 and schedule == "1f1b"  # one whole backward a step
     slot = 0.0
     for s, kinds in enumerate(_stage_kinds(cluster, layout)):
         for kind in kinds:
             group = StageGroup(name="probe", kind=kind, devices=["x"] * layout.tp,
                                layers=ranges[s], dtype=dtype, recompute=layout.recompute,
                                regather=layout.regather)
+            # one whole backward a step (plan.schedule.splits_backward: the first stage's
+            # backward is whole under zero-bubble too)
+            single = m == 1 and (schedule == "1f1b" or s == 0)
             need = cost.stage_memory_bytes(group, layout.micro_batch_size, layout.pp - s,
                                            single_backward=single)
             if need > cluster.kinds[kind].memory_bytes * (1 - MEMORY_SLACK):

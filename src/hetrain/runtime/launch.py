@@ -6,6 +6,7 @@ one line naming the cause; their tracebacks go to a log file in the run folder."
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import queue as queue_mod
 import shutil
@@ -55,6 +56,7 @@ SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]  # a plan for the survivors
 WORKER_LOG = "workers.log"
 EXIT_GRACE_S = 30.0  # a worker that wrote its report exits within this, or is killed
+BEAT_CHECK_S = 0.25  # the launcher looks at heartbeats, progress and reports this often
 
 
 def plan_model(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSource:
@@ -261,12 +263,14 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
                     _failure_message(job, failed, codes),
                     lost_devices=[job.rank_devices[r] for r in lost])
             if time.monotonic() >= next_beat_check:
-                next_beat_check = time.monotonic() + 0.25
+                next_beat_check = time.monotonic() + BEAT_CHECK_S
                 _check_heartbeats(job, beats, codes, on_suspect)
             if time.monotonic() > deadline:
                 raise RuntimeFailure(f"the run did not finish within {job.config.run_timeout_s:.0f}"
                                      " s (run_timeout_s)")
-            procs[0].join(0.05)
+            # Woken by a worker's exit at once, else every BEAT_CHECK_S (progress, heartbeats):
+            # the launcher shares the host's cores with the workers, so it polls no faster.
+            mp_connection.wait([p.sentinel for p in procs], timeout=BEAT_CHECK_S)
         _drain(job, progress, beats)
     finally:
         for p in procs:

@@ -24,7 +24,7 @@ from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
 from hetrain.data.loading import load_corpus
 from hetrain.model.loading import load_model
-from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule, splits_backward
+from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
 from hetrain.plan.sync import SyncBucket, ready_fraction
 from hetrain.plan.types import MicroBatch, StageGroup
 from hetrain.runtime.checkpoint import TrainState
@@ -77,7 +77,6 @@ class Worker:
         self.schedule = build_schedule(plan, self.cost)
         self.actions: list[Action] = self.schedule.actions[self.group.name]
         self.last_weight_grad = self.schedule.last_weight_grad(self.group.name)
-        self.split = splits_backward(plan, self.group.name)
         # Gradients final only when the step's compute is over (a first stage, data
         # parallelism), on a real kind: the main thread sums them itself (nothing to overlap;
         # an emulated kind's buckets keep their paced start on the comm thread).
@@ -257,16 +256,7 @@ class Worker:
             x = saved.inp = received.requires_grad_(True)
         with self.meter.forward(mb.id):
             with self.precision.autocast(self.device.type):
-                if self.split and received is None and self.model.n_layers > 1:
-                    # Stage 0 under zero-bubble splits after the embedding: the blocks' input
-                    # is then a leaf, so the input-gradient action can run (and keep what the
-                    # weight gradients need); the embedding's gradient waits for the weight
-                    # one.
-                    saved.embedded = self.stage.layers[0](x)
-                    saved.inp = saved.embedded.detach().requires_grad_(True)
-                    out = self.stage(saved.inp, start=1)
-                else:
-                    out = self.stage(x)
+                out = self.stage(x)
             if self.stage.last:  # the loss in the master dtype, scaled under fp16
                 out = F.cross_entropy(out.to(self.dtype).flatten(0, 1),
                                       st.targets[rows].flatten().to(self.device),
@@ -290,27 +280,19 @@ class Worker:
     def _backward_input(self, mb: MicroBatch, received: torch.Tensor | None,
                         st: _StepState) -> torch.Tensor | None:
         """Zero-bubble: the input gradient only; the graph pieces the weight gradients need
-        stay with the micro-batch (torch.distributed.pipelining's split backward)."""
+        stay with the micro-batch (torch.distributed.pipelining's split backward). Only groups
+        after the first split (plan.schedule.splits_backward): there is always an input."""
         saved = st.stored[mb.id]
-        saved.grad_out = received
-        if saved.inp is None:  # a whole model fed with tokens: nothing to send, all in W
-            return None
         grads, saved.param_groups = stage_backward_input(
             [saved.out], None if received is None else [received], [saved.inp],
             self._weights())
-        saved.grad_inp = grads[0]
-        return None if saved.embedded is not None else grads[0]
+        return grads[0]
 
     def _backward_weight(self, mb: MicroBatch, received: torch.Tensor | None,
                          st: _StepState) -> None:
         """Zero-bubble: the micro-batch's weight gradients, accumulated into .grad."""
         saved = st.stored.pop(mb.id)
-        if saved.param_groups is None:
-            saved.out.backward(saved.grad_out)
-        else:
-            stage_backward_weight(self._weights(), saved.param_groups)
-            if saved.embedded is not None and saved.grad_inp is not None:
-                saved.embedded.backward(saved.grad_inp)
+        stage_backward_weight(self._weights(), saved.param_groups)
         self.meter.release(mb.id)
         return None
 
@@ -372,9 +354,6 @@ class _Saved:
 
     out: torch.Tensor | None = None  # stage output (the loss on the last stage)
     inp: torch.Tensor | None = None  # leaf whose gradient is sent back (None: token input)
-    embedded: torch.Tensor | None = None  # stage 0 split: the embedding's output
-    grad_out: torch.Tensor | None = None  # received output gradient
-    grad_inp: torch.Tensor | None = None
     param_groups: list | None = None  # split backward: what the weight gradients need
 
 
