@@ -211,12 +211,13 @@ class CostModel:
         its own by default; fewer with a sharded optimizer).
 
         `single_backward`: the group runs one micro-batch a step (the sum over the routes
-        through it) and its backward in one pass (1F1B). Gradients are freed after each
-        optimizer step and built again by backward. A group that runs several micro-batches
-        holds all of them while a later one's activations are kept, so the states count
-        them in both phases (the default, also the safe side when the count is not known);
-        one backward a step never holds all its gradients with all its activations
-        (one_backward_bytes_peak prices what it holds at once), only with the sync buffers.
+        through it) and its backward in one pass (not split: plan.schedule.splits_backward).
+        Gradients are freed after each optimizer step and built again by backward. A group
+        that runs several micro-batches holds all of them while a later one's activations
+        are kept, so the states count them in both phases (the default, also the safe side
+        when the count is not known); one backward a step never holds all its gradients with
+        all its activations (one_backward_bytes_peak prices what it holds at once), only
+        with the sync buffers.
         A split backward (zero-bubble) keeps its input-gradient pass's tensors while the
         weight pass builds the gradients (measured up to 9 % above that bound): it stays
         priced as several."""
