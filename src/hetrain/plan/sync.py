@@ -38,6 +38,10 @@ class SyncBucket:
     holders: tuple[str, ...]  # stage groups summing it, sorted
     layers: tuple[int, int]  # [start, end) of the layers whose gradients it carries
     params: int  # parameters (of full tensors) whose gradients it carries
+    # Of its holders (the plan's, read once: planning asks for them per group and bucket):
+    same_tp: bool = True  # one TP degree: summed shard by shard (shard_wise)
+    weight_sum: float = 0.0  # sum of shard_weight
+    device_weight_sum: float = 0.0  # sum of shard_weight x tp
 
     @property
     def layer_list(self) -> range:
@@ -95,13 +99,20 @@ def sync_buckets(plan: Plan, spec: ModelSpec, bucket_params: int = BUCKET_PARAMS
         else:
             runs.append((holders, layer, layer + 1, params))
     runs.sort(key=lambda r: (-r[2], r[0]))
-    return [SyncBucket(index=i, holders=h, layers=(a, b), params=p)
-            for i, (h, a, b, p) in enumerate(runs)]
+    out = []
+    for i, (h, a, b, p) in enumerate(runs):
+        groups = [plan.group_by_name[g] for g in h]
+        out.append(SyncBucket(index=i, holders=h, layers=(a, b), params=p,
+                              same_tp=len({len(g.devices) for g in groups}) == 1,
+                              weight_sum=sum(g.shard_weight for g in groups),
+                              device_weight_sum=sum(g.shard_weight * len(g.devices)
+                                                    for g in groups)))
+    return out
 
 
 def shard_wise(plan: Plan, bucket: SyncBucket) -> bool:
-    """Holders of one TP degree sum shard by shard."""
-    return len({plan.group_by_name[g].tp for g in bucket.holders}) == 1
+    """Holders of one TP degree sum shard by shard (of `plan`, whose buckets these are)."""
+    return bucket.same_tp
 
 
 def reductions(plan: Plan, bucket: SyncBucket) -> list[tuple[str, ...]]:
@@ -134,10 +145,11 @@ def sync_buffer_bytes(plan: Plan, spec: ModelSpec, group: StageGroup, gloo_kinds
             continue
         whole = not shard_wise(plan, bucket)
         numel = bucket.params if whole else _bucket_device_params(spec, bucket, group.tp)
-        devices = next(s for s in reductions(plan, bucket) if group.devices[0] in s)
-        kinds = {plan.group_by_name[g].kind for g in bucket.holders}
-        members = sum(plan.group_by_name[g].kind == group.kind for g in bucket.holders
-                      for d in plan.group_by_name[g].devices if d in devices)
+        holders = [plan.group_by_name[g] for g in bucket.holders]
+        kinds = {g.kind for g in holders}
+        # Members of this device's kind in its collective (reductions): shard-wise one device
+        # of each holder, else every device of every holder.
+        members = sum(g.tp if whole else 1 for g in holders if g.kind == group.kind)
         copies = 1.0
         gathered = plan.sharded_optimizer or len(kinds) > 1 or group.kind not in gloo_kinds
         if gathered and members > 1:
@@ -192,13 +204,11 @@ def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
     for bucket in buckets:
         if group.name not in bucket.holders:
             continue
-        members = [plan.group_by_name[g] for g in bucket.holders]
         held = _bucket_device_params(spec, bucket, group.tp)
         if shard_wise(plan, bucket):
-            stepped = held * group.shard_weight / sum(g.shard_weight for g in members)
+            stepped = held * group.shard_weight / bucket.weight_sum
         else:
-            stepped = bucket.params * group.shard_weight / sum(g.shard_weight * g.tp
-                                                               for g in members)
+            stepped = bucket.params * group.shard_weight / bucket.device_weight_sum
         params -= held - stepped
     return max(params, 0.0)
 
