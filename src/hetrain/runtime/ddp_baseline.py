@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import torch
@@ -41,8 +42,12 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, corpus: C
         model = build_decoder(model_config(config.model), config.seed)
         model.to(param_dtype(config.precision))
         # The decoder's buffers (rotary tables) are constants: broadcasting them every step
-        # would charge DDP for work hetrain does not do.
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        # would charge DDP for work hetrain does not do. (torch 2.13 warns that the flag is
+        # deprecated and itself says to keep it until its replacement exists.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*",
+                                    category=FutureWarning)
+            ddp = DistributedDataParallel(model, broadcast_buffers=False)
         opt = torch.optim.AdamW(ddp.parameters(), lr=config.lr,
                                 weight_decay=config.weight_decay, foreach=False)
         share = global_batch // world
