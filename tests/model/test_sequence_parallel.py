@@ -41,6 +41,14 @@ def _rank(rank: int, port: int, split: bool, regather: bool, out) -> None:  # no
             return saved
 
         source._Regathered.pack = counting
+        gathers = []  # in backward: regathered inputs
+        gather = source._gather_sequence_autograd
+
+        def counting_gather(shard, mesh):  # noqa: ANN001, ANN202
+            gathers.append(1)
+            return gather(shard, mesh)
+
+        source._gather_sequence_autograd = counting_gather
         model = source.DecoderModel(model_config("tiny"))
         stage = model.build_stage(1, 3, seed=0).double()  # two blocks
         stage.regather = regather
@@ -52,6 +60,7 @@ def _rank(rank: int, port: int, split: bool, regather: bool, out) -> None:  # no
         want = ref(xr)
         (want * want).sum().backward()
         got = stage(xs)
+        gathers.clear()
         params = list(stage.parameters())
         if split:
             from torch.distributed.pipelining._backward import (
@@ -59,7 +68,9 @@ def _rank(rank: int, port: int, split: bool, regather: bool, out) -> None:  # no
                 stage_backward_weight,
             )
 
+            stage.input_grad_pass = True  # as the worker's input-gradient action
             _, groups = stage_backward_input([got], [2 * got.detach()], [xs], iter(params))
+            stage.input_grad_pass = False
             stage_backward_weight(iter(params), groups)
         else:
             (got * got).sum().backward()
@@ -68,7 +79,7 @@ def _rank(rank: int, port: int, split: bool, regather: bool, out) -> None:  # no
         for (_, p), (_, q) in zip(stage.named_parameters(), ref.named_parameters(),
                                   strict=True):
             errors.append(float((full_tensor(p.grad) - q.grad).abs().max()))
-        out.put((rank, max(errors), sum(packed), len(packed)))
+        out.put((rank, max(errors), sum(packed), len(packed), len(gathers)))
     finally:
         dist.destroy_process_group()
 
@@ -90,7 +101,9 @@ def test_blocks_match_one_process_and_keep_the_gathered_input_as_shards(split, r
             p.join(10)
             if p.is_alive():
                 os.kill(p.pid, 9)
-    for rank, worst, shards, saved in results:
+    for rank, worst, shards, saved, gathers in results:
         assert worst < 1e-12, (rank, worst)
         # per block: q, k, v keep the attention's gathered input; w1, w3 the FFN's
         assert shards == (2 * 5 if regather else 0), (rank, shards, saved)
+        # backward gathers each module's input once (a split one in its weight action only)
+        assert gathers == (2 * 2 if regather else 0), (rank, gathers)

@@ -94,3 +94,15 @@ def test_recomputed_stages_including_a_sequence_parallel_group(cluster, schedule
             {"kind": "A100-80GB", "layers": [3, 5]},
             {"kind": "BR104", "layers": [5, 6], "recompute": True}]},
     ]})
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_regathering_tensor_parallel_stage_after_the_first(cluster, schedule):
+    # Under zero-bubble the TP group splits its backward: the input-gradient action gets
+    # uninitialised memory in the layout of the regathered inputs (their values are read
+    # only for weight gradients), the weight action gathers them. Exact either way.
+    _run(cluster, {"schedule": schedule, "pipelines": [
+        {"micro_batches": 3, "stages": [
+            {"kind": "BR104", "layers": [0, 2]},
+            {"kind": "H100", "tp": 2, "layers": [2, 6], "regather": True}]},
+    ]})

@@ -54,14 +54,19 @@ def tp_comm_passes(op: Op, sequence_parallel: bool, mode: int) -> float:
     (per matmul pair one all-reduce, or under sequence parallelism an all-gather and a
     reduce-scatter): backward sums the input gradients as forward summed the outputs;
     recomputation runs forward's again; regathering (sequence parallelism only) gathers the
-    saved shard of the matmuls' input again, half a pass, in each backward action that reads
-    it (a split backward: both). The weight-gradient action moves no activation gradient."""
+    saved shard of the matmuls' input again, half a pass, in the backward action that reads
+    its values: a whole backward, or a split one's weight-gradient action (the input
+    gradients read only its layout). The weight-gradient action moves no activation
+    gradient."""
     if op == "forward":
         return 1.0
     regather = 0.5 if sequence_parallel and mode == REGATHER else 0.0
     if op == "backward_weight":
         return regather
-    return 1.0 + (1.0 if mode == RECOMPUTE else 0.0) + regather
+    recompute = 1.0 if mode == RECOMPUTE else 0.0
+    if op == "backward_input":
+        return 1.0 + recompute
+    return 1.0 + recompute + regather
 
 
 class CostModel:

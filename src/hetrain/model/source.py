@@ -212,7 +212,7 @@ def _gather_sequence_first(module: nn.Module, mesh, stage: Stage) -> None:
         full = _gather_sequence_autograd(shard, mesh)
         if stage.recompute or not stage.regather:  # recomputing keeps only the layer input
             return inner(full)
-        saved = _Regathered(shard.detach(), mesh, full)
+        saved = _Regathered(shard.detach(), mesh, full, stage)
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             return inner(full)
 
@@ -235,10 +235,17 @@ class _Regathered:
     """Saved-tensor hooks for one forward of an attention or FFN under sequence parallelism:
     a saved tensor that is (a view of) the all-gathered input is kept as this rank's shard
     and the view's layout; backward gathers the shard again, once for the saved tensors
-    unpacked together (the q/k/v matmuls' inputs), and rebuilds the view."""
+    unpacked together (the q/k/v matmuls' inputs), and rebuilds the view.
 
-    def __init__(self, shard: torch.Tensor, mesh, full: torch.Tensor):
-        self.shard, self.mesh = shard, mesh
+    The saved views are the matmuls' inputs, which only their weight gradients read: the
+    input-gradient action of a split backward (`stage.input_grad_pass`) reads their layout
+    alone, so it gets uninitialised memory of that layout instead of a gather; the
+    weight-gradient action gathers. A split backward so gathers once, as a whole one does
+    (cost.model.tp_comm_passes)."""
+
+    def __init__(self, shard: torch.Tensor, mesh, full: torch.Tensor, stage: Stage):
+        self.shard, self.mesh, self.stage = shard, mesh, stage
+        self.full_layout = (full.size(), full.stride(), full.dtype, full.device)
         self.full_ptr = full.untyped_storage().data_ptr()
         self.packed = 0
         self.left = 0
@@ -258,8 +265,12 @@ class _Regathered:
         from torch.distributed.tensor import DTensor
 
         if self.gathered is None:
-            with torch.no_grad():
-                self.gathered = _gather_sequence_autograd(self.shard, self.mesh)
+            if self.stage.input_grad_pass:
+                size, stride, dtype, device = self.full_layout
+                self.gathered = torch.empty_strided(size, stride, dtype=dtype, device=device)
+            else:
+                with torch.no_grad():
+                    self.gathered = _gather_sequence_autograd(self.shard, self.mesh)
             self.left = self.packed
         view = self.gathered.as_strided(saved.size, saved.stride, saved.offset)
         self.left -= 1

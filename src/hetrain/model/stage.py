@@ -33,6 +33,9 @@ class Stage(nn.Module):
         # Under sequence parallelism (StageGroup.regather): the matmuls' all-gathered input
         # is saved as this rank's shard and gathered again in backward.
         self.regather = False
+        # Set by the runtime around a split backward's input-gradient action: regathered
+        # inputs are then not gathered (only the weight gradients read their values).
+        self.input_grad_pass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

@@ -283,9 +283,13 @@ class Worker:
         stay with the micro-batch (torch.distributed.pipelining's split backward). Only groups
         after the first split (plan.schedule.splits_backward): there is always an input."""
         saved = st.stored[mb.id]
-        grads, saved.param_groups = stage_backward_input(
-            [saved.out], None if received is None else [received], [saved.inp],
-            self._weights())
+        self.stage.input_grad_pass = True  # no regather: the weight action reads the inputs
+        try:
+            grads, saved.param_groups = stage_backward_input(
+                [saved.out], None if received is None else [received], [saved.inp],
+                self._weights())
+        finally:
+            self.stage.input_grad_pass = False
         return grads[0]
 
     def _backward_weight(self, mb: MicroBatch, received: torch.Tensor | None,
