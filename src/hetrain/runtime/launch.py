@@ -270,7 +270,9 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
                                      " s (run_timeout_s)")
             # Woken by a worker's exit at once, else every BEAT_CHECK_S (progress, heartbeats):
             # the launcher shares the host's cores with the workers, so it polls no faster.
-            mp_connection.wait([p.sentinel for p in procs], timeout=BEAT_CHECK_S)
+            # (Only the live ones': an exited worker's sentinel stays ready.)
+            mp_connection.wait([p.sentinel for p, c in zip(procs, codes, strict=True)
+                                if c is None], timeout=BEAT_CHECK_S)
         _drain(job, progress, beats)
     finally:
         for p in procs:
