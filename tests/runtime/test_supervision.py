@@ -169,6 +169,15 @@ def test_worker_stuck_after_its_report_does_not_hold_the_run(three_kinds, monkey
     assert not [c for c in mp.active_children() if c.name.startswith("hetrain")]
 
 
+def test_worker_killed_after_its_report_does_not_fail_the_run(three_kinds):
+    # A preemption's SIGTERM forwarded as a worker finishes reaches it in its interpreter's
+    # teardown, where Python has reset the handler: it dies of the signal, its part done.
+    plan = two_replicas(three_kinds)
+    result = run(three_kinds, plan, 2, faults=Faults(step=0, rank=1, mode="signalled"))
+    assert len(result.losses) == 2
+    assert_params_match_reference(result.params, "tiny", 2, plan.global_batch, plan.seq_len)
+
+
 def test_long_run_with_progress_is_never_cut(three_kinds):
     # Paced steps (~0.11 s each: the emulated A100 stretched 4e4 times) keep coming: a run many
     # hang timeouts long ends normally; there is no whole-run limit.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Literal
 import torch
 import torch.distributed.checkpoint as dcp
 
-FaultMode = Literal["exit", "hang", "checkpoint", "nan", "nospace", "teardown"]
+FaultMode = Literal["exit", "hang", "checkpoint", "nan", "nospace", "teardown", "signalled"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class Faults:
     """Rank `rank` exits at the start of step `step` (mode "exit"), hangs there ("hang"), gets
     NaN weights at that step ("nan"), dies while writing the checkpoint of step `step`
     ("checkpoint"), or finds its disk full writing it ("nospace"); or, its report written,
-    never ends its process ("teardown", any step)."""
+    never ends its process ("teardown", any step) or is killed by a signal ("signalled": a
+    SIGTERM as its interpreter's teardown has reset the handlers)."""
 
     step: int
     rank: int = 0
@@ -50,9 +52,16 @@ def before_step(faults: Faults | None, rank: int, step: int,
 
 
 def at_exit(faults: Faults | None, rank: int) -> None:
-    """After this rank's report is written: stuck in its interpreter's teardown."""
-    if faults is not None and faults.rank == rank and faults.mode == "teardown":
+    """After this rank's report is written: stuck in its interpreter's teardown, or killed
+    there."""
+    if faults is None or faults.rank != rank:
+        return
+    if faults.mode == "teardown":
         time.sleep(24 * 3600)
+    if faults.mode == "signalled":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # (the signal ends the process first)
 
 
 def checkpoint_writer(faults: Faults | None, rank: int, step: int,

@@ -56,7 +56,8 @@ SuspectFn = Callable[[Suspect], None]  # a worker late with its heartbeat
 ReplanFn = Callable[[Cluster, Plan, TrainConfig], Plan]  # a plan for the survivors
 WORKER_LOG = "workers.log"
 EXIT_GRACE_S = 30.0  # a worker that wrote its report exits within this, or is killed
-BEAT_CHECK_S = 0.25  # the launcher looks at heartbeats, progress and reports this often
+BEAT_CHECK_S = 0.25  # the launcher looks at heartbeats this often
+POLL_S = 0.05  # and at progress records and reports this often (a worker's exit: at once)
 
 
 def plan_model(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSource:
@@ -250,7 +251,7 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
     try:
         while True:
             _drain(job, progress, beats)
-            codes = [p.exitcode for p in procs]
+            codes = _exit_codes(job, procs)
             if all(c == 0 for c in codes) or _all_reported(job, codes, reported_at):
                 break
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
@@ -268,11 +269,10 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
             if time.monotonic() > deadline:
                 raise RuntimeFailure(f"the run did not finish within {job.config.run_timeout_s:.0f}"
                                      " s (run_timeout_s)")
-            # Woken by a worker's exit at once, else every BEAT_CHECK_S (progress, heartbeats):
-            # the launcher shares the host's cores with the workers, so it polls no faster.
-            # (Only the live ones': an exited worker's sentinel stays ready.)
+            # Woken by a worker's exit at once, else every POLL_S for progress (only the live
+            # workers' sentinels: an exited one's stays ready).
             mp_connection.wait([p.sentinel for p, c in zip(procs, codes, strict=True)
-                                if c is None], timeout=BEAT_CHECK_S)
+                                if c is None], timeout=POLL_S)
         _drain(job, progress, beats)
     finally:
         for p in procs:
@@ -280,6 +280,16 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
                 p.kill()
         for p in procs:
             p.join(5)
+
+
+def _exit_codes(job: Job, procs: list) -> list[int | None]:
+    """Each worker's exit code, 0 for one that wrote its report (rank{r}.pt, written whole
+    by a rename) whatever it exited with: its part of the run is complete, and a signal
+    in its interpreter's teardown (a preemption's SIGTERM forwarded as it finished) or a
+    teardown crash does not undo it."""
+    out = Path(job.out_dir)
+    return [0 if p.exitcode not in (None, 0) and (out / f"rank{r}.pt").exists() else p.exitcode
+            for r, p in enumerate(procs)]
 
 
 def _all_reported(job: Job, codes: list[int | None], reported_at: dict[int, float]) -> bool:
