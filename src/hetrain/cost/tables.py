@@ -148,12 +148,12 @@ class TableCache:
         fixed_rc = fixed_plain + acts_peak * scale
         floor = states + sync_bound_bytes(params, dtype, optimizer_shards > 1)
         grow, extra = 1 + UNMODELLED_FRACTION, cost.fixed_overhead_bytes(kind_name)
+        fixed = fixed_plain * grow + extra
         return StageTables(
             kind=kind_name, tp=tp, dtype=dtype, micro_batch_size=mbs,
             forward_s=np.where(self.valid, fwd + comm, np.inf),
             time_s=(plain, recompute, regather),
-            fixed_bytes=(fixed_plain * grow + extra, fixed_rc * grow + extra,
-                         fixed_plain * grow + extra),
+            fixed_bytes=(fixed, fixed_rc * grow + extra, fixed),  # regathering: as plain
             per_in_flight_bytes=(acts * scale * grow,
                                  (range_sums(kept_rc) + self._boundary) * scale * grow,
                                  acts_rg * scale * grow),

@@ -45,7 +45,7 @@ from hetrain.runtime.loop import run_worker
 from hetrain.runtime.precision import param_dtype, run_memory_fn
 from hetrain.runtime.preflight import preflight
 from hetrain.runtime.recipe import dropout_note
-from hetrain.runtime.records import StepRecord
+from hetrain.runtime.records import StepRecord, report_path
 from hetrain.runtime.rendezvous import LOOPBACK, LoopbackStore
 from hetrain.runtime.results import RunResult, gather_result
 from hetrain.runtime.runlock import RunComplete, run_folder
@@ -283,12 +283,12 @@ def _spawn_and_wait(job: Job, ctx, progress: ProgressFn | None, store: LoopbackS
 
 
 def _exit_codes(job: Job, procs: list) -> list[int | None]:
-    """Each worker's exit code, 0 for one that wrote its report (rank{r}.pt, written whole
-    by a rename) whatever it exited with: its part of the run is complete, and a signal
+    """Each worker's exit code, 0 for one that wrote its report (records.report_path)
+    whatever it exited with: its part of the run is complete, and a signal
     in its interpreter's teardown (a preemption's SIGTERM forwarded as it finished) or a
     teardown crash does not undo it."""
     out = Path(job.out_dir)
-    return [0 if p.exitcode not in (None, 0) and (out / f"rank{r}.pt").exists() else p.exitcode
+    return [0 if p.exitcode not in (None, 0) and report_path(out, r).exists() else p.exitcode
             for r, p in enumerate(procs)]
 
 
@@ -299,7 +299,7 @@ def _all_reported(job: Job, codes: list[int | None], reported_at: dict[int, floa
     now = time.monotonic()
     out = Path(job.out_dir)
     for r, code in enumerate(codes):
-        if code is None and (out / f"rank{r}.pt").exists():
+        if code is None and report_path(out, r).exists():
             reported_at.setdefault(r, now)
     alive = [r for r, c in enumerate(codes) if c is None]
     return (all(c in (None, 0) for c in codes)
@@ -313,7 +313,7 @@ def _check_heartbeats(job: Job, beats: Heartbeats, codes: list[int | None],
     beats.poll()
     out = Path(job.out_dir)
     # A worker that wrote its report or its error is exiting: its silence means nothing.
-    alive = [r for r, c in enumerate(codes) if c is None and not (out / f"rank{r}.pt").exists()
+    alive = [r for r, c in enumerate(codes) if c is None and not report_path(out, r).exists()
              and not (out / f"error{r}.txt").exists()]
     hung = beats.hung(alive)
     if hung:

@@ -21,7 +21,7 @@ from hetrain.runtime.faults import before_step
 from hetrain.runtime.job import Job
 from hetrain.runtime.memory import PeakTracker, measuring
 from hetrain.runtime.preemption import Preemption
-from hetrain.runtime.records import StepRecord
+from hetrain.runtime.records import StepRecord, report_path
 from hetrain.runtime.worker import Worker
 
 
@@ -46,7 +46,7 @@ def run_worker(job: Job, rank: int, world: int, init_method: str | None = None) 
         report = worker.report(steps)
         tmp = out / f".rank{rank}.pt.tmp"
         torch.save(report.as_saved(), tmp)  # plain containers: read with weights_only=True
-        os.replace(tmp, out / f"rank{rank}.pt")
+        os.replace(tmp, report_path(out, rank))
         dist.barrier()
     except BaseException as err:  # noqa: BLE001 - reported to the launcher, then re-raised
         (out / f"error{rank}.txt").write_text(

@@ -7,9 +7,16 @@ launcher reads them with `torch.load(weights_only=True)`: nothing read from disk
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def report_path(out: Path, rank: int) -> Path:
+    """Where rank `rank` writes its report, whole (by a rename), once its run is done: the
+    launcher takes its existence for the worker's part of the run complete."""
+    return out / f"rank{rank}.pt"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 from hetrain.plan.types import Plan
 from hetrain.runtime.job import Job
-from hetrain.runtime.records import StepRecord, WorkerReport
+from hetrain.runtime.records import StepRecord, WorkerReport, report_path
 
 
 @dataclass
@@ -125,7 +125,7 @@ def steady_step_s(step_s: list[float]) -> float:
 
 def gather_result(job: Job, out: Path, estimated_bytes: dict[str, float]) -> RunResult:
     plan = job.plan
-    reports = [WorkerReport.from_saved(torch.load(out / f"rank{r}.pt", weights_only=True))
+    reports = [WorkerReport.from_saved(torch.load(report_path(out, r), weights_only=True))
                for r in range(len(job.rank_devices))]
     steps0: list[StepRecord] = reports[0].steps
     step_s = [max(rep.steps[i].step_s for rep in reports) for i in range(len(steps0))]
