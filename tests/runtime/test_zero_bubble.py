@@ -55,6 +55,25 @@ def test_pipelines_partitioned_differently_with_tensor_parallel(cluster):
     ]})
 
 
+def test_recomputing_stage_keeps_whole_backwards(cluster):
+    """A recomputing stage after the first runs whole backwards: each backward pass over
+    checkpointed layers runs their forward again, so a split one would recompute in both of
+    its actions (the cost model prices one recomputation). The stages around it split."""
+    result = _run(cluster, {"pipelines": [
+        {"micro_batches": 3, "stages": [{"kind": "H100", "layers": [0, 2]},
+                                        {"kind": "A100-80GB", "layers": [2, 4],
+                                         "recompute": True},
+                                        {"kind": "BR104", "layers": [4, 6]}]},
+    ]}, trace=True)
+    first, middle, last = result.plan.routes[0].stages
+    assert result.plan.group_by_name[middle].recompute
+    actions = build_schedule(result.plan).actions
+    assert {a.op for a in actions[middle]} == {"forward", "backward"}
+    assert {a.op for a in actions[last]} == {"forward", "backward_input", "backward_weight"}
+    weight = [e for e in result.events if e["category"] == "weight"]
+    assert len(weight) == 2 * 3  # only the last stage's, per step and micro-batch
+
+
 def test_users_module_data_parallel_with_sharded_optimizer(cluster):
     """A user's module is one stage fed with tokens: a first stage, so whole backwards; the
     replicas' sums and ZeRO-1 shards follow."""

@@ -20,7 +20,8 @@ Two kinds (Plan.schedule):
   activations until its weight gradient: `peak_in_flight` counts those, for memory.
   A group that is first on every route through it keeps whole backwards (splits_backward):
   no stage waits for its input gradient, and a split would only finalise its weight
-  gradients later, leaving more of the gradient sync after its last action.
+  gradients later, leaving more of the gradient sync after its last action. So does a
+  recomputing group: every backward pass over its checkpointed layers recomputes them.
 """
 
 from __future__ import annotations
@@ -148,8 +149,11 @@ def weight_grad_cap(plan: Plan, group: str) -> int:
 
 def splits_backward(plan: Plan, group: str) -> bool:
     """Whether the group's backwards are split into input- and weight-gradient actions:
-    under zero-bubble, unless the group is first on every route through it."""
-    return plan.schedule == "zero_bubble" and any(
+    under zero-bubble, unless the group is first on every route through it, or recomputes
+    (each backward pass over checkpointed layers runs their forward again: a split would
+    recompute in both actions, and in the weight action once per parameter group)."""
+    g = plan.group_by_name[group]
+    return plan.schedule == "zero_bubble" and not g.recompute and any(
         plan.routes[r].stages.index(group) > 0 for r in plan.routes_through(group))
 
 

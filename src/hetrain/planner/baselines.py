@@ -124,8 +124,8 @@ def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: st
                                layers=ranges[s], dtype=dtype, recompute=layout.recompute,
                                regather=layout.regather)
             # one whole backward a step (plan.schedule.splits_backward: the first stage's
-            # backward is whole under zero-bubble too)
-            single = m == 1 and (schedule == "1f1b" or s == 0)
+            # and a recomputing one's backward is whole under zero-bubble too)
+            single = m == 1 and (schedule == "1f1b" or s == 0 or layout.recompute)
             need = cost.stage_memory_bytes(group, layout.micro_batch_size, layout.pp - s,
                                            single_backward=single)
             if need > cluster.kinds[kind].memory_bytes * (1 - MEMORY_SLACK):

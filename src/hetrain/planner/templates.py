@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hetrain.cluster.topology import Cluster
-from hetrain.cost.model import DTYPE_BYTES, CostModel, ring_allreduce_s
+from hetrain.cost.model import DTYPE_BYTES, RECOMPUTE, CostModel, ring_allreduce_s
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
@@ -171,7 +171,8 @@ class TemplateBuilder:
         for scale in self.in_flight_scales:
             plan = Plan(model=self.spec.name, seq_len=1, global_batch=m,
                         stage_groups=[StageGroup(name=f"s{i}", kind=kind, devices=[f"s{i}"],
-                                                 layers=(i, i + 1), in_flight_scale=scale)
+                                                 layers=(i, i + 1), in_flight_scale=scale,
+                                                 recompute=part.modes[i] == RECOMPUTE)
                                       for i, (kind, _) in enumerate(stages)],
                         routes=[Route(stages=[f"s{i}" for i in range(len(stages))],
                                       micro_batches=m, micro_batch_size=1)],
@@ -208,8 +209,10 @@ class TemplateBuilder:
                                                                       dtypes, times,
                                                                       strict=True)):
             # the last weight-gradient action: half a backward where zero-bubble splits it,
-            # the whole one on the first stage (plan.schedule.splits_backward)
-            split = 0.5 if self.schedule == "zero_bubble" and i > 0 else 1.0
+            # the whole one on the first stage and a recomputing one
+            # (plan.schedule.splits_backward)
+            split = (0.5 if self.schedule == "zero_bubble" and i > 0
+                     and part.modes[i] != RECOMPUTE else 1.0)
             params = self.spec.range_params(a, b)
             nbytes = params * DTYPE_BYTES[dtype] / tp
             replica = np.array([self._replica_s(kind, int(k), devices[kind], nbytes)

@@ -281,7 +281,8 @@ class Worker:
                         st: _StepState) -> torch.Tensor | None:
         """Zero-bubble: the input gradient only; the graph pieces the weight gradients need
         stay with the micro-batch (torch.distributed.pipelining's split backward). Only groups
-        after the first split (plan.schedule.splits_backward): there is always an input."""
+        after the first that do not recompute split (plan.schedule.splits_backward): there is
+        always an input, and no checkpointed layer to run again in each action."""
         saved = st.stored[mb.id]
         self.stage.input_grad_pass = True  # no regather: the weight action reads the inputs
         try:
