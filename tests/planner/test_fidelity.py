@@ -50,3 +50,6 @@ def test_the_estimate_of_a_searched_plan_is_what_the_simulator_says(name, nodes,
     assert result.plan.predicted["step_s"] == pytest.approx(simulated.step_s, rel=0.03)
     assert result.estimate.bubble_share == pytest.approx(
         simulated.mean_share("bubble_share"), abs=0.03)
+    imbalance = simulated.mean_share("imbalance_share")
+    assert 0.0 <= imbalance <= simulated.mean_share("bubble_share") + 1e-12
+    assert result.estimate.imbalance_share == pytest.approx(imbalance, abs=0.03)

@@ -59,6 +59,9 @@ def test_sync_waits_for_the_slowest_member():
     fast = result.devices["n0:0"]
     assert fast.bubble_s == pytest.approx(2 * 3)
     assert fast.comm_wait_s == pytest.approx(0.5)
+    # no order of actions fills it: the other computes 6 s longer (plan.schedule.imbalance_s)
+    assert fast.imbalance_s == pytest.approx(2 * 3)
+    assert result.devices["n1:0"].imbalance_s == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
@@ -79,6 +82,7 @@ def test_1f1b_bubble_formula(stages, m):
     for dev in result.devices.values():
         assert dev.busy_s == pytest.approx(m * (f + b))
         assert dev.bubble_share == pytest.approx((stages - 1) / (m + stages - 1))
+        assert dev.imbalance_s == pytest.approx(0.0, abs=1e-12)  # equal stages: all is fill
 
 
 @pytest.mark.parametrize("stages", [2, 3, 5])

@@ -89,14 +89,16 @@ def _table(result: SimResult) -> Table:
     many = len(result.devices) > _TABLE_DEVICES
     for d in result.devices.values():
         rows.setdefault(d.kind if many else d.device, []).append(d)
-    for col in ("kind" if many else "device", "group", "busy", "bubble", "comm wait", "idle"):
+    for col in ("kind" if many else "device", "group", "busy", "bubble", "of it imbalance",
+                "comm wait", "idle"):
         table.add_column(col, justify="left" if col in ("device", "kind", "group") else "right")
     for key, devs in rows.items():
         groups = {d.group for d in devs}
         table.add_row(f"{key} (x{len(devs)})" if many else key,
                       devs[0].group if len(groups) == 1 else f"{len(groups)} groups",
                       *(_mean_pct(devs, attr) for attr in
-                        ("busy_share", "bubble_share", "comm_wait_share", "idle_share")))
+                        ("busy_share", "bubble_share", "imbalance_share", "comm_wait_share",
+                         "idle_share")))
     return table
 
 

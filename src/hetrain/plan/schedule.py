@@ -157,6 +157,17 @@ def splits_backward(plan: Plan, group: str) -> bool:
         plan.routes[r].stages.index(group) > 0 for r in plan.routes_through(group))
 
 
+def imbalance_s(busy_s: dict[str, float], bubble_s: dict[str, float]) -> dict[str, float]:
+    """Per group, the part of its bubble (idle not waiting on communication) that no order of
+    actions can fill: the step lasts at least as long as the busiest group computes, so a group
+    computing less idles at least the difference (whole layers that do not divide evenly
+    between kinds, uneven data-parallel shares). The rest of the bubble is pipeline fill and
+    drain and waiting on slower neighbours, what schedules can fill. The planner's estimate
+    and the simulator both report it from this definition."""
+    top = max(busy_s.values(), default=0.0)
+    return {g: min(bubble_s[g], top - b) for g, b in busy_s.items()}
+
+
 def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
     scale = {"forward": 1.0, "backward": 2.0, "backward_input": 1.0, "backward_weight": 1.0}[op]
     return group.n_layers * samples * scale / group.tp

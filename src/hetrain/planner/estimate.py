@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from hetrain.cost.model import CostModel
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.schedule import Schedule, build_schedule, transfer_times
+from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s, transfer_times
 from hetrain.plan.sync import FreeSync, SyncCost, SyncTimeline, price_sync, sync_buckets
 from hetrain.plan.types import Plan, Route, StageGroup
 
@@ -31,13 +31,15 @@ class StepEstimate:
     peak_in_flight: dict[str, int] = field(default_factory=dict)  # per group, for memory
     bubble_share: float = 0.0  # mean over devices of idle time not waiting on communication
     # (the simulator's definition: sim.result.DeviceTime.bubble_share)
+    imbalance_share: float = 0.0  # the part no schedule can fill (plan.schedule.imbalance_s)
     exposed_sync_s: float = 0.0  # how much longer the step is than with free gradient sync
 
     def predicted(self) -> dict[str, float]:
         """The figures a Plan carries in `predicted`."""
         return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
                 "pipeline_s": self.pipeline_s, "sync_s": self.sync_s,
-                "bubble_share": self.bubble_share, "exposed_sync_s": self.exposed_sync_s}
+                "bubble_share": self.bubble_share, "imbalance_share": self.imbalance_share,
+                "exposed_sync_s": self.exposed_sync_s}
 
 
 def stage_time_s(cost: CostModel, group: StageGroup, micro_batch_size: int, seq_len: int) -> float:
@@ -161,7 +163,10 @@ def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
     bubble = {g: max(0.0, step - busy[g] - times[g].comm_wait_s
                      - tail.comm_wait_s(g, buckets)) for g in busy}
     devices = {g.name: g.tp for g in plan.stage_groups}
-    bubble_share = sum(bubble[g] * n for g, n in devices.items()) / (step * sum(devices.values()))
+    weight = step * sum(devices.values())
+    bubble_share = sum(bubble[g] * n for g, n in devices.items()) / weight
+    imbalance = imbalance_s(busy, bubble)
+    imbalance_share = sum(imbalance[g] * n for g, n in devices.items()) / weight
     sync = {g: tail.group_synced_s[g] - tail.group_last_compute_s[g] for g in busy}
     return StepEstimate(step_s=step, pipeline_s=pipeline, sync_s=step - pipeline,
                         route_s=[max(times[g].last_end_s for g in route.stages)
@@ -169,7 +174,8 @@ def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
                         group_sync_s=sync, group_optimizer_s=dict(tail.group_optimizer_s),
                         tokens_per_s=plan.global_batch * plan.seq_len / step,
                         peak_in_flight={g: t.peak_in_flight for g, t in times.items()},
-                        bubble_share=bubble_share, exposed_sync_s=step - bare.step_s)
+                        bubble_share=bubble_share, imbalance_share=imbalance_share,
+                        exposed_sync_s=step - bare.step_s)
 
 
 def estimate_step_s(plan: Plan, cost: CostModel) -> float:

@@ -2,7 +2,8 @@
 
 A device's step splits into busy (forward, backward, optimizer) and idle; idle splits into
 waiting on communication (a transfer or sync it needs is in flight) and bubble (waiting for
-other stages to compute: pipeline fill and drain, load imbalance, the end of the step).
+other stages to compute: pipeline fill and drain, load imbalance, the end of the step). The
+bubble's imbalance part is what no schedule can fill (plan.schedule.imbalance_s).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class DeviceTime:
     step_s: float
     busy_s: float
     comm_wait_s: float
+    imbalance_s: float = 0.0  # of bubble_s: no order of actions fills it
+
+    @property
+    def imbalance_share(self) -> float:
+        return self._share(self.imbalance_s)
 
     @property
     def idle_s(self) -> float:
@@ -52,8 +58,9 @@ class DeviceTime:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "group": self.group, "busy_s": self.busy_s,
                 "idle_s": self.idle_s, "bubble_s": self.bubble_s,
-                "comm_wait_s": self.comm_wait_s, "busy_share": self.busy_share,
-                "idle_share": self.idle_share, "bubble_share": self.bubble_share,
+                "comm_wait_s": self.comm_wait_s, "imbalance_s": self.imbalance_s,
+                "busy_share": self.busy_share, "idle_share": self.idle_share,
+                "bubble_share": self.bubble_share, "imbalance_share": self.imbalance_share,
                 "comm_wait_share": self.comm_wait_share}
 
 
@@ -75,7 +82,8 @@ class SimResult:
         return max(0.0, self.step_s - self.compute_only_step_s)
 
     def mean_share(self, what: str) -> float:
-        """Mean over devices of `busy_share`, `idle_share`, `bubble_share` or `comm_wait_share`."""
+        """Mean over devices of `busy_share`, `idle_share`, `bubble_share`, `imbalance_share`
+        or `comm_wait_share`."""
         if not self.devices:
             return 0.0
         return sum(getattr(d, what) for d in self.devices.values()) / len(self.devices)
@@ -86,5 +94,6 @@ class SimResult:
                 "exposed_comm_s": self.exposed_comm_s,
                 "mean_busy_share": self.mean_share("busy_share"),
                 "mean_bubble_share": self.mean_share("bubble_share"),
+                "mean_imbalance_share": self.mean_share("imbalance_share"),
                 "mean_comm_wait_share": self.mean_share("comm_wait_share"),
                 "devices": {d: t.to_dict() for d, t in self.devices.items()}}

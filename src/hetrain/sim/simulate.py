@@ -8,7 +8,7 @@ from __future__ import annotations
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
-from hetrain.plan.schedule import Schedule, build_schedule
+from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s
 from hetrain.plan.sync import sync_buckets
 from hetrain.plan.types import Plan
 from hetrain.plan.validate import validate_plan
@@ -38,11 +38,14 @@ def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
     if run.step_s <= 0:
         raise SimError("simulated step took no time; the cost model returned zero durations")
     devices = {}
+    bubble = {g: max(0.0, run.step_s - t.busy_s - t.comm_wait_s) for g, t in run.groups.items()}
+    imbalance = imbalance_s({g: t.busy_s for g, t in run.groups.items()}, bubble)
     for g in plan.stage_groups:
         t = run.groups[g.name]
         for d in g.devices:
             devices[d] = DeviceTime(device=d, kind=g.kind, group=g.name, step_s=run.step_s,
-                                    busy_s=t.busy_s, comm_wait_s=t.comm_wait_s)
+                                    busy_s=t.busy_s, comm_wait_s=t.comm_wait_s,
+                                    imbalance_s=imbalance[g.name])
     return SimResult(step_s=run.step_s,
                      tokens_per_s=plan.global_batch * plan.seq_len / run.step_s,
                      compute_only_step_s=bare.step_s, devices=devices, events=run.events,
