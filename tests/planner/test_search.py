@@ -123,3 +123,45 @@ def test_infeasible_activations(three_kinds):
     with pytest.raises(PlannerError, match="activations"):
         search_plan(three_kinds, cost, 8, SearchOptions(micro_batch_sizes=(8,),
                                                         allow_recompute=False))
+
+
+def test_mixed_shapes_try_each_kind_first():
+    """Large clusters: shapes of every subset of kinds in the default order, and the shape of
+    all kinds with each kind moved to the front (the first stage idles through the warm-up,
+    so the roomiest kind is not always the best one there)."""
+    from hetrain.planner.templates import kind_orders, proportional_shapes
+
+    kinds = ("H800", "Ascend910B", "MLU370", "BR104")
+    orders = kind_orders(kinds)
+    assert orders[0] == kinds and len(orders) == 4
+    assert {o[0] for o in orders} == set(kinds)
+    assert all(sorted(o) == sorted(kinds) for o in orders)
+    counts = {k: 32 for k in kinds}
+    tps = {k: [8] for k in kinds}
+    shapes = list(proportional_shapes(counts, tps, 82, orders))
+    assert len(shapes) == len(set(shapes))  # each once
+    full = [tuple(b.kind for b in s) for s in shapes if len(s) == 4]
+    assert set(full) == set(orders)
+    # fewer kinds: only in the default order
+    pairs = {tuple(b.kind for b in s) for s in shapes if len(s) == 2}
+    assert ("Ascend910B", "H800") not in pairs and ("H800", "Ascend910B") in pairs
+    for s in shapes:  # every kind gives a copy all its devices / n
+        assert len({b.count * b.tp for b in s}) == 1
+
+
+def test_large_cluster_plan_starts_with_a_roomy_kind_to_spare(monkeypatch):
+    """mixed-1280-like (four vendors, 320 each; llama-70b, global batch 2048): the fastest,
+    roomiest kind (H800) bounds the pipeline, and the search puts another kind first,
+    for a shorter estimated step than the default order alone gives."""
+    from hetrain.planner import search as search_mod
+
+    big = cluster(("H800", 8, 40), ("Ascend910B", 8, 40), ("MLU370", 8, 40), ("BR104", 8, 40))
+    cfg = model_config("llama-70b")
+    cost = CostModel(big, model_spec(cfg, 4096))
+    result = search_plan(big, cost, 2048)
+    checked_memory_bytes(result.plan, cost)
+    first = {result.plan.group_by_name[r.stages[0]].kind for r in result.plan.routes}
+    assert "H800" not in first
+    monkeypatch.setattr(search_mod, "kind_orders", lambda kinds: [tuple(kinds)])
+    default = search_plan(big, cost, 2048)
+    assert result.estimate.step_s < default.estimate.step_s

@@ -41,6 +41,7 @@ from hetrain.planner.templates import (
     all_shapes,
     all_shapes_count,
     block_options,
+    kind_orders,
     proportional_shapes,
     tp_options,
 )
@@ -114,7 +115,8 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
         best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
         order = {k: (-cluster.kinds[k].memory_gib,
                      -cluster.kinds[k].peak_flops(partitioner.dtypes[k])) for k in counts}
-        mixed = list(proportional_shapes(counts, best_tps, n_layers, order.get))
+        mixed = list(proportional_shapes(counts, best_tps, n_layers,
+                                         kind_orders(sorted(counts, key=order.get))))
         if smaller is not None and beyond_reach(
                 builder, ScaledSlots(partitioners[smaller], partitioner, best_tps), outlines,
                 mixed, lambda ts: capacities(ts, cluster), micro_batches, beat_s):
