@@ -13,15 +13,22 @@ import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from hetrain.errors import ClusterError
 
-if TYPE_CHECKING:
-    from hetrain.cluster.kinds import DeviceKind
+
+class DeviceKind(Protocol):
+    """What this module reads of a kind (cluster.kinds.DeviceKind, which imports this
+    module's DEVICE_TYPES, implements it)."""
+
+    name: str
+    device_type: str
+    plugin: str | None
+    backend: str | None
 
 
 @dataclass(frozen=True)

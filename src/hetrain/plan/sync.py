@@ -39,7 +39,7 @@ class SyncBucket:
     layers: tuple[int, int]  # [start, end) of the layers whose gradients it carries
     params: int  # parameters (of full tensors) whose gradients it carries
     # Of its holders (the plan's, read once: planning asks for them per group and bucket):
-    same_tp: bool = True  # one TP degree: summed shard by shard (shard_wise)
+    same_tp: bool = True  # holders of one TP degree: summed shard by shard
     weight_sum: float = 0.0  # sum of shard_weight
     device_weight_sum: float = 0.0  # sum of shard_weight x tp
 
@@ -110,16 +110,11 @@ def sync_buckets(plan: Plan, spec: ModelSpec, bucket_params: int = BUCKET_PARAMS
     return out
 
 
-def shard_wise(plan: Plan, bucket: SyncBucket) -> bool:
-    """Holders of one TP degree sum shard by shard (of `plan`, whose buckets these are)."""
-    return bucket.same_tp
-
-
 def reductions(plan: Plan, bucket: SyncBucket) -> list[tuple[str, ...]]:
     """Device ids of each collective of the bucket: tp rank j of every holder together when
     the holders share a TP degree, else every device of every holder."""
     groups = [plan.group_by_name[g] for g in bucket.holders]
-    if shard_wise(plan, bucket):
+    if bucket.same_tp:
         return [tuple(g.devices[j] for g in groups) for j in range(groups[0].tp)]
     return [tuple(d for g in groups for d in g.devices)]
 
@@ -129,7 +124,7 @@ def bucket_bytes(plan: Plan, bucket: SyncBucket) -> float:
     widest dtype; shard-wise: 1/tp of the bucket)."""
     groups = [plan.group_by_name[g] for g in bucket.holders]
     nbytes = bucket.params * max(DTYPE_BYTES[g.dtype] for g in groups)
-    return nbytes / groups[0].tp if shard_wise(plan, bucket) else nbytes
+    return nbytes / groups[0].tp if bucket.same_tp else nbytes
 
 
 def sync_buffer_bytes(plan: Plan, spec: ModelSpec, group: StageGroup, gloo_kinds: set[str],
@@ -143,7 +138,7 @@ def sync_buffer_bytes(plan: Plan, spec: ModelSpec, group: StageGroup, gloo_kinds
     for bucket in buckets:
         if group.name not in bucket.holders:
             continue
-        whole = not shard_wise(plan, bucket)
+        whole = not bucket.same_tp
         numel = bucket.params if whole else _bucket_device_params(spec, bucket, group.tp)
         holders = [plan.group_by_name[g] for g in bucket.holders]
         kinds = {g.kind for g in holders}
@@ -205,7 +200,7 @@ def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
         if group.name not in bucket.holders:
             continue
         held = _bucket_device_params(spec, bucket, group.tp)
-        if shard_wise(plan, bucket):
+        if bucket.same_tp:
             stepped = held * group.shard_weight / bucket.weight_sum
         else:
             stepped = bucket.params * group.shard_weight / bucket.device_weight_sum

@@ -46,7 +46,6 @@ from hetrain.plan.sync import (
     SyncBucket,
     reductions,
     shard_bounds,
-    shard_wise,
     sync_buckets,
     tied_last,
 )
@@ -92,7 +91,7 @@ class GradSync:
         self.mine: list[RankBucket] = []
         weight_of = {rank_of[d]: g.shard_weight for g in plan.stage_groups for d in g.devices}
         for bucket in self.buckets:
-            full_mode = not shard_wise(plan, bucket)
+            full_mode = not bucket.same_tp
             for i, devices in enumerate(reductions(plan, bucket)):
                 ranks = tuple(rank_of[d] for d in devices)
                 layout = FlatLayout.build(ranks, kind_of_rank, weight_of, numel[bucket.index, i],
@@ -140,7 +139,7 @@ class GradSync:
                 continue
             sets = reductions(self.plan, bucket)
             i = next(i for i, s in enumerate(sets) if self.group.devices[self.tp_index] in s)
-            full = not shard_wise(self.plan, bucket)
+            full = not bucket.same_tp
             sizes[bucket.index, i] = sum(p.numel() if full else _local(p).numel()
                                          for _, p in mine[bucket.index])
         return sizes
