@@ -3,6 +3,8 @@ slower, and a reason when nothing fits."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from hetrain.cluster import cluster_from_dict
@@ -137,11 +139,15 @@ def test_mixed_shapes_try_each_kind_first():
     assert {o[0] for o in orders} == set(kinds)
     assert all(sorted(o) == sorted(kinds) for o in orders)
     counts = {k: 32 for k in kinds}
-    tps = {k: [8] for k in kinds}
+    tps = {k: [8, 4] for k in kinds}
     shapes = list(proportional_shapes(counts, tps, 82, orders))
     assert len(shapes) == len(set(shapes))  # each once
     full = [tuple(b.kind for b in s) for s in shapes if len(s) == 4]
     assert set(full) == set(orders)
+    # all kinds: every TP combination; fewer kinds: each kind's first (most efficient) TP
+    assert {tuple(b.tp for b in s) for s in shapes if len(s) == 4} == set(
+        itertools.product([8, 4], repeat=4))
+    assert {b.tp for s in shapes if len(s) < 4 for b in s} == {8}
     # fewer kinds: only in the default order
     pairs = {tuple(b.kind for b in s) for s in shapes if len(s) == 2}
     assert ("Ascend910B", "H800") not in pairs and ("H800", "Ascend910B") in pairs

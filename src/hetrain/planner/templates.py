@@ -296,13 +296,17 @@ def proportional_shapes(counts: dict[str, int], tps: dict[str, list[int]], n_lay
                         orders: Sequence[Sequence[str]]) -> Iterator[Shape]:
     """Mixed shapes for large clusters: for each set of two or more kinds in the first of
     `orders`, and for the set of all kinds in each further order, and each number of copies
-    n, every kind gives a copy all its devices / n."""
+    n, every kind gives a copy all its devices / n. The set of all kinds tries every
+    combination of the kinds' `tps`; a set of fewer kinds (for plans of several shapes) only
+    each kind's first, its most efficient (2^k combinations of 26 sets made six kinds take
+    30 s to plan)."""
     seen: set[Shape] = set()
     first, *others = (tuple(o) for o in orders)
     sets = [s for r in range(len(first), 1, -1) for s in itertools.combinations(first, r)]
     for subset in sets + others:
         n_top = max(counts[k] for k in subset)
-        for tp_choice in itertools.product(*(tps[k] for k in subset)):
+        options = [tps[k] if len(subset) == len(first) else tps[k][:1] for k in subset]
+        for tp_choice in itertools.product(*options):
             last: tuple[int, ...] = ()
             for n in range(1, n_top + 1):
                 sizes = tuple(counts[k] // (n * tp) for k, tp in zip(subset, tp_choice,
