@@ -147,14 +147,19 @@ def weight_grad_cap(plan: Plan, group: str) -> int:
     return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
 
 
+def splits(schedule: str, first: bool, recompute: bool) -> bool:
+    """The rule behind splits_backward, for callers that have no Plan yet (the planner's
+    templates and baselines): backwards split under zero-bubble, except on a stage that is
+    first on every route through it or recomputes (each backward pass over checkpointed
+    layers runs their forward again: a split would recompute in both actions, and in the
+    weight action once per parameter group)."""
+    return schedule == "zero_bubble" and not first and not recompute
+
+
 def splits_backward(plan: Plan, group: str) -> bool:
-    """Whether the group's backwards are split into input- and weight-gradient actions:
-    under zero-bubble, unless the group is first on every route through it, or recomputes
-    (each backward pass over checkpointed layers runs their forward again: a split would
-    recompute in both actions, and in the weight action once per parameter group)."""
-    g = plan.group_by_name[group]
-    return plan.schedule == "zero_bubble" and not g.recompute and any(
-        plan.routes[r].stages.index(group) > 0 for r in plan.routes_through(group))
+    """Whether the group's backwards are split into input- and weight-gradient actions."""
+    first = all(plan.routes[r].stages.index(group) == 0 for r in plan.routes_through(group))
+    return splits(plan.schedule, first, plan.group_by_name[group].recompute)
 
 
 def imbalance_s(busy_s: dict[str, float], bubble_s: dict[str, float]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import PlannerError
+from hetrain.plan.schedule import splits
 from hetrain.plan.types import Plan, Route, StageGroup
 from hetrain.planner.estimate import StepEstimate, estimate_step, stage_time_s
 from hetrain.planner.options import MICRO_BATCH_SIZES, TP_SIZES, SearchOptions
@@ -123,9 +124,8 @@ def _fits_and_bound(cluster: Cluster, cost: CostModel, layout: Layout, dtype: st
             group = StageGroup(name="probe", kind=kind, devices=["x"] * layout.tp,
                                layers=ranges[s], dtype=dtype, recompute=layout.recompute,
                                regather=layout.regather)
-            # one whole backward a step (plan.schedule.splits_backward: the first stage's
-            # and a recomputing one's backward is whole under zero-bubble too)
-            single = m == 1 and (schedule == "1f1b" or s == 0 or layout.recompute)
+            # one whole backward a step
+            single = m == 1 and not splits(schedule, s == 0, layout.recompute)
             need = cost.stage_memory_bytes(group, layout.micro_batch_size, layout.pp - s,
                                            single_backward=single)
             if need > cluster.kinds[kind].memory_bytes * (1 - MEMORY_SLACK):

@@ -25,7 +25,7 @@ import numpy as np
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, RECOMPUTE, CostModel, ring_allreduce_s
-from hetrain.plan.schedule import build_schedule
+from hetrain.plan.schedule import build_schedule, splits
 from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
@@ -208,11 +208,8 @@ class TemplateBuilder:
         for i, ((kind, tp), (a, b), dtype, (_, bwd)) in enumerate(zip(stages, part.layers,
                                                                       dtypes, times,
                                                                       strict=True)):
-            # the last weight-gradient action: half a backward where zero-bubble splits it,
-            # the whole one on the first stage and a recomputing one
-            # (plan.schedule.splits_backward)
-            split = (0.5 if self.schedule == "zero_bubble" and i > 0
-                     and part.modes[i] != RECOMPUTE else 1.0)
+            # the last weight-gradient action: half a backward where zero-bubble splits it
+            split = 0.5 if splits(self.schedule, i == 0, part.modes[i] == RECOMPUTE) else 1.0
             params = self.spec.range_params(a, b)
             nbytes = params * DTYPE_BYTES[dtype] / tp
             replica = np.array([self._replica_s(kind, int(k), devices[kind], nbytes)
