@@ -30,6 +30,7 @@ from hetrain.planner.links import BoundaryComm
 
 # Memory checks keep this slack so that float rounding never turns a fit into an overflow.
 MEMORY_SLACK = 1e-9
+NO_LIMIT = 1 << 20  # in-flight micro-batches: more than any pipeline holds
 
 BlockKey = tuple[str, int, int, bool]  # (kind, tp, stages, the copy's devices of it share a node)
 Blocks = tuple[BlockKey, ...]
@@ -76,6 +77,22 @@ class _Band:
                                                 np.inf))
 
 
+def most_in_flight(t: StageTables, mode: int, cap: float) -> np.ndarray:
+    """Per range, the most micro-batches in flight with which it fits in `cap` bytes under
+    the memory mode: fixed + in_flight * per_in_flight <= cap and the floor (states,
+    gradient-sync buffers) <= cap; -1 where none fits, a large count where activations cost
+    nothing."""
+    fixed, per = t.fixed_bytes[mode], t.per_in_flight_bytes[mode]
+    room = cap - fixed
+    with np.errstate(divide="ignore", invalid="ignore"):
+        most = np.where(per > 0, np.floor(room / np.where(per > 0, per, 1.0)),
+                        np.where(room >= 0, NO_LIMIT, -1))
+    # floor division can land one off the exact test: settle the boundary with it
+    most = np.where(fixed + (most + 1) * per <= cap, most + 1, most)
+    most = np.where((most >= 0) & (fixed + most * per > cap), most - 1, most)
+    return np.where(t.floor_bytes <= cap, np.clip(most, -1, NO_LIMIT), -1)
+
+
 def drop_first_stage(blocks: Blocks) -> Blocks:
     kind, tp, count, local = blocks[0]
     return ((kind, tp, count - 1, local), *blocks[1:]) if count > 1 else blocks[1:]
@@ -106,6 +123,7 @@ class Partitioner:
         self._end = end
         self._best: dict[tuple[Peer, Blocks], np.ndarray] = {}
         self._costs: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._limits: dict[tuple[str, int], list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self._bands: dict[tuple, _Band] = {}
         self._compute_bands: dict[tuple[str, int, int], tuple[_Band, np.ndarray]] = {}
         self._lo: dict[tuple[Peer, Blocks], int] = {}  # least start computed, per suffix
@@ -119,21 +137,31 @@ class Partitioner:
         the fastest that fits (plain, then regathering, then recomputation)."""
         key = (kind, tp, in_flight)
         if key not in self._costs:
+            # the first mode that fits, from the least preferred up
+            cost = np.full((self.n_layers + 1, self.n_layers + 1), np.inf)
+            mode = np.zeros(cost.shape, dtype=np.int8)
+            for m, time_s, most in reversed(self._mode_limits(kind, tp)):
+                fits = most >= in_flight
+                cost = np.where(fits, time_s, cost)
+                mode = np.where(fits, np.int8(m), mode)
+            self._costs[key] = (cost, mode)
+        return self._costs[key]
+
+    def _mode_limits(self, kind: str, tp: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Per memory mode allowed, in order of preference: its seconds per range and the most
+        micro-batches a range may hold in flight and fit (-1: not even its states)."""
+        key = (kind, tp)
+        if key not in self._limits:
             t = self.stage_tables(kind, tp)
             cap = t.capacity_bytes * (1 - MEMORY_SLACK)
-            floor_fits = t.floor_bytes <= cap  # states and gradient-sync buffers
-            cost = np.full(t.floor_bytes.shape, np.inf)
-            mode = np.zeros(t.floor_bytes.shape, dtype=np.int8)
             modes = (PLAIN, REGATHER, RECOMPUTE) if self.allow_recompute else (PLAIN, REGATHER)
+            out = []
             for m in modes:
                 if m == REGATHER and not t.sequence_parallel:
                     continue  # nothing to regather
-                fits = (t.fixed_bytes[m] + in_flight * t.per_in_flight_bytes[m] <= cap) \
-                    & floor_fits & ~np.isfinite(cost)
-                cost = np.where(fits, t.time_s[m], cost)
-                mode = np.where(fits, m, mode)
-            self._costs[key] = (cost, mode)
-        return self._costs[key]
+                out.append((m, t.time_s[m], most_in_flight(t, m, cap)))
+            self._limits[key] = out
+        return self._limits[key]
 
     def stage_matrix(self, before: Peer, blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per range of the first stage of `blocks` (compute + waits), and its memory
@@ -275,9 +303,108 @@ class Partitioner:
                          wait_s=tuple(waits))
 
 
+class LayerBound:
+    """Lower bounds on the slot of any pipeline, without partitioning it: a stage whose slot
+    is s holds at most the layers of the longest range that fits in memory at its in-flight
+    count and computes within s (in the fastest mode that fits; waits left out), so the
+    least s at which the stages' longest ranges add up to the model bounds the slot below.
+    The first stage's range starts at the first layer and the last's ends at the last (their
+    inputs and outputs differ: the embedding's input is token ids); the others hold ranges
+    between. A time grid of relative step `step` keeps it array sums per block; the bound is
+    the grid point below the least covering time."""
+
+    def __init__(self, partitioner: Partitioner, kinds: dict[str, list[int]],
+                 step: float = 5e-3):
+        self.partitioner = partitioner
+        self.n_layers = partitioner.n_layers
+        self._least: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # from the least one middle layer takes (below it the grid's 0 serves) to the
+        # longest finite range
+        middles = [self.least_s(k, tp)[1] for k, tps in kinds.items() for tp in tps]
+        lo = min((float(x[:, 1].min()) for x in middles), default=1.0)
+        finite = [x[np.isfinite(x)].max() for k, tps in kinds.items() for tp in tps
+                  for x in self.least_s(k, tp)]
+        lo = lo if np.isfinite(lo) and lo > 0 else 1e-6
+        hi = max(float(max(finite, default=lo)), lo)
+        points = int(np.ceil(np.log(hi / lo) / np.log1p(step))) + 1
+        self.grid = np.concatenate([[0.0], lo * (1 + step) ** np.arange(points), [np.inf]])
+        self._most: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def least_s(self, kind: str, tp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[f, L]: the least seconds of a stage of `kind` holding L layers with f micro-batches
+        in flight (inf where no such range fits), for the first stage (layers 0 .. L - 1), a
+        middle one (inside 1 .. n - 2) and the last (n - L .. n - 1); each made nondecreasing
+        in L (the least over L or more: a looser bound)."""
+        if (kind, tp) not in self._least:
+            t = self.partitioner.stage_tables(kind, tp)
+            n = self.n_layers
+            modes = (PLAIN, REGATHER, RECOMPUTE)  # every mode the partitioner may choose
+            times = np.stack([t.time_s[m] for m in modes])
+            # its slack left out: a looser test
+            most = np.stack([most_in_flight(t, m, t.capacity_bytes) for m in modes])
+            flights = np.arange(n + 1)[:, None]
+
+            def least(starts: np.ndarray, layers: int) -> np.ndarray:
+                cost = times[:, starts, starts + layers].reshape(-1)
+                fits = most[:, starts, starts + layers].reshape(-1)
+                return np.where(fits[None, :] >= flights, cost[None, :], np.inf).min(axis=1)
+
+            first, middle, last = (np.full((n + 1, n + 1), np.inf) for _ in range(3))
+            for x in (first, middle, last):
+                x[:, 0] = 0.0
+            for layers in range(1, n + 1):
+                first[:, layers] = least(np.array([0]), layers)
+                last[:, layers] = least(np.array([n - layers]), layers)
+                if layers < n - 1:
+                    middle[:, layers] = least(np.arange(1, n - layers), layers)
+            self._least[(kind, tp)] = tuple(  # type: ignore[assignment]
+                np.minimum.accumulate(x[:, ::-1], axis=1)[:, ::-1] for x in (first, middle, last))
+        return self._least[(kind, tp)]
+
+    def _layers(self, kind: str, tp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[f, g]: the most layers a first, middle and last stage hold within grid time g
+        with f micro-batches in flight; the middle ones summed over in-flight counts 1 .. f."""
+        if (kind, tp) not in self._most:
+            def most(least: np.ndarray) -> np.ndarray:
+                return np.stack([np.searchsorted(row, self.grid, side="right") - 1
+                                 for row in least]).astype(np.int32)
+
+            first, middle, last = self.least_s(kind, tp)
+            summed = most(middle)
+            summed[0] = 0
+            self._most[(kind, tp)] = (most(first), np.cumsum(summed, axis=0, dtype=np.int32),
+                                      most(last))
+        return self._most[(kind, tp)]
+
+    def slot_s(self, blocks: Blocks) -> float:
+        stages = n_stages(blocks)
+        if stages > self.n_layers:
+            return np.inf  # a stage without a layer
+        first_kind, first_tp = blocks[0][:2]
+        if stages == 1:
+            total = self._layers(first_kind, first_tp)[0][1].copy()
+        else:
+            # the stage d from the end holds d micro-batches in flight (1F1B)
+            total = self._layers(first_kind, first_tp)[0][stages] \
+                + self._layers(*blocks[-1][:2])[2][1]
+            before = 0
+            for kind, tp, count, _ in blocks:
+                hi = min(stages - before, stages - 1)  # middle stages: in flight 2 .. S - 1
+                lo = max(stages - before - count + 1, 2)
+                if hi >= lo:
+                    summed = self._layers(kind, tp)[1]
+                    total = total + summed[hi] - summed[lo - 1]
+                before += count
+        covers = total >= self.n_layers
+        if not covers[-1]:
+            return np.inf  # no split of the layers fits
+        found = int(covers.argmax())
+        return float(self.grid[found - 1]) if found > 0 else 0.0
+
+
 class ScaledSlots:
     """Lower bounds on the slots of a larger micro-batch size, from a smaller size's exact
-    partitions (the larger size's exact slot where the smaller has none). For a factor r,
+    partitions (LayerBound's where the smaller has none). For a factor r,
     every stage time per range (compute with or without recomputation) at the larger size is
     at least r times the smaller's less some d_c, every wait at least r times less d_w (the
     figures of the two tables say how much); a range that fits in memory at the larger size
@@ -288,6 +415,7 @@ class ScaledSlots:
     def __init__(self, smaller: Partitioner, larger: Partitioner, tps: dict[str, list[int]]):
         self.smaller = smaller
         self.larger = larger
+        self.unseen = LayerBound(larger, tps)
         compute, waits = _pairs(smaller, larger, tps)
         ratios = compute[1] / compute[0]
         self.terms = []
@@ -297,13 +425,11 @@ class ScaledSlots:
             self.terms.append((r, d_c + 2 * d_w))
 
     def solve_many(self, pipelines: Iterable[Blocks]) -> None:
-        """Pipelines the smaller size has not partitioned get the larger size's exact
-        partition (as costly, and kept should the larger size be searched)."""
-        self.larger.solve_many(p for p in pipelines if not self.smaller.solved(p))
+        """Nothing to compute ahead: bounds are read off the smaller size's partitions."""
 
     def slot_s(self, blocks: Blocks) -> float:
         if not self.smaller.solved(blocks):
-            return self.larger.slot_s(blocks)
+            return self.unseen.slot_s(blocks)
         slot = self.smaller.slot_s(blocks)
         if not np.isfinite(slot):
             return slot

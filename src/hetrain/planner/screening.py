@@ -24,14 +24,9 @@ from hetrain.planner.partition import ScaledSlots
 from hetrain.planner.templates import Shape, Template, TemplateBuilder
 
 
-def per_copy_micro_batches(templates: list[Template], deadline_s: float,
-                           micro_batches: int) -> np.ndarray:
-    """Micro-batches one copy of each template finishes by `deadline_s` (Template.route_s)."""
-    out = np.zeros(len(templates))
-    for i, t in enumerate(templates):
-        fit = (deadline_s - t.fill_s) / t.slot_s
-        out[i] = min(max(math.floor(fit + 1e-9), 0), micro_batches)
-    return out
+def _per_copy(fill: np.ndarray, slot: np.ndarray, deadline_s: float,
+              micro_batches: int) -> np.ndarray:
+    return np.clip(np.floor((deadline_s - fill) / slot + 1e-9), 0, micro_batches)
 
 
 class CoverLP:
@@ -44,19 +39,43 @@ class CoverLP:
                           dtype=float)
         self.b = np.array([capacity[key] for key in self.keys], dtype=float)
         self.upper = np.array([t.n_max for t in templates], dtype=float)
+        self.fill = np.array([t.fill_s for t in templates])
+        self.slot = np.array([t.slot_s for t in templates])
+        # templates with the same devices per copy and copy limit (the same kinds in other
+        # orders, say) as one column
+        columns = np.vstack([self.a, self.upper[None, :]]) if templates else np.zeros((1, 0))
+        _, self.column, inverse = np.unique(columns, axis=1, return_index=True,
+                                            return_inverse=True)
+        self.member = inverse.reshape(-1)  # template -> its column
+
+    def _program(self, k: np.ndarray, cols: np.ndarray | None = None):
+        """The LP with objective k; over the columns `cols` only (the value alone is wanted:
+        without HiGHS's presolve, half the time), else every template (its prices pick
+        templates: solved as it always was, so that the same ones are picked)."""
+        a, upper = (self.a, self.upper) if cols is None else (self.a[:, cols], self.upper[cols])
+        return linprog(-k, A_ub=a, b_ub=self.b,
+                       bounds=np.column_stack([np.zeros(len(upper)), upper]), method="highs",
+                       options={} if cols is None else {"presolve": False})
+
+    def covered(self, deadline_s: float) -> float:
+        """Micro-batches the relaxation finishes by this deadline. Solved with a column per
+        set of templates of the same devices, worth the most any of them finishes: the same
+        optimum as a column each, in a fraction of the time."""
+        k = _per_copy(self.fill, self.slot, deadline_s, self.micro_batches)
+        best = np.full(len(self.column), -1.0)
+        np.maximum.at(best, self.member, k)
+        return -self._program(best, self.column).fun
 
     def solve(self, deadline_s: float):
         """(micro-batches covered, copies, reduced cost per template) at this deadline."""
-        k = per_copy_micro_batches(self.templates, deadline_s, self.micro_batches)
-        res = linprog(-k, A_ub=self.a, b_ub=self.b, bounds=list(zip(np.zeros_like(k), self.upper,
-                                                                    strict=True)),
-                      method="highs")
+        k = _per_copy(self.fill, self.slot, deadline_s, self.micro_batches)
+        res = self._program(k)
         prices = -res.ineqlin.marginals
         return -res.fun, res.x, k - prices @ self.a
 
     def covers(self, deadline_s: float) -> bool:
         """Whether the relaxation finishes the batch by the deadline (always, for inf)."""
-        return not np.isfinite(deadline_s) or self.solve(deadline_s)[0] >= self.micro_batches
+        return not np.isfinite(deadline_s) or self.covered(deadline_s) >= self.micro_batches
 
     def lower_bound_s(self, tolerance: float = 1e-3) -> float:
         """A deadline within `tolerance` above the least one by which the relaxation covers
@@ -65,7 +84,7 @@ class CoverLP:
         lo = min(t.route_s(1) for t in self.templates) * (1 - 1e-12)
         while hi - lo > tolerance * hi:
             mid = (lo + hi) / 2
-            if self.solve(mid)[0] >= self.micro_batches:
+            if self.covered(mid) >= self.micro_batches:
                 hi = mid
             else:
                 lo = mid

@@ -100,6 +100,7 @@ class TemplateBuilder:
         self.in_flight_scales = sorted(set(in_flight_scales) | {1.0}, reverse=True)
         self.sharded_optimizer = sharded_optimizer
         self._capacity: dict[tuple[str, int], int] = {}
+        self._keys: dict[Shape, tuple[tuple[str, int, int, bool], ...]] = {}
 
     def capacity(self, kind: str, tp: int) -> int:
         if (kind, tp) not in self._capacity:
@@ -109,8 +110,12 @@ class TemplateBuilder:
     def keys(self, blocks: Shape) -> tuple[tuple[str, int, int, bool], ...]:
         """The blocks as the partitioner takes them: with whether a copy's devices of the kind
         fit in one node (then its stages talk inside the node)."""
-        return tuple((b.kind, b.tp, b.count, self.links.fits_node(b.kind, b.tp * b.count))
-                     for b in blocks)
+        out = self._keys.get(blocks)
+        if out is None:
+            out = self._keys[blocks] = tuple(
+                (b.kind, b.tp, b.count, self.links.fits_node(b.kind, b.tp * b.count))
+                for b in blocks)
+        return out
 
     def outline(self, blocks: Shape) -> Template | None:
         """The slot and device needs of a shape; None when it fits no memory or no cluster."""
