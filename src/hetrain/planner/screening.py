@@ -8,7 +8,8 @@ support and the templates with the best reduced cost under its device prices are
 (column selection, as in cutting-stock).
 
 A micro-batch size whose LP cannot beat the best plan so far even on lower bounds of its
-slots (scaled from a smaller size's partitions) is left before any partition is computed.
+slots (scaled from a smaller size's partitions, or partition.LayerBound's) is left before
+any of its mixed shapes is partitioned.
 """
 
 from __future__ import annotations
