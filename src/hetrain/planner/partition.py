@@ -318,14 +318,12 @@ class LayerBound:
         self.partitioner = partitioner
         self.n_layers = partitioner.n_layers
         self._least: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        # from the least one middle layer takes (below it the grid's 0 serves) to the
-        # longest finite range
-        middles = [self.least_s(k, tp)[1] for k, tps in kinds.items() for tp in tps]
-        lo = min((float(x[:, 1].min()) for x in middles), default=1.0)
-        finite = [x[np.isfinite(x)].max() for k, tps in kinds.items() for tp in tps
-                  for x in self.least_s(k, tp)]
-        lo = lo if np.isfinite(lo) and lo > 0 else 1e-6
-        hi = max(float(max(finite, default=lo)), lo)
+        # the grid: from the least time of one middle layer (below it, its 0 serves) to the
+        # longest range's, geometric
+        tables = [self.least_s(k, tp) for k, tps in kinds.items() for tp in tps]
+        lo = min((float(middle[:, 1].min()) for _, middle, _ in tables), default=np.inf)
+        lo = lo if 0 < lo < np.inf else 1e-6
+        hi = max([lo] + [float(x[np.isfinite(x)].max()) for t in tables for x in t])
         points = int(np.ceil(np.log(hi / lo) / np.log1p(step))) + 1
         self.grid = np.concatenate([[0.0], lo * (1 + step) ** np.arange(points), [np.inf]])
         self._most: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -357,8 +355,9 @@ class LayerBound:
                 last[:, layers] = least(np.array([n - layers]), layers)
                 if layers < n - 1:
                     middle[:, layers] = least(np.arange(1, n - layers), layers)
-            self._least[(kind, tp)] = tuple(  # type: ignore[assignment]
-                np.minimum.accumulate(x[:, ::-1], axis=1)[:, ::-1] for x in (first, middle, last))
+            first, middle, last = (np.minimum.accumulate(x[:, ::-1], axis=1)[:, ::-1]
+                                   for x in (first, middle, last))
+            self._least[(kind, tp)] = (first, middle, last)
         return self._least[(kind, tp)]
 
     def _layers(self, kind: str, tp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
