@@ -423,9 +423,6 @@ class ScaledSlots:
             d_w = max(float((r * waits[0] - waits[1]).max(initial=0.0)), 0.0)
             self.terms.append((r, d_c + 2 * d_w))
 
-    def solve_many(self, pipelines: Iterable[Blocks]) -> None:
-        """Nothing to compute ahead: bounds are read off the smaller size's partitions."""
-
     def slot_s(self, blocks: Blocks) -> float:
         if not self.smaller.solved(blocks):
             return self.unseen.slot_s(blocks)

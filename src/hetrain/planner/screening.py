@@ -128,7 +128,6 @@ def beyond_reach(builder: TemplateBuilder, slots: ScaledSlots, exact: list[Templ
         return False
     optimistic = copy.copy(builder)
     optimistic.partitioner = slots
-    slots.solve_many(map(builder.keys, shapes))
     outlines = exact + [t for t in map(optimistic.outline, shapes) if t is not None]
     return bool(outlines) and not CoverLP(outlines, capacity_of(outlines),
                                           micro_batches).covers(beat_s)
