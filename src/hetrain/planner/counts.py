@@ -5,7 +5,9 @@ time (micro-batches split evenly), its tail the slowest group's sync + optimizer
 Whether copies can finish the batch by a deadline with every tail below a cap is a small
 integer program over the devices per kind (and per tensor-parallel size, so groups pack into
 nodes), solved by HiGHS (scipy.optimize.milp). choose_counts walks the staircase of
-(deadline, tail cap) pairs to the least sum, which makes it exact over the templates given.
+(deadline, tail cap) pairs to the least sum, which makes it exact over the templates given
+(unless a program needs more than NODE_LIMIT branch-and-bound nodes, or the budget of
+programs runs out).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from scipy.sparse import coo_array
 
 from hetrain.cluster.topology import Cluster
 from hetrain.planner.templates import Template, tp_capacity
+
+# Branch-and-bound nodes one program may take: a program cut there counts as finding no
+# choice (its deadline or tail is then passed over). Uneven clusters make a few programs of
+# thousands of nodes (six kinds, 2,048 chips, odd counts per kind: 8,703 nodes in 5.2 s, proofs
+# of infeasibility of 2.5-4.9 s) among ones of a single node; a limit, unlike a time limit,
+# gives the same answer on every machine.
+NODE_LIMIT = 1000
 
 
 class OutOfPrograms(Exception):
@@ -90,6 +99,7 @@ class CountProblem:
                  max_programs: int | None = None):
         self.templates = templates
         self.best: CountSolution | None = None  # the best plan found so far
+        self._answers: dict[tuple[float, float], tuple[Choice, ...] | None] = {}
         self.programs_left = np.inf if max_programs is None else max_programs
         self.m = micro_batches
         self.shapes = min(max_shapes, len(templates), micro_batches)
@@ -130,10 +140,18 @@ class CountProblem:
         return times[(times > above_s) & (times < below_s)]
 
     def select(self, deadline_s: float, tail_cap: float) -> tuple[Choice, ...] | None:
-        """Copies that finish the batch by the deadline with every tail below the cap."""
+        """Copies that finish the batch by the deadline with every tail below the cap. A
+        question asked before (the staircase asks again for the choice its bisection found)
+        is answered from memory, though it still counts against the budget."""
         if self.programs_left <= 0:
             raise OutOfPrograms
         self.programs_left -= 1
+        key = (deadline_s, tail_cap)
+        if key not in self._answers:
+            self._answers[key] = self._select(deadline_s, tail_cap)
+        return self._answers[key]
+
+    def _select(self, deadline_s: float, tail_cap: float) -> tuple[Choice, ...] | None:
         per_copy = self.per_copy(deadline_s)
         allowed = (self.tails < tail_cap) & (per_copy > 0)[:, None, None]
         prefix = np.cumprod(allowed, axis=1).sum(axis=1)  # [t, u]: copies 1..k all allowed
@@ -172,7 +190,8 @@ class CountProblem:
                 rows.add([(i, float(v)) for i, v in enumerate(demand) if v], -np.inf, cap)
         upper = np.concatenate([self.n_max[live], np.ones(k + self.shapes)]).astype(float)
         res = milp(np.zeros(n_vars), constraints=rows.constraint(n_vars),
-                   integrality=np.ones(n_vars), bounds=Bounds(np.zeros(n_vars), upper))
+                   integrality=np.ones(n_vars), bounds=Bounds(np.zeros(n_vars), upper),
+                   options={"node_limit": NODE_LIMIT})
         if res.x is None:
             return None
         n = np.round(res.x[:k]).astype(int)
@@ -204,7 +223,8 @@ class CountProblem:
             if terms:
                 rows.add(terms, -np.inf, cap)
         res = milp(np.zeros(n_vars), constraints=rows.constraint(n_vars),
-                   integrality=np.ones(n_vars), bounds=Bounds(np.zeros(n_vars), np.ones(n_vars)))
+                   integrality=np.ones(n_vars), bounds=Bounds(np.zeros(n_vars), np.ones(n_vars)),
+                   options={"node_limit": NODE_LIMIT})
         if res.x is None:
             return None
         return {t: n + 1 for i, (t, n) in enumerate(pairs) if res.x[i] > 0.5}
