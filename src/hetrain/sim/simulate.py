@@ -5,6 +5,8 @@ The entry point for the CLI and for the accuracy bench, which compares it with m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
@@ -37,15 +39,15 @@ def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
     bare = StepEngine(plan, cluster, cost, schedule, buckets, comm=False, record=False).run()
     if run.step_s <= 0:
         raise SimError("simulated step took no time; the cost model returned zero durations")
-    devices = {}
-    bubble = {g: max(0.0, run.step_s - t.busy_s - t.comm_wait_s) for g, t in run.groups.items()}
-    imbalance = imbalance_s({g: t.busy_s for g, t in run.groups.items()}, bubble)
-    for g in plan.stage_groups:
-        t = run.groups[g.name]
-        for d in g.devices:
-            devices[d] = DeviceTime(device=d, kind=g.kind, group=g.name, step_s=run.step_s,
-                                    busy_s=t.busy_s, comm_wait_s=t.comm_wait_s,
-                                    imbalance_s=imbalance[g.name])
+    # one group's devices share its times; the bubble is DeviceTime's
+    times = {g.name: DeviceTime(device="", kind=g.kind, group=g.name, step_s=run.step_s,
+                                busy_s=run.groups[g.name].busy_s,
+                                comm_wait_s=run.groups[g.name].comm_wait_s)
+             for g in plan.stage_groups}
+    imbalance = imbalance_s({g: t.busy_s for g, t in times.items()},
+                            {g: t.bubble_s for g, t in times.items()})
+    devices = {d: replace(times[g.name], device=d, imbalance_s=imbalance[g.name])
+               for g in plan.stage_groups for d in g.devices}
     return SimResult(step_s=run.step_s,
                      tokens_per_s=plan.global_batch * plan.seq_len / run.step_s,
                      compute_only_step_s=bare.step_s, devices=devices, events=run.events,
