@@ -131,7 +131,7 @@ def test_mixed_shapes_try_each_kind_first():
     """Large clusters: shapes of every subset of kinds in the default order, and the shape of
     all kinds with each kind moved to the front (the first stage idles through the warm-up,
     so the roomiest kind is not always the best one there)."""
-    from hetrain.planner.templates import kind_orders, proportional_shapes
+    from hetrain.planner.templates import kind_orders, proportional_shapes, tp_combination
 
     kinds = ("H800", "Ascend910B", "MLU370", "BR104")
     orders = kind_orders(kinds)
@@ -153,6 +153,14 @@ def test_mixed_shapes_try_each_kind_first():
     assert ("Ascend910B", "H800") not in pairs and ("H800", "Ascend910B") in pairs
     for s in shapes:  # every kind gives a copy all its devices / n
         assert len({b.count * b.tp for b in s}) == 1
+    # further orders try only the given combinations (the search passes the first order's best)
+    best = frozenset((k, 8) for k in kinds)
+    some = list(proportional_shapes(counts, tps, 82, orders, combos={best}))
+    assert set(some) <= set(shapes)
+    assert {tuple(b.tp for b in s) for s in some if len(s) == 4 and s[0].kind == kinds[0]} \
+        == set(itertools.product([8, 4], repeat=4))
+    assert {tp_combination(s) for s in some if len(s) == 4 and s[0].kind != kinds[0]} == {best}
+    assert {tuple(b.kind for b in s) for s in some if len(s) == 4} == set(orders)
 
 
 def test_large_cluster_plan_starts_with_a_roomy_kind_to_spare(monkeypatch):

@@ -27,7 +27,7 @@ from hetrain.planner.templates import Template, tp_capacity
 # thousands of nodes (six kinds, 2,048 chips, odd counts per kind: 8,703 nodes in 5.2 s, proofs
 # of infeasibility of 2.5-4.9 s) among ones of a single node; a limit, unlike a time limit,
 # gives the same answer on every machine.
-NODE_LIMIT = 1000
+NODE_LIMIT = 200
 
 
 class OutOfPrograms(Exception):

@@ -67,6 +67,10 @@ class CoverLP:
         np.maximum.at(best, self.member, k)
         return -self._program(best, self.column).fun
 
+    def per_copy(self, deadline_s: float) -> np.ndarray:
+        """Micro-batches one copy of each template finishes by the deadline."""
+        return _per_copy(self.fill, self.slot, deadline_s, self.micro_batches)
+
     def solve(self, deadline_s: float):
         """(micro-batches covered, copies, reduced cost per template) at this deadline."""
         k = _per_copy(self.fill, self.slot, deadline_s, self.micro_batches)
@@ -114,8 +118,12 @@ def screen_templates(templates: list[Template], capacity: dict[tuple[str, int], 
         _, copies, reduced = lp.solve(bound * margin)
         for i in np.flatnonzero(copies > 1e-9):
             chosen[int(i)] = None
+        # a template whose copy finishes no micro-batch by this deadline adds nothing there,
+        # though its reduced cost ties with the best where its devices are left unpriced
+        useful = lp.per_copy(bound * margin) > 0
         for i in np.argsort(-reduced)[:per_margin]:
-            chosen[int(i)] = None
+            if useful[i]:
+                chosen[int(i)] = None
     return Screen(list(chosen), bound)
 
 

@@ -43,8 +43,14 @@ from hetrain.planner.templates import (
     block_options,
     kind_orders,
     proportional_shapes,
+    tp_combination,
     tp_options,
 )
+
+# Mixed shapes of all kinds try every tp combination in the default kind order, and the best
+# of them in each further order (eight kinds: 2,304 combinations and orders took 28 s on
+# 2,048 chips; the plans of the example clusters use a combination ranked within the first 3).
+OTHER_ORDER_COMBINATIONS = 8
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,17 @@ class SearchResult:
 def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, global_batch: int,
                      micro_batch_size: int, options: SearchOptions,
                      beat_s: float = np.inf, optimizer_shards: int = 1,
-                     partitioners: dict[int, Partitioner] | None = None) -> Candidates:
+                     partitioners: dict[int, Partitioner] | None = None,
+                     combos: dict[frozenset[tuple[str, int]], float] | None = None
+                     ) -> Candidates:
     """Templates for one micro-batch size. Every shape when there are few, else single-kind
     shapes and proportional mixed ones. Unless the search is exhaustive, only the templates
     that screening keeps are completed, and none when not even the LP relaxation finishes
     the batch within `beat_s`. `partitioners` (by micro-batch size) keeps each size's
-    partitions, from which larger sizes get lower bounds."""
+    partitions, from which larger sizes get lower bounds. `combos` keeps the ranking of the
+    tp combinations of the set of all kinds (by their shapes in the default kind order, at
+    the first size that had them), of which the further kind orders try the best
+    OTHER_ORDER_COMBINATIONS available at this size."""
     counts = plan_kinds(cluster, options)
     n_layers = cost.spec.n_layers
     tps = {k: tp_options(cluster, k, options.tp_sizes) for k in counts}
@@ -115,8 +126,20 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
         best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
         order = {k: (-cluster.kinds[k].memory_gib,
                      -cluster.kinds[k].peak_flops(partitioner.dtypes[k])) for k in counts}
-        mixed = list(proportional_shapes(counts, best_tps, n_layers,
-                                         kind_orders(sorted(counts, key=order.get))))
+        orders = kind_orders(sorted(counts, key=order.get))
+        combos = {} if combos is None else combos
+        ranked = [c for c in sorted(combos, key=combos.get, reverse=True)
+                  if all(tp in best_tps[k] for k, tp in c)]
+        if not ranked:  # none ranked yet at this size's tp sizes: rank them here
+            first = [s for s in proportional_shapes(counts, best_tps, n_layers, orders[:1])
+                     if len(s) == len(counts)]
+            partitioner.solve_many(map(builder.keys, first))
+            ranking = _rank_combinations([t for t in map(builder.outline, first) if t],
+                                         micro_batch_size)
+            combos.update(ranking)
+            ranked = sorted(ranking, key=ranking.get, reverse=True)
+        top = set(ranked[:OTHER_ORDER_COMBINATIONS])
+        mixed = list(proportional_shapes(counts, best_tps, n_layers, orders, top))
         if smaller is not None and beyond_reach(
                 builder, ScaledSlots(partitioners[smaller], partitioner, best_tps), outlines,
                 mixed, lambda ts: capacities(ts, cluster), micro_batches, beat_s):
@@ -131,6 +154,17 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     templates = [builder.complete(outlines[i]) for i in screen.keep]
     return Candidates(micro_batch_size, micro_batches, templates,
                       capacities(templates, cluster), max_shapes, False, screen.bound_s)
+
+
+def _rank_combinations(outlines: list[Template], micro_batch_size: int
+                       ) -> dict[frozenset[tuple[str, int]], float]:
+    """Per tp combination, the most samples per second a shape of it gives the cluster
+    (every copy it allows, a micro-batch per slot each)."""
+    out: dict[frozenset[tuple[str, int]], float] = {}
+    for t in outlines:
+        key = tp_combination(t.blocks)
+        out[key] = max(out.get(key, 0.0), t.n_max * micro_batch_size / t.slot_s)
+    return out
 
 
 def _efficient_tps(singles: list[Template], tps: dict[str, list[int]], micro_batches: int,
@@ -167,12 +201,13 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
             break
         best: tuple[CountSolution, Candidates] | None = None
         partitioners: dict[int, Partitioner] = {}
+        combos: dict[frozenset[tuple[str, int]], float] = {}
         for mbs in options.micro_batch_sizes:
             if global_batch % mbs:
                 continue
             beat_s = np.inf if best is None else best[0].step_s
             cands = build_candidates(cluster, cost, tables, global_batch, mbs, options, beat_s,
-                                     shards, partitioners)
+                                     shards, partitioners, combos)
             built += len(cands.templates)
             exhaustive &= cands.exhaustive
             if cands.pipeline_bound_s >= beat_s:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -283,6 +283,10 @@ def all_shapes(counts: dict[str, int], tps: dict[str, list[int]], n_layers: int)
                     yield tuple(Block(k, tp, c) for k, (tp, c) in zip(order, choice, strict=True))
 
 
+def tp_combination(blocks: Shape) -> frozenset[StageShape]:
+    return frozenset((b.kind, b.tp) for b in blocks)
+
+
 def kind_orders(kinds: Sequence[str]) -> list[tuple[str, ...]]:
     """The orders mixed shapes try their kinds in: `kinds` as given, then each other kind
     moved to the front. A pipeline's first stage holds the most micro-batches in flight (so
@@ -295,20 +299,26 @@ def kind_orders(kinds: Sequence[str]) -> list[tuple[str, ...]]:
 
 
 def proportional_shapes(counts: dict[str, int], tps: dict[str, list[int]], n_layers: int,
-                        orders: Sequence[Sequence[str]]) -> Iterator[Shape]:
+                        orders: Sequence[Sequence[str]],
+                        combos: Collection[frozenset[StageShape]] | None = None
+                        ) -> Iterator[Shape]:
     """Mixed shapes for large clusters: for each set of two or more kinds in the first of
     `orders`, and for the set of all kinds in each further order, and each number of copies
     n, every kind gives a copy all its devices / n. The set of all kinds tries every
     combination of the kinds' `tps`; a set of fewer kinds (for plans of several shapes) only
     each kind's first, its most efficient (2^k combinations of 26 sets made six kinds take
-    30 s to plan)."""
+    30 s to plan). `combos`: the tp combinations (as sets of (kind, tp)) further orders
+    try; all when None."""
     seen: set[Shape] = set()
     first, *others = (tuple(o) for o in orders)
     sets = [s for r in range(len(first), 1, -1) for s in itertools.combinations(first, r)]
-    for subset in sets + others:
+    for i, subset in enumerate(sets + others):
         n_top = max(counts[k] for k in subset)
         options = [tps[k] if len(subset) == len(first) else tps[k][:1] for k in subset]
         for tp_choice in itertools.product(*options):
+            if i >= len(sets) and combos is not None and frozenset(zip(
+                    subset, tp_choice, strict=True)) not in combos:
+                continue
             last: tuple[int, ...] = ()
             for n in range(1, n_top + 1):
                 sizes = tuple(counts[k] // (n * tp) for k, tp in zip(subset, tp_choice,
