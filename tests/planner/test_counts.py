@@ -57,3 +57,23 @@ def test_budget_returns_the_best_found(candidates):
         assert sol.step_s >= full.step_s
         assert sum(c.micro_batches for c in sol.choices) == candidates.micro_batches
     assert choose_counts([], 8, {}, 4) is None
+
+
+def test_budget_starts_no_step_it_cannot_finish(candidates, monkeypatch):
+    """A staircase step is a bisection over deadlines and one over tails: a budget too small
+    for both runs no program (a cut-short step would change nothing), and a budget that
+    covers the steps answers as if there were none."""
+    calls = []
+    original = counts.CountProblem._select
+    monkeypatch.setattr(counts.CountProblem, "_select",
+                        lambda self, *a: calls.append(a) or original(self, *a))
+    args = (candidates.templates, candidates.micro_batches, candidates.capacity,
+            candidates.max_shapes)
+    full = choose_counts(*args)
+    used = len(calls)
+    assert used > 0
+    calls.clear()
+    assert choose_counts(*args, max_programs=2) == counts.best_single(
+        candidates.templates, candidates.micro_batches)
+    assert not calls
+    assert choose_counts(*args, max_programs=used + 64) == full

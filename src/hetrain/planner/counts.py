@@ -263,7 +263,10 @@ def choose_counts(templates: list[Template], micro_batches: int,
     finish micro-batches, each step an integer program); at that deadline the least tail
     (bisection over tail values); then lower the cap below that tail. Stop when no deadline
     can beat the best. Deadlines at or below `pipeline_bound_s` are known not to cover.
-    With `max_programs`, stop after that many programs with the best found so far."""
+    With `max_programs`, stop after that many programs with the best found so far, and
+    before a step (a bisection over deadlines, then one over tails) the programs left
+    cannot finish: on large clusters the budget used to run out inside the first step's
+    tail bisection, so the step found nothing and cost 2-5 s."""
     if not templates:
         return None
     problem = CountProblem(templates, micro_batches, capacity, max_shapes, max_programs)
@@ -283,6 +286,11 @@ def _staircase(problem: CountProblem, best: CountSolution,
     while True:
         # a lower cap only makes covering harder: no earlier deadline than the last can work
         times = problem.deadlines(after_s, problem.best.step_s - floor_s)
+        # a step that the budget cannot finish would change nothing: not started
+        step = _programs(len(times)) + _programs(int(np.unique(
+            problem.tails[problem.tails < cap]).size)) + 1
+        if step > problem.programs_left:
+            return problem.best
         deadline = _least(times, lambda d, c=cap: problem.select(d, c) is not None)
         if deadline is None:
             return problem.best
@@ -301,6 +309,11 @@ def _staircase(problem: CountProblem, best: CountSolution,
         if sol.step_s < problem.best.step_s:
             problem.best = sol
         cap = tail
+
+
+def _programs(n: int) -> int:
+    """The most tests _least makes on n values."""
+    return 1 + math.ceil(math.log2(n)) if n > 1 else n
 
 
 def _least(values: np.ndarray, ok) -> float | None:
