@@ -161,6 +161,11 @@ def test_mixed_shapes_try_each_kind_first():
         == set(itertools.product([8, 4], repeat=4))
     assert {tp_combination(s) for s in some if len(s) == 4 and s[0].kind != kinds[0]} == {best}
     assert {tuple(b.kind for b in s) for s in some if len(s) == 4} == set(orders)
+    # many kinds: sets of fewer kinds leave out one or two
+    eight = {f"K{i}": 64 for i in range(8)}
+    many = list(proportional_shapes(eight, {k: [8] for k in eight}, 82, [tuple(eight)]))
+    assert {len(s) for s in many} == {6, 7, 8}
+    assert len({tuple(b.kind for b in s) for s in many if len(s) == 6}) == 28
 
 
 def test_large_cluster_plan_starts_with_a_roomy_kind_to_spare(monkeypatch):
