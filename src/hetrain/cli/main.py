@@ -120,7 +120,7 @@ def _register() -> None:
     import importlib
 
     for name in ("devices", "train", "plan", "simulate", "profile", "checkpoint", "bench",
-                 "bench_sim", "bench_recovery", "bench_tax", "data"):
+                 "bench_sim", "bench_recovery", "bench_tax", "bench_search", "data"):
         try:
             importlib.import_module(f"hetrain.cli.{name}")
         except ModuleNotFoundError as err:
