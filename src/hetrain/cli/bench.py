@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.console import Console
@@ -32,14 +33,16 @@ from hetrain.runtime.launch import calibrate_time_scale, train
 from hetrain.runtime.results import RunResult
 from hetrain.sim.simulate import simulate_plan
 
+T = TypeVar("T")
+
 
 def _measure(cluster: Cluster, plan: Plan, config: TrainConfig, scale: float,
              corpus: Corpus) -> RunResult:
     return train(cluster, plan, config, corpus=corpus, time_scale=scale)
 
 
-def interleaved_runs(run: Callable[[str], RunResult], names: list[str],
-                     rounds: int) -> list[dict[str, RunResult]]:
+def interleaved_runs(run: Callable[[str], T], names: list[str], rounds: int
+                     ) -> list[dict[str, T]]:
     """Every variant once per round, the order rotated each round: a load that comes and goes
     on the machine then weighs on all variants alike, and figures compare within a round."""
     out = []

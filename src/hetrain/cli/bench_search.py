@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,32 +74,35 @@ def default_cases(root: Path = EXAMPLES) -> list[Case]:
 
 
 def bench_search(cases: list[Case], model: str, rounds: int, seq_len: int | None = None) -> dict:
+    # bench.py registers its commands through cli.main, which imports this module
+    from hetrain.cli.bench import interleaved_runs, spread
+
     source, seq = model_and_seq_len(model, seq_len)
     options = SearchOptions(tp_sizes=source.tp_sizes())
-    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    by_name = {c.name: c for c in cases}
     steps: dict[str, float | None] = {}
     errors: dict[str, str] = {}
-    for r in range(rounds):
-        shift = r % len(cases)
-        for case in cases[shift:] + cases[:shift]:
-            cost = CostModel(case.cluster, source.spec(seq))
-            start = time.perf_counter()
-            try:
-                result = search_plan(case.cluster, cost, case.global_batch, options)
-                steps[case.name] = result.estimate.step_s
-            except PlannerError as e:  # no plan fits: the time to say so still counts
-                steps[case.name] = None
-                errors[case.name] = str(e)
-            times[case.name].append(time.perf_counter() - start)
+
+    def timed(name: str) -> float:
+        case = by_name[name]
+        cost = CostModel(case.cluster, source.spec(seq))
+        start = time.perf_counter()
+        try:
+            steps[name] = search_plan(case.cluster, cost, case.global_batch,
+                                      options).estimate.step_s
+        except PlannerError as e:  # no plan fits: the time to say so still counts
+            steps[name] = None
+            errors[name] = str(e)
+        return time.perf_counter() - start
+
+    runs = interleaved_runs(timed, list(by_name), rounds)
     rows = []
     for case in cases:
-        t = times[case.name]
         counts = case.cluster.kind_counts()
-        rows.append({"name": case.name, "kinds": len(counts), "devices": sum(counts.values()),
-                     "counts": counts, "global_batch": case.global_batch,
-                     "search_s": statistics.median(t), "search_s_min": min(t),
-                     "search_s_max": max(t), "step_s": steps[case.name],
-                     "error": errors.get(case.name)})
+        row = {"name": case.name, "kinds": len(counts), "devices": sum(counts.values()),
+               "counts": counts, "global_batch": case.global_batch}
+        spread(row, "search_s", [rnd[case.name] for rnd in runs])
+        rows.append({**row, "step_s": steps[case.name], "error": errors.get(case.name)})
     slowest = max(rows, key=lambda row: row["search_s"])
     return {"clusters": rows, "max_search_s": slowest["search_s"], "slowest": slowest["name"],
             "limit_s": LIMIT_S,
