@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from scipy.optimize import linprog
 
 from hetrain.planner.screening import CoverLP, screen_templates
 from hetrain.planner.templates import Block, Template
@@ -33,3 +35,27 @@ def test_screening_leaves_templates_that_finish_nothing():
     assert not set(screen.keep) & set(range(len(good), len(templates)))
     assert screen.keep  # the relaxation's own support stays
     assert screen.bound_s == bound
+
+
+def test_the_relaxation_solved_by_columns_gives_each_template_its_copies():
+    """`solve` runs the LP with one column per set of templates of the same devices (each
+    worth the most a member finishes); the copies go to such a member, and they are a
+    solution of the LP over every template with the same value."""
+    rng = np.random.default_rng(3)
+    templates = [_template(kind, d, float(rng.uniform(0.05, 0.4)), float(rng.uniform(0, 1)), n)
+                 for kind, d, n in [("A", 2, 8), ("A", 2, 8), ("A", 4, 4), ("B", 1, 6),
+                                    ("B", 1, 6), ("B", 1, 6), ("B", 2, 3), ("A", 4, 4)]]
+    capacity = {("A", 1): 16, ("B", 1): 6}
+    lp = CoverLP(templates, capacity, 40)
+    for deadline in (1.0, 2.0, 4.0):
+        value, copies, _ = lp.solve(deadline)
+        k = lp.per_copy(deadline)
+        assert value == pytest.approx(float(k @ copies))
+        assert np.all(lp.a @ copies <= lp.b + 1e-9) and np.all(copies <= lp.upper + 1e-9)
+        # the LP over every template, a column each, reaches no more
+        full = linprog(-k, A_ub=lp.a, b_ub=lp.b, method="highs",
+                       bounds=np.column_stack([np.zeros(len(lp.upper)), lp.upper]))
+        assert value == pytest.approx(-full.fun)
+        for i in np.flatnonzero(copies > 1e-9):  # a member finishing its set's most
+            same = lp.member == lp.member[i]
+            assert k[i] == k[same].max()

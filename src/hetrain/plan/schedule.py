@@ -29,7 +29,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -180,6 +180,9 @@ def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
 
 @dataclass
 class _GroupState:
+    split: bool  # backwards split into input- and weight-gradient actions
+    limit: int  # forwards awaiting their (input) gradient at most
+    w_cap: int  # weight gradients kept pending before they come first
     ready_f: list = field(default_factory=list)  # heap of (ready at, micro-batch, position)
     ready_b: list = field(default_factory=list)
     pending_w: list = field(default_factory=list)  # micro-batches whose weight grad is left
@@ -190,53 +193,92 @@ class _GroupState:
     free_s: float = 0.0  # end of its last action
     comm_wait_s: float = 0.0  # idle while a tensor it needs is on its way
     order: list = field(default_factory=list)
+    starts: list = field(default_factory=list)  # per action in `order`
+    ends: list = field(default_factory=list)
+    durations: dict = field(default_factory=dict)  # (op, samples) -> seconds
+    most_held: float = math.inf  # schedule_within: the run stops when held exceeds it
+
+
+class _HeldOver(Exception):
+    """schedule_within: a group would hold more micro-batches than it may."""
 
 
 class _ListScheduler:
-    """The greedy run behind build_schedule: event-driven, one action at a time per group."""
+    """The greedy run behind build_schedule: event-driven, one action at a time per group.
+    It lists some 100,000 actions of a large plan and runs once per template the search
+    completes, so its loop reads plain lists, not the plan's models."""
 
-    def __init__(self, plan: Plan, cost: StageCost | None, transfer: TransferFn | None):
+    def __init__(self, plan: Plan, cost: StageCost | None, transfer: TransferFn | None,
+                 routes: Sequence[int] | None = None, layout: _Layout | None = None):
         self.plan, self.cost, self.transfer = plan, cost, transfer
-        self.groups = plan.group_by_name
-        self.split = {g: splits_backward(plan, g) for g in self.groups}
-        self.state = {g: _GroupState() for g in self.groups}
-        self.limit = {g: in_flight_limit(plan, g) for g in self.groups}
-        self.w_cap = {g: weight_grad_cap(plan, g) for g in self.groups}
-        self.starts: dict[tuple[str, int], float] = {}
-        self.ends: dict[tuple[str, int], float] = {}
+        self.layout = layout or _Layout(plan)
+        self.routes = range(len(plan.routes)) if routes is None else routes
+        names = {g for r in self.routes for g in plan.routes[r].stages}
+        self.groups = {g.name: g for g in plan.stage_groups if g.name in names}
+        self.state = {g: _GroupState(splits_backward(plan, g), in_flight_limit(plan, g),
+                                     weight_grad_cap(plan, g),
+                                     durations=self.layout.durations.setdefault(g, {}))
+                      for g in self.groups}
+        self.mb_info = self.layout.mb_info
         self.events: list = []
         self.seq = itertools.count()
-        self._durations: dict[tuple[str, str, int], float] = {}
 
-    def duration(self, g: str, op: Op, samples: int) -> float:
-        key = (g, op, samples)
-        if key not in self._durations:
+    def duration(self, g: str, st: _GroupState, op: Op, samples: int) -> float:
+        key = (op, samples)
+        dur = st.durations.get(key)
+        if dur is None:
             group = self.groups[g]
-            self._durations[key] = (_unit_duration(group, op, samples) if self.cost is None
-                                    else self.cost.stage_compute_s(group, op, samples,
-                                                                   self.plan.seq_len))
-        return self._durations[key]
+            dur = st.durations[key] = (_unit_duration(group, op, samples) if self.cost is None
+                                       else self.cost.stage_compute_s(group, op, samples,
+                                                                      self.plan.seq_len))
+        return dur
 
-    def pick(self, g: str) -> tuple[Op, float, int, int] | None:
-        """The next action of group g by priority (with when its input was sent), or None
+    def signature(self) -> tuple:
+        """Everything the run's timing and order depend on, in the run's own numbering: two
+        sets of routes with equal signatures run alike."""
+        index = {g: i for i, g in enumerate(self.groups)}
+        groups = []
+        for g, st in self.state.items():
+            sizes = sorted({self.plan.routes[r].micro_batch_size
+                            for r in self.plan.routes_through(g)})
+            ops = ("forward",) + (("backward_input", "backward_weight") if st.split
+                                  else ("backward",))
+            groups.append((st.split, st.limit, st.w_cap,
+                           tuple(self.duration(g, st, op, n) for op in ops for n in sizes)))
+        routes = []
+        for r in self.routes:
+            route = self.plan.routes[r]
+            stages, size = route.stages, route.micro_batch_size
+            links = () if self.transfer is None else tuple(
+                (self.transfer(a, b, "forward", size), self.transfer(b, a, "backward", size))
+                for a, b in itertools.pairwise(stages))
+            routes.append((route.micro_batches, size, tuple(index[g] for g in stages), links))
+        return tuple(groups), tuple(routes)
+
+    @staticmethod
+    def pick(st: _GroupState) -> tuple[Op, float, int, int] | None:
+        """The next action of a group by priority (with when its input was sent), or None
         when it must wait."""
-        st = self.state[g]
         if st.ready_b:
             sent, mb_id, pos = heapq.heappop(st.ready_b)
             st.in_flight -= 1
-            if not self.split[g]:
+            if not st.split:
                 st.held -= 1
-            return ("backward_input" if self.split[g] else "backward"), sent, mb_id, pos
-        if st.pending_w and len(st.pending_w) > self.w_cap[g]:
-            return self._weight(st)
-        if st.ready_f and st.in_flight < self.limit[g]:
+                return "backward", sent, mb_id, pos
+            return "backward_input", sent, mb_id, pos
+        if st.pending_w and len(st.pending_w) > st.w_cap:
+            return _ListScheduler._weight(st)
+        if st.ready_f and st.in_flight < st.limit:
             sent, mb_id, pos = heapq.heappop(st.ready_f)
             st.in_flight += 1
             st.held += 1
-            st.peak = max(st.peak, st.held)
+            if st.held > st.peak:
+                st.peak = st.held
+                if st.held > st.most_held:
+                    raise _HeldOver
             return "forward", sent, mb_id, pos
         if st.pending_w:
-            return self._weight(st)
+            return _ListScheduler._weight(st)
         return None
 
     @staticmethod
@@ -249,90 +291,200 @@ class _ListScheduler:
         st = self.state[g]
         if st.busy:
             return
-        picked = self.pick(g)
+        picked = self.pick(st)
         if picked is None:
             return
         op, sent, mb_id, pos = picked
-        mb = self.plan.micro_batches[mb_id]
-        stages = self.plan.routes[mb.route].stages
-        prev = stages[pos - 1] if pos > 0 else None
-        nxt = stages[pos + 1] if pos + 1 < len(stages) else None
-        if op == "forward":
-            recv, send = prev, nxt
-        elif op == "backward_weight":
+        route, stages, size = self.mb_info[mb_id]
+        if op == "backward_weight":
             recv = send = None
         else:
-            recv, send = nxt, prev
-        action = Action(op=op, micro_batch=mb_id, route=mb.route, stage=pos, recv_from=recv,
-                        send_to=send)
+            prev = stages[pos - 1] if pos > 0 else None
+            nxt = stages[pos + 1] if pos + 1 < len(stages) else None
+            recv, send = (prev, nxt) if op == "forward" else (nxt, prev)
+        action = Action(op, mb_id, route, pos, recv, send)
         index = len(st.order)
         start = now
         if recv is not None and self.transfer is not None:
             # posted as the group started the action RECV_AHEAD before; the bytes move after
             # the handshake
             handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
-                                                 else "backward", mb.size)
-            posted = self.starts.get((g, index - RECV_AHEAD), 0.0)
+                                                 else "backward", size)
+            posted = st.starts[index - RECV_AHEAD] if index >= RECV_AHEAD else 0.0
             start = max(now, max(sent, posted + handshake_s) + bytes_s)
             st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
-        self.starts[(g, index)] = start
+        st.starts.append(start)
         st.order.append(action)
         st.busy = True
-        end = start + self.duration(g, op, mb.size)
-        self.ends[(g, index)] = end
+        end = start + self.duration(g, st, op, size)
+        st.ends.append(end)
         heapq.heappush(self.events, (end, next(self.seq), g, action))
 
     def on_done(self, g: str, action: Action, now: float) -> None:
         st = self.state[g]
         st.busy = False
         st.free_s = now
-        item = (now, action.micro_batch, action.stage)
-        if action.op == "forward":
+        op = action.op
+        if op == "forward":
             if action.send_to is None:  # last stage: its backward is ready at once
-                heapq.heappush(st.ready_b, item)
+                heapq.heappush(st.ready_b, (now, action.micro_batch, action.stage))
             else:
                 heapq.heappush(self.events, (now, next(self.seq), action.send_to,
                                              ("f", action.micro_batch, action.stage + 1)))
-        elif action.op != "backward_weight":
-            if action.op == "backward_input":
-                heapq.heappush(st.pending_w, item)
+        elif op != "backward_weight":
+            if op == "backward_input":
+                heapq.heappush(st.pending_w, (now, action.micro_batch, action.stage))
             if action.send_to is not None:
                 heapq.heappush(self.events, (now, next(self.seq), action.send_to,
                                              ("b", action.micro_batch, action.stage - 1)))
         self.try_start(g, now)
 
     def run(self) -> float:
-        for mb in self.plan.micro_batches:
-            first = self.plan.routes[mb.route].stages[0]
-            heapq.heappush(self.state[first].ready_f, (0.0, mb.id, 0))
+        for r in self.routes:
+            first = self.plan.routes[r].stages[0]
+            for mb_id in self.layout.route_mbs[r]:
+                heapq.heappush(self.state[first].ready_f, (0.0, mb_id, 0))
         for g in self.groups:
             self.try_start(g, 0.0)
         now = 0.0
-        while self.events:
-            now, _, g, what = heapq.heappop(self.events)
+        events, state = self.events, self.state
+        while events:
+            now, _, g, what = heapq.heappop(events)
             if isinstance(what, Action):
                 self.on_done(g, what, now)
                 continue
             direction, mb_id, pos = what  # an input was sent
-            st = self.state[g]
+            st = state[g]
             heapq.heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
             self.try_start(g, now)
         return now
 
 
+class _Layout:
+    """What every run over a plan reads: per micro-batch (route, its stages, samples), each
+    route's micro-batch ids, and the compute durations found so far, per group."""
+
+    def __init__(self, plan: Plan):
+        stages = [tuple(route.stages) for route in plan.routes]
+        self.mb_info = [(mb.route, stages[mb.route], mb.size) for mb in plan.micro_batches]
+        self.route_mbs: list[range] = []
+        first = 0
+        for route in plan.routes:
+            self.route_mbs.append(range(first, first + route.micro_batches))
+            first += route.micro_batches
+        self.durations: dict[str, dict[tuple[str, int], float]] = {}
+
+
 def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
     """Every group's ordered actions, from a run timed with `cost`: compute, and transfers
-    too when it prices links (LinkCost), as the simulator times them."""
+    too when it prices links (LinkCost), as the simulator times them.
+
+    Routes that share no group never wait on each other, so each set of routes linked by
+    shared groups runs alone, and a set identical to one already run (the same groups'
+    durations, limits and transfer times, the same routes over them: the copies of a
+    pipeline) takes that run's schedule under its own names. The result is the one run of
+    the whole plan would give: inside a set, events and micro-batch ids keep their order."""
+    transfer = transfer_times(plan, cost) if hasattr(cost, "p2p_s") else None
+    parts = _linked_routes(plan)
+    if len(parts) == 1:
+        return _listed(plan, _ListScheduler(plan, cost, transfer))
+    layout = _Layout(plan)
+    runs: dict[tuple, tuple[list[int], list[str], Schedule]] = {}
+    done: list[Schedule] = []
+    for routes in parts:
+        run = _ListScheduler(plan, cost, transfer, routes, layout)
+        key = run.signature()
+        if key in runs:
+            done.append(_renamed(layout, runs[key], routes, list(run.groups)))
+        else:
+            done.append(_listed(plan, run))
+            runs[key] = (routes, list(run.groups), done[-1])
+    return _merged(plan, done)
+
+
+def _linked_routes(plan: Plan) -> list[list[int]]:
+    """The routes in sets linked by shared stage groups, each set in route order."""
+    root = list(range(len(plan.routes)))
+
+    def find(r: int) -> int:
+        while root[r] != r:
+            root[r] = root[root[r]]
+            r = root[r]
+        return r
+
+    owner: dict[str, int] = {}
+    for r, route in enumerate(plan.routes):
+        for g in route.stages:
+            if g in owner:
+                root[find(r)] = find(owner[g])
+            else:
+                owner[g] = r
+    sets: dict[int, list[int]] = {}
+    for r in range(len(plan.routes)):
+        sets.setdefault(find(r), []).append(r)
+    return list(sets.values())
+
+
+def _renamed(layout: _Layout, run: tuple[list[int], list[str], Schedule], routes: list[int],
+             groups: list[str]) -> Schedule:
+    """The schedule of an identical set of routes, under this set's group names, routes and
+    micro-batch ids."""
+    their_routes, their_groups, schedule = run
+    name = dict(zip(their_groups, groups, strict=True))
+    route = dict(zip(their_routes, routes, strict=True))
+    shift = {r: layout.route_mbs[route[r]].start - layout.route_mbs[r].start
+             for r in their_routes}
+    actions = {name[g]: [Action(a.op, a.micro_batch + shift[a.route], route[a.route], a.stage,
+                                name.get(a.recv_from), name.get(a.send_to)) for a in acts]
+               for g, acts in schedule.actions.items()}
+    return Schedule(actions=actions,
+                    peak_in_flight={name[g]: n for g, n in schedule.peak_in_flight.items()},
+                    estimated_step_s=schedule.estimated_step_s,
+                    start_s={(name[g], i): t for (g, i), t in schedule.start_s.items()},
+                    end_s={(name[g], i): t for (g, i), t in schedule.end_s.items()},
+                    comm_wait_s={name[g]: t for g, t in schedule.comm_wait_s.items()})
+
+
+def _merged(plan: Plan, parts: list[Schedule]) -> Schedule:
+    order = [g.name for g in plan.stage_groups]
+    actions = {g: acts for part in parts for g, acts in part.actions.items()}
+    peak = {g: n for part in parts for g, n in part.peak_in_flight.items()}
+    wait = {g: t for part in parts for g, t in part.comm_wait_s.items()}
+    return Schedule(actions={g: actions[g] for g in order},
+                    peak_in_flight={g: peak[g] for g in order},
+                    estimated_step_s=max(part.estimated_step_s for part in parts),
+                    start_s={k: t for part in parts for k, t in part.start_s.items()},
+                    end_s={k: t for part in parts for k, t in part.end_s.items()},
+                    comm_wait_s={g: wait[g] for g in order})
+
+
+def schedule_within(plan: Plan, cost: StageCost | None,
+                    most_held: dict[str, int]) -> Schedule | None:
+    """build_schedule, or None once a group holds activations of more micro-batches than
+    `most_held` gives it (what its memory holds): the run stops there, so a schedule that
+    does not fit costs its warm-up only, not a whole run."""
     transfer = transfer_times(plan, cost) if hasattr(cost, "p2p_s") else None
     run = _ListScheduler(plan, cost, transfer)
+    for g, most in most_held.items():
+        run.state[g].most_held = most
+    try:
+        return _listed(plan, run)
+    except _HeldOver:
+        return None
+
+
+def _listed(plan: Plan, run: _ListScheduler) -> Schedule:
     makespan = run.run()
     for g, st in run.state.items():
-        per_mb = 3 if run.split[g] else 2
+        per_mb = 3 if st.split else 2
         want = per_mb * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
         if len(st.order) != want:
             raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "
                             "actions could run; check that routes visit layers in order")
     return Schedule(actions={g: st.order for g, st in run.state.items()},
                     peak_in_flight={g: st.peak for g, st in run.state.items()},
-                    estimated_step_s=makespan, start_s=run.starts, end_s=run.ends,
+                    estimated_step_s=makespan,
+                    start_s={(g, i): t for g, st in run.state.items()
+                             for i, t in enumerate(st.starts)},
+                    end_s={(g, i): t for g, st in run.state.items() for i, t in enumerate(st.ends)},
                     comm_wait_s={g: st.comm_wait_s for g, st in run.state.items()})

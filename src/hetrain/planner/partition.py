@@ -163,6 +163,11 @@ class Partitioner:
             self._limits[key] = out
         return self._limits[key]
 
+    def most_held(self, kind: str, tp: int, mode: int, a: int, b: int) -> int:
+        """The most micro-batches in flight with which range [a, b) fits in memory under
+        the mode (-1: not even its states)."""
+        return next(int(most[a, b]) for m, _, most in self._mode_limits(kind, tp) if m == mode)
+
     def stage_matrix(self, before: Peer, blocks: Blocks) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per range of the first stage of `blocks` (compute + waits), and its memory
         mode."""

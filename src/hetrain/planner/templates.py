@@ -25,11 +25,11 @@ import numpy as np
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, RECOMPUTE, CostModel, ring_allreduce_s
-from hetrain.plan.schedule import build_schedule, splits
+from hetrain.plan.schedule import build_schedule, schedule_within, splits
 from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
-from hetrain.planner.partition import MEMORY_SLACK, Partition, Partitioner
+from hetrain.planner.partition import Partition, Partitioner
 
 StageShape = tuple[str, int]  # (kind, tp)
 # Fill of S equal stages in slots per stage beyond the first, from plan.build_schedule at
@@ -182,22 +182,20 @@ class TemplateBuilder:
                         routes=[Route(stages=[f"s{i}" for i in range(len(stages))],
                                       micro_batches=m, micro_batch_size=1)],
                         schedule=self.schedule)
-            run = build_schedule(plan, _StageTimes(times))
-            if scale == 1.0 or self._holds(stages, part, run.peak_in_flight):
-                # scale 1 holds what 1F1B holds: the partition's memory
+            if scale == 1.0:  # holds what 1F1B holds: the partition's memory
+                run = build_schedule(plan, _StageTimes(times))
+            else:  # stopped once a stage holds more than its memory does
+                run = schedule_within(plan, _StageTimes(times), self._most_held(stages, part))
+            if run is not None:
                 return max(run.estimated_step_s - m * part.slot_s, 0.0), scale
         raise AssertionError("in-flight scale 1 is always allowed")
 
-    def _holds(self, stages, part: Partition, peaks: dict[str, int]) -> bool:
-        """Whether every stage's memory holds the micro-batches its schedule keeps."""
-        for i, ((kind, tp), (a, b), rc) in enumerate(zip(stages, part.layers, part.modes,
-                                                          strict=True)):
-            t = self.partitioner.stage_tables(kind, tp)
-            need = max(t.fixed_bytes[rc][a, b] + peaks[f"s{i}"] * t.per_in_flight_bytes[rc][a, b],
-                       t.floor_bytes[a, b])
-            if need > t.capacity_bytes * (1 - MEMORY_SLACK):
-                return False
-        return True
+    def _most_held(self, stages, part: Partition) -> dict[str, int]:
+        """Per stage, the most micro-batches whose activations its memory holds (-1: not even
+        its states)."""
+        return {f"s{i}": self.partitioner.most_held(kind, tp, rc, a, b)
+                for i, ((kind, tp), (a, b), rc) in enumerate(zip(stages, part.layers,
+                                                                  part.modes, strict=True))}
 
     def _tail_s(self, stages, part: Partition, dtypes, devices, n_max: int,
                 times: list[tuple[float, float]]) -> np.ndarray:

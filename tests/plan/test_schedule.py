@@ -1,0 +1,103 @@
+"""The shared schedule: runs of linked route sets, copies renamed, runs stopped on memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetrain.cluster import cluster_from_dict
+from hetrain.cost import CostModel
+from hetrain.model import model_config, model_spec
+from hetrain.plan import Plan, build_schedule
+from hetrain.plan import schedule as sched
+
+SEQ_LEN = 64
+
+
+def _cluster():
+    return cluster_from_dict({
+        "name": "two-kinds",
+        "nodes": [{"name": "h", "kind": "H100", "count": 4, "replicas": 2},
+                  {"name": "a", "kind": "A100-80GB", "count": 4, "replicas": 2}],
+        "links": {"inter_node_gbps": 25, "bridge_gbps": 20, "inter_node_latency_us": 10},
+    })
+
+
+def _plan(schedule: str) -> Plan:
+    """Two copies of one pipeline (same node pair), a third on other nodes with more
+    micro-batches, and two routes sharing a first stage."""
+    def group(name, kind, device, layers):
+        return {"name": name, "kind": kind, "devices": [device], "layers": layers,
+                "in_flight_scale": 1.5 if schedule == "zero_bubble" else 1.0}
+
+    groups = [group("c0a", "H100", "h-0:0", [0, 5]), group("c0b", "A100-80GB", "a-0:0", [5, 10]),
+              group("c1a", "H100", "h-0:1", [0, 5]), group("c1b", "A100-80GB", "a-0:1", [5, 10]),
+              group("c2a", "H100", "h-1:0", [0, 5]), group("c2b", "A100-80GB", "a-1:0", [5, 10]),
+              group("s", "H100", "h-1:1", [0, 4]), group("s1", "A100-80GB", "a-1:1", [4, 10]),
+              group("s2", "A100-80GB", "a-1:2", [4, 10])]
+    routes = [{"stages": ["c0a", "c0b"], "micro_batches": 5, "micro_batch_size": 2},
+              {"stages": ["c1a", "c1b"], "micro_batches": 5, "micro_batch_size": 2},
+              {"stages": ["c2a", "c2b"], "micro_batches": 7, "micro_batch_size": 2},
+              {"stages": ["s", "s1"], "micro_batches": 4, "micro_batch_size": 1},
+              {"stages": ["s", "s2"], "micro_batches": 3, "micro_batch_size": 1}]
+    return Plan.model_validate({"model": "small", "seq_len": SEQ_LEN, "global_batch": 41,
+                                "stage_groups": groups, "routes": routes,
+                                "schedule": schedule})
+
+
+def _one_run(plan: Plan, cost) -> sched.Schedule:
+    """The whole plan as one run (what build_schedule gave before it split the routes)."""
+    transfer = sched.transfer_times(plan, cost)
+    return sched._listed(plan, sched._ListScheduler(plan, cost, transfer))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_runs_of_route_sets_and_renamed_copies_equal_one_run(schedule, monkeypatch):
+    cluster = _cluster()
+    plan = _plan(schedule)
+    cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
+    renamed = []
+    original = sched._renamed
+    monkeypatch.setattr(sched, "_renamed",
+                        lambda *a: renamed.append(a[2]) or original(*a))
+    got, want = build_schedule(plan, cost), _one_run(plan, cost)
+    assert renamed == [[1]]  # the second copy took the first one's run; the rest ran
+    assert got.actions == want.actions
+    assert list(got.actions) == [g.name for g in plan.stage_groups]
+    assert got.start_s == want.start_s and got.end_s == want.end_s
+    assert got.peak_in_flight == want.peak_in_flight
+    assert got.comm_wait_s == want.comm_wait_s
+    assert got.estimated_step_s == want.estimated_step_s
+
+
+def test_a_copy_on_other_links_runs_on_its_own(monkeypatch):
+    """Copies whose transfers take other times are not renamed: their timing differs."""
+    cluster = _cluster()
+    plan = _plan("zero_bubble")
+    cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
+    slow = {("h-0:1", "a-0:1"), ("a-0:1", "h-0:1")}
+
+    class SlowerLink(CostModel):
+        def p2p_s(self, src, dst, nbytes):
+            return super().p2p_s(src, dst, nbytes) * (3.0 if (src, dst) in slow else 1.0)
+
+    cost = SlowerLink(cluster, model_spec(model_config("small"), SEQ_LEN))
+    renamed = []
+    original = sched._renamed
+    monkeypatch.setattr(sched, "_renamed",
+                        lambda *a: renamed.append(a[2]) or original(*a))
+    got, want = build_schedule(plan, cost), _one_run(plan, cost)
+    assert renamed == []
+    assert got.start_s == want.start_s and got.actions == want.actions
+
+
+def test_a_run_stops_once_a_group_holds_more_than_its_memory():
+    cluster = _cluster()
+    plan = _plan("zero_bubble")
+    cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
+    full = build_schedule(plan, cost)
+    enough = dict(full.peak_in_flight)
+    within = sched.schedule_within(plan, cost, enough)
+    assert within is not None
+    assert within.actions == full.actions and within.start_s == full.start_s
+    for group, peak in full.peak_in_flight.items():
+        assert sched.schedule_within(plan, cost, {**enough, group: peak - 1}) is None
