@@ -134,18 +134,24 @@ class Partitioner:
 
     def stage_costs(self, kind: str, tp: int, in_flight: int) -> tuple[np.ndarray, np.ndarray]:
         """Seconds per range for this stage (inf where it does not fit) and its memory mode:
-        the fastest that fits (plain, then regathering, then recomputation)."""
+        the fastest that fits (plain, then regathering, then recomputation). Kept for the
+        stages of the pipelines completed; the DP keeps bands only (_compute_band)."""
         key = (kind, tp, in_flight)
         if key not in self._costs:
-            # the first mode that fits, from the least preferred up
-            cost = np.full((self.n_layers + 1, self.n_layers + 1), np.inf)
-            mode = np.zeros(cost.shape, dtype=np.int8)
-            for m, time_s, most in reversed(self._mode_limits(kind, tp)):
-                fits = most >= in_flight
-                cost = np.where(fits, time_s, cost)
-                mode = np.where(fits, np.int8(m), mode)
-            self._costs[key] = (cost, mode)
+            self._costs[key] = self._stage_costs(kind, tp, in_flight, True)
         return self._costs[key]
+
+    def _stage_costs(self, kind: str, tp: int, in_flight: int,
+                     modes: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        # the first mode that fits, from the least preferred up
+        cost = np.full((self.n_layers + 1, self.n_layers + 1), np.inf)
+        mode = np.zeros(cost.shape, dtype=np.int8) if modes else None
+        for m, time_s, most in reversed(self._mode_limits(kind, tp)):
+            fits = most >= in_flight
+            cost = np.where(fits, time_s, cost)
+            if mode is not None:
+                mode = np.where(fits, np.int8(m), mode)
+        return cost, mode
 
     def _mode_limits(self, kind: str, tp: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Per memory mode allowed, in order of preference: its seconds per range and the most
@@ -197,7 +203,7 @@ class Partitioner:
         """The band of stage_costs, and its ends b per (start, column)."""
         key = (kind, tp, in_flight)
         if key not in self._compute_bands:
-            band = _Band.of(self.stage_costs(kind, tp, in_flight)[0])
+            band = _Band.of(self._stage_costs(kind, tp, in_flight, False)[0])
             ends = np.minimum(band.first[:, None] + np.arange(band.cost.shape[1])[None, :],
                               self.n_layers)
             self._compute_bands[key] = (band, ends)
@@ -450,12 +456,17 @@ def _pairs(smaller: Partitioner, larger: Partitioner, tps: dict[str, list[int]]
                 ok = np.isfinite(small.time_s[rc])
                 compute.append(np.stack([small.time_s[rc][ok], large.time_s[rc][ok]]))
     peers = [(kind, local) for kind in tps for local in (True, False)]
-    waits = []
+    # a wait depends only on the link and the sender's dtype: each such pair once (eight
+    # kinds: 16 x 16 peer pairs, 40,000 waits, from some twenty pairs)
+    senders: dict[tuple, str] = {}
     for x in peers:
         for y in peers:
             link = smaller.comm.link(x, y)
             for sender in {x[0], y[0]}:
-                for boundary in range(1, smaller.n_layers + 1):
-                    waits.append((smaller.comm.wait_s(link, boundary, sender),
-                                  larger.comm.wait_s(link, boundary, sender)))
+                senders.setdefault((link, smaller.comm.dtypes[sender],
+                                    larger.comm.dtypes[sender]), sender)
+    waits = [(smaller.comm.wait_s(link, boundary, sender),
+              larger.comm.wait_s(link, boundary, sender))
+             for (link, _, _), sender in senders.items()
+             for boundary in range(1, smaller.n_layers + 1)]
     return np.concatenate(compute, axis=1), np.array(waits).T

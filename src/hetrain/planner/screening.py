@@ -36,8 +36,11 @@ class CoverLP:
         self.templates = templates
         self.micro_batches = micro_batches
         self.keys = sorted(capacity)
-        self.a = np.array([[t.demand.get(key, 0) for t in templates] for key in self.keys],
-                          dtype=float)
+        row = {key: i for i, key in enumerate(self.keys)}
+        self.a = np.zeros((len(self.keys), len(templates)))
+        for j, t in enumerate(templates):
+            for key, need in t.demand.items():
+                self.a[row[key], j] = need
         self.b = np.array([capacity[key] for key in self.keys], dtype=float)
         self.upper = np.array([t.n_max for t in templates], dtype=float)
         self.fill = np.array([t.fill_s for t in templates])

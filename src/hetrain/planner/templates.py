@@ -101,6 +101,7 @@ class TemplateBuilder:
         self.sharded_optimizer = sharded_optimizer
         self._capacity: dict[tuple[str, int], int] = {}
         self._keys: dict[Shape, tuple[tuple[str, int, int, bool], ...]] = {}
+        self._demands: dict[Block, list[tuple[tuple[str, int], int, int]]] = {}
 
     def capacity(self, kind: str, tp: int) -> int:
         if (kind, tp) not in self._capacity:
@@ -117,17 +118,28 @@ class TemplateBuilder:
                 for b in blocks)
         return out
 
+    def _block_demand(self, block: Block) -> list[tuple[tuple[str, int], int, int]]:
+        """(kind, t), the block's devices in groups of tp >= t, and the devices groups of t
+        may occupy, for t = 1, 2, 4, ... up to its tp."""
+        out = self._demands.get(block)
+        if out is None:
+            need = block.tp * block.count
+            powers = (1 << i for i in range(block.tp.bit_length()))
+            out = self._demands[block] = [((block.kind, t), need, self.capacity(block.kind, t))
+                                          for t in powers]
+        return out
+
     def outline(self, blocks: Shape) -> Template | None:
         """The slot and device needs of a shape; None when it fits no memory or no cluster."""
         demand: dict[tuple[str, int], int] = {}
+        room: dict[tuple[str, int], int] = {}
         for b in blocks:
-            t = 1
-            while t <= b.tp:
-                demand[(b.kind, t)] = demand.get((b.kind, t), 0) + b.tp * b.count
-                t *= 2
+            for key, need, capacity in self._block_demand(b):
+                demand[key] = demand.get(key, 0) + need
+                room[key] = capacity
         n_max = self.micro_batches
-        for (kind, t), need in demand.items():
-            n_max = min(n_max, self.capacity(kind, t) // need)
+        for key, need in demand.items():
+            n_max = min(n_max, room[key] // need)
         if n_max < 1:
             return None
         slot = self.partitioner.slot_s(self.keys(blocks))
