@@ -50,15 +50,20 @@ def _one_run(plan: Plan, cost) -> sched.Schedule:
     return sched._listed(plan, sched._ListScheduler(plan, cost, transfer))
 
 
+def _renamed_sets(monkeypatch) -> list[list[int]]:
+    """Filled with the route sets that take another set's run under their own names."""
+    renamed: list[list[int]] = []
+    original = sched._renamed
+    monkeypatch.setattr(sched, "_renamed", lambda *a: renamed.append(a[2]) or original(*a))
+    return renamed
+
+
 @pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
 def test_runs_of_route_sets_and_renamed_copies_equal_one_run(schedule, monkeypatch):
     cluster = _cluster()
     plan = _plan(schedule)
     cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
-    renamed = []
-    original = sched._renamed
-    monkeypatch.setattr(sched, "_renamed",
-                        lambda *a: renamed.append(a[2]) or original(*a))
+    renamed = _renamed_sets(monkeypatch)
     got, want = build_schedule(plan, cost), _one_run(plan, cost)
     assert renamed == [[1]]  # the second copy took the first one's run; the rest ran
     assert got.actions == want.actions
@@ -73,7 +78,6 @@ def test_a_copy_on_other_links_runs_on_its_own(monkeypatch):
     """Copies whose transfers take other times are not renamed: their timing differs."""
     cluster = _cluster()
     plan = _plan("zero_bubble")
-    cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
     slow = {("h-0:1", "a-0:1"), ("a-0:1", "h-0:1")}
 
     class SlowerLink(CostModel):
@@ -81,10 +85,7 @@ def test_a_copy_on_other_links_runs_on_its_own(monkeypatch):
             return super().p2p_s(src, dst, nbytes) * (3.0 if (src, dst) in slow else 1.0)
 
     cost = SlowerLink(cluster, model_spec(model_config("small"), SEQ_LEN))
-    renamed = []
-    original = sched._renamed
-    monkeypatch.setattr(sched, "_renamed",
-                        lambda *a: renamed.append(a[2]) or original(*a))
+    renamed = _renamed_sets(monkeypatch)
     got, want = build_schedule(plan, cost), _one_run(plan, cost)
     assert renamed == []
     assert got.start_s == want.start_s and got.actions == want.actions
