@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hetrain.cluster import cluster_from_dict
 from hetrain.cost import CostModel
@@ -16,8 +18,8 @@ SEQ_LEN = 64
 def _cluster():
     return cluster_from_dict({
         "name": "two-kinds",
-        "nodes": [{"name": "h", "kind": "H100", "count": 4, "replicas": 2},
-                  {"name": "a", "kind": "A100-80GB", "count": 4, "replicas": 2}],
+        "nodes": [{"name": "h", "kind": "H100", "count": 8, "replicas": 2},
+                  {"name": "a", "kind": "A100-80GB", "count": 8, "replicas": 2}],
         "links": {"inter_node_gbps": 25, "bridge_gbps": 20, "inter_node_latency_us": 10},
     })
 
@@ -102,3 +104,34 @@ def test_a_run_stops_once_a_group_holds_more_than_its_memory():
     assert within.actions == full.actions and within.start_s == full.start_s
     for group, peak in full.peak_in_flight.items():
         assert sched.schedule_within(plan, cost, {**enough, group: peak - 1}) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(copies=st.lists(st.tuples(st.integers(1, 2), st.integers(1, 6), st.sampled_from([1, 2]),
+                                 st.booleans()), min_size=1, max_size=4),
+       schedule=st.sampled_from(["1f1b", "zero_bubble"]))
+def test_any_plan_schedules_as_one_run(copies, schedule):
+    """Pipelines of one or two stages (node pair 0 or 1: equal copies or not), some micro-
+    batches of some size each, optionally a second route through the same first stage: the
+    schedule equals one run of the whole plan."""
+    cluster = _cluster()
+    cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
+    groups, routes, batch = [], [], 0
+    for i, (pair, micro_batches, size, shared) in enumerate(copies):
+        first = {"name": f"p{i}a", "kind": "H100", "devices": [f"h-{pair - 1}:{i}"],
+                 "layers": [0, 5]}
+        ends = [{"name": f"p{i}b{j}", "kind": "A100-80GB", "devices": [f"a-{pair - 1}:{2 * i + j}"],
+                 "layers": [5, 10]} for j in range(1 + shared)]
+        groups += [first] + ends
+        for end in ends:
+            routes.append({"stages": [first["name"], end["name"]], "micro_batches": micro_batches,
+                           "micro_batch_size": size})
+            batch += micro_batches * size
+    plan = Plan.model_validate({"model": "small", "seq_len": SEQ_LEN, "global_batch": batch,
+                                "stage_groups": groups, "routes": routes,
+                                "schedule": schedule})
+    got, want = build_schedule(plan, cost), _one_run(plan, cost)
+    assert got.actions == want.actions
+    assert got.start_s == want.start_s and got.end_s == want.end_s
+    assert got.peak_in_flight == want.peak_in_flight and got.comm_wait_s == want.comm_wait_s
+    assert got.estimated_step_s == want.estimated_step_s
