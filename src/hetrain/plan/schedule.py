@@ -213,8 +213,12 @@ class _ListScheduler:
         self.plan, self.cost, self.transfer = plan, cost, transfer
         self.layout = layout or _Layout(plan)
         self.routes = range(len(plan.routes)) if routes is None else routes
-        names = {g for r in self.routes for g in plan.routes[r].stages}
-        self.groups = {g.name: g for g in plan.stage_groups if g.name in names}
+        if routes is None:
+            self.groups = plan.group_by_name
+        else:  # in the plan's order
+            names = {g for r in routes for g in plan.routes[r].stages}
+            self.groups = {g: plan.group_by_name[g]
+                           for g in sorted(names, key=self.layout.order.__getitem__)}
         self.state = {g: _GroupState(splits_backward(plan, g), in_flight_limit(plan, g),
                                      weight_grad_cap(plan, g),
                                      durations=self.layout.durations.setdefault(g, {}))
@@ -373,6 +377,7 @@ class _Layout:
             self.route_mbs.append(range(first, first + route.micro_batches))
             first += route.micro_batches
         self.durations: dict[str, dict[tuple[str, int], float]] = {}
+        self.order = {g.name: i for i, g in enumerate(plan.stage_groups)}
 
 
 def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:

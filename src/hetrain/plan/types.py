@@ -137,8 +137,18 @@ class Plan(BaseModel):
     def kinds(self) -> list[str]:
         return list(dict.fromkeys(g.kind for g in self.stage_groups))
 
+    @cached_property
+    def _routes_by_group(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for r, route in enumerate(self.routes):
+            for g in dict.fromkeys(route.stages):
+                out.setdefault(g, []).append(r)
+        return out
+
     def routes_through(self, group: str) -> list[int]:
-        return [r for r, route in enumerate(self.routes) if group in route.stages]
+        """The routes through the group, in route order (a plan of thousands of routes asks
+        for every group's: read from one pass over the routes)."""
+        return list(self._routes_by_group.get(group, ()))
 
     def samples_of(self, group: str) -> int:
         return sum(self.routes[r].samples for r in self.routes_through(group))
