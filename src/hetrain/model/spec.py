@@ -5,6 +5,8 @@ Counts are in elements, not bytes: the dtype is chosen per stage group by the pl
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from pydantic import BaseModel, ConfigDict
 
 from hetrain.model.config import ModelConfig
@@ -65,6 +67,12 @@ class ModelSpec(BaseModel):
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @cached_property
+    def backward_weights(self) -> tuple[float, ...]:
+        """Each layer's share weight of a stage's backward (its forward FLOPs per token, at
+        least 1): plan.sync.ready_fraction reads it per group and bucket."""
+        return tuple(max(layer.forward_flops_per_token, 1.0) for layer in self.layers)
 
     @property
     def params(self) -> int:

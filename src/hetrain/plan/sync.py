@@ -170,7 +170,7 @@ def ready_fraction(spec: ModelSpec, group: StageGroup, bucket: SyncBucket) -> fl
     lo = max(a, bucket.layers[0])
     if lo >= min(b, bucket.layers[1]):  # holds it only through the tied head
         lo = b - 1
-    weights = [max(spec.layers[i].forward_flops_per_token, 1.0) for i in range(a, b)]
+    weights = spec.backward_weights[a:b]
     return sum(weights[lo - a:]) / sum(weights)
 
 
@@ -225,12 +225,15 @@ class SyncTimeline:
     def step_s(self) -> float:
         return max(self.group_end_s.values())
 
-    def comm_wait_s(self, group: str, buckets: list[SyncBucket]) -> float:
-        """Time the group waits on its collectives after its compute and after every other
-        holder of its buckets is ready (waiting for those holders is a bubble)."""
-        ready = [self.bucket_ready_s[b.index] for b in buckets if group in b.holders]
-        since = max([self.group_last_compute_s[group]] + ready)
-        return max(0.0, self.group_synced_s[group] - since)
+    def comm_wait_s(self, buckets: list[SyncBucket]) -> dict[str, float]:
+        """Per group, the time it waits on its collectives after its compute and after every
+        other holder of its buckets is ready (waiting for those holders is a bubble)."""
+        since = dict(self.group_last_compute_s)
+        for b in buckets:
+            ready = self.bucket_ready_s[b.index]
+            for g in b.holders:
+                since[g] = max(since[g], ready)
+        return {g: max(0.0, self.group_synced_s[g] - t) for g, t in since.items()}
 
 
 def price_sync(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket], cost: SyncCost,

@@ -75,13 +75,14 @@ def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
 def _check_groups(plan: Plan, cluster: Cluster, spec: ModelSpec) -> None:
     seen_names: set[str] = set()
     owner: dict[str, str] = {}
+    present = cluster.kind_counts()
     for g in plan.stage_groups:
         if g.name in seen_names:
             raise PlanError(f"stage group {g.name!r} is defined twice; give each a unique name")
         seen_names.add(g.name)
-        if g.kind not in cluster.kinds or not cluster.devices_of(g.kind):
+        if g.kind not in cluster.kinds or g.kind not in present:
             raise PlanError(f"stage group {g.name!r}: kind {g.kind!r} is not in the cluster "
-                            f"(it has {', '.join(cluster.kind_counts())})")
+                            f"(it has {', '.join(present)})")
         kind = cluster.kinds[g.kind]
         if not kind.supports(g.dtype):
             raise PlanError(f"stage group {g.name!r}: {g.kind} does not compute in {g.dtype}; "

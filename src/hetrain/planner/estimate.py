@@ -160,8 +160,8 @@ def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
     pipeline = max(t.last_end_s for t in times.values())
     busy = {g: t.busy_s + tail.group_optimizer_s[g] for g, t in times.items()}
     buckets = sync_buckets(plan, cost.spec)
-    bubble = {g: max(0.0, step - busy[g] - times[g].comm_wait_s
-                     - tail.comm_wait_s(g, buckets)) for g in busy}
+    waits = tail.comm_wait_s(buckets)
+    bubble = {g: max(0.0, step - busy[g] - times[g].comm_wait_s - waits[g]) for g in busy}
     devices = {g.name: g.tp for g in plan.stage_groups}
     weight = step * sum(devices.values())
     bubble_share = sum(bubble[g] * n for g, n in devices.items()) / weight

@@ -205,9 +205,10 @@ class StepEngine:
         sync = price_sync(self.plan, self.cost.spec, self.buckets, cost,
                           {g: t.last_weight_grad_s for g, t in self.time.items()},
                           {g: t.last_compute_s for g, t in self.time.items()})
+        # Waiting for a bucket's other holders is a bubble; its collective is comm wait.
+        waits = sync.comm_wait_s(self.buckets)
         for g, t in self.time.items():
-            # Waiting for a bucket's other holders is a bubble; its collective is comm wait.
-            t.comm_wait_s += sync.comm_wait_s(g, self.buckets)
+            t.comm_wait_s += waits[g]
             t.busy_s += sync.group_optimizer_s[g]
             t.end_s = sync.group_end_s[g]
         if self.record:
