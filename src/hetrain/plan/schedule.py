@@ -487,7 +487,7 @@ def _listed(plan: Plan, run: _ListScheduler) -> Schedule:
     makespan = run.run()
     for g, st in run.state.items():
         per_mb = 3 if st.split else 2
-        want = per_mb * sum(plan.routes[r].micro_batches for r in plan.routes_through(g))
+        want = per_mb * plan.micro_batches_of(g)
         if len(st.order) != want:
             raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "
                             "actions could run; check that routes visit layers in order")
