@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -135,3 +137,53 @@ def test_any_plan_schedules_as_one_run(copies, schedule):
     assert got.start_s == want.start_s and got.end_s == want.end_s
     assert got.peak_in_flight == want.peak_in_flight and got.comm_wait_s == want.comm_wait_s
     assert got.estimated_step_s == want.estimated_step_s
+    _chain_holds(got, sched.critical_path(got))
+
+
+def _chain_holds(schedule: sched.Schedule, segments: list[sched.PathSegment]) -> None:
+    """The segments are a chain of dependencies through the schedule that adds up to its
+    makespan: each starts its wait after the previous one ends, runs its group's consecutive
+    actions back to back, and (after the first) its first action takes its input from the
+    previous segment's group or follows that group's previous action."""
+    assert segments[0].start_s == pytest.approx(segments[0].wait_s)
+    assert segments[-1].end_s == pytest.approx(schedule.estimated_step_s)
+    for prev, seg in itertools.pairwise(segments):
+        assert seg.start_s == pytest.approx(prev.end_s + seg.wait_s)
+    for seg in segments:
+        starts = {t: i for (g, i), t in schedule.start_s.items() if g == seg.group}
+        first = starts[seg.start_s]
+        acts = schedule.actions[seg.group]
+        assert acts[first].label == seg.first
+        for i in range(first + 1, first + seg.actions):
+            assert schedule.start_s[(seg.group, i)] == pytest.approx(
+                schedule.end_s[(seg.group, i - 1)])
+        assert schedule.end_s[(seg.group, first + seg.actions - 1)] == seg.end_s
+    for prev, seg in itertools.pairwise(segments):
+        first = next(i for (g, i), t in schedule.start_s.items()
+                     if g == seg.group and t == seg.start_s)
+        assert schedule.actions[seg.group][first].recv_from == prev.group
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
+def test_the_critical_path_runs_through_the_slowest_stage(schedule):
+    """Three stages, the middle one with three times the layers: after the fill (the first
+    micro-batch reaching it, and under 1F1B its first gradient coming back) it computes back
+    to back until its last forward or backward, and the drain follows the last micro-batch
+    out and back."""
+    groups = [{"name": n, "kind": "H100", "devices": [f"h-0:{i}"], "layers": layers}
+              for i, (n, layers) in enumerate([("a", [0, 1]), ("b", [1, 4]), ("c", [4, 5])])]
+    plan = Plan.model_validate({"model": "small", "seq_len": SEQ_LEN, "global_batch": 8,
+                                "stage_groups": groups, "schedule": schedule,
+                                "routes": [{"stages": ["a", "b", "c"], "micro_batches": 8,
+                                            "micro_batch_size": 1}]})
+    built = build_schedule(plan)  # unit durations: a forward is a layer's 1, a backward 2
+    segments = sched.critical_path(built)
+    _chain_holds(built, segments)
+    summary = sched.critical_path_summary(plan, built)
+    assert summary["bottleneck"]["group"] == "b"
+    assert summary["fill_s"] + summary["bottleneck"]["busy_s"] + summary["drain_s"] == \
+        pytest.approx(built.estimated_step_s)
+    # b computes 8 x (3 + 6) = 72 units; all but its first forwards (before a gradient came
+    # back, under 1F1B) and its last backward lie on the path
+    assert summary["bottleneck"]["busy_s"] >= 72 - 3 * 3 - 6
+    assert summary["bottleneck"]["kind"] == "H100" and summary["bottleneck"]["layers"] == [1, 4]

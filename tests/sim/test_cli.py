@@ -30,6 +30,15 @@ def test_simulate_a_plan_file(tmp_path):
     assert set(figures["devices"]) == {"h100:0", "br104:0", "a100:0"}
     for dev in figures["devices"].values():
         assert abs(dev["busy_share"] + dev["idle_share"] - 1) < 1e-9
+    # the chain behind the pipelines' time: its groups are the plan's, fill + bottleneck +
+    # drain is the pipeline part of the step, named in the output
+    path = figures["critical_path"]
+    groups = {s["group"] for s in path["segments"]}
+    assert groups == {"p0s0", "p0s1", "p0s2"}  # a 1F1B chain visits every stage
+    assert path["fill_s"] + path["bottleneck"]["busy_s"] + path["drain_s"] == \
+        pytest.approx(path["pipeline_s"])
+    assert 0 < path["pipeline_s"] <= figures["step_s"]
+    assert f"-> {path['bottleneck']['group']} (" in " ".join(result.output.split())
 
 
 def test_simulate_the_data_parallel_baseline(tmp_path):

@@ -102,6 +102,16 @@ def _table(result: SimResult) -> Table:
     return table
 
 
+def _path_line(path: dict) -> str:
+    b = path["bottleneck"]
+    layers = f"layers {b['layers'][0]}-{b['layers'][1] - 1}"
+    return (f"critical path of the pipelines ({path['pipeline_s']:.3f} s): fill "
+            f"{path['fill_s']:.3f} s ({path['fill_actions']} actions) -> {b['group']} "
+            f"({b['kind']}, {layers}, tp {b['tp']}) {b['actions']} actions back to back, "
+            f"{b['busy_s']:.3f} s -> drain {path['drain_s']:.3f} s ({path['drain_actions']} "
+            "actions)")
+
+
 @app.command()
 @user_errors
 def simulate(
@@ -131,6 +141,11 @@ def simulate(
     schedule = _check(p, c, cost, memory_check)
     result = simulate_plan(p, c, cost, schedule=schedule)
     Console().print(_table(result))
+    from hetrain.plan.schedule import critical_path_summary
+
+    path = critical_path_summary(p, schedule)
+    if path["segments"]:
+        Console().print(_path_line(path))
     meta = {"source": "simulator", "emulated": False, "cluster": c.name, "model": p.model,
             "step_s": result.step_s, "tokens_per_s": result.tokens_per_s}
     if trace is not None:
@@ -149,6 +164,6 @@ def simulate(
         draw_gantt(result.events, png, lanes=lanes, title=title)
         Console().print(f"gantt: {png}")
     if json_out is not None:
-        out = {**result.to_dict(), "model": p.model, "cluster": c.name,
+        out = {**result.to_dict(), "critical_path": path, "model": p.model, "cluster": c.name,
                "global_batch": p.global_batch, "seq_len": p.seq_len, "source": "simulator"}
         atomic_write_text(json_out, json.dumps(out, indent=1) + "\n")

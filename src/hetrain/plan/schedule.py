@@ -131,6 +131,90 @@ class Schedule:
         return max(i for i, a in enumerate(acts) if a.op in WEIGHT_GRAD_OPS)
 
 
+@dataclass(frozen=True)
+class PathSegment:
+    """Consecutive actions of one group on a schedule's critical path. `wait_s` is the time
+    between the previous segment's end and this one's start: the transfer (and handshake)
+    of the tensor its first action received."""
+
+    group: str
+    first: str  # label of its first action ("F0", "B63", ...)
+    actions: int
+    start_s: float
+    end_s: float
+    wait_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {"group": self.group, "first": self.first, "actions": self.actions,
+                "start_s": self.start_s, "end_s": self.end_s, "wait_s": self.wait_s}
+
+
+def critical_path(schedule: Schedule) -> list[PathSegment]:
+    """The chain of actions behind the schedule's makespan, first action first. From the
+    action that ends last, each action's start is bound either by its group's previous
+    action (it started as that one ended: the group was the bottleneck) or by its input
+    (the action of another group that sent it, plus the transfer). The segments' times and
+    the waits between them add up to the makespan: the longest segment is the bottleneck's
+    run; the segments before it are the pipeline's fill, those after it its drain."""
+    ends = schedule.end_s
+    if not ends:
+        return []
+    g, i = max(ends, key=ends.__getitem__)  # the first in plan order on a tie
+    index: dict[str, dict[tuple[bool, int], int]] = {}
+
+    def sender(group: str, action: Action) -> int:
+        if group not in index:
+            index[group] = {(a.op == "forward", a.micro_batch): j
+                            for j, a in enumerate(schedule.actions[group])
+                            if a.op != "backward_weight"}
+        return index[group][(action.op == "forward", action.micro_batch)]
+
+    steps: list[tuple[str, int, float]] = []  # (group, index, wait before it), last first
+    while True:
+        action = schedule.actions[g][i]
+        start = schedule.start_s[(g, i)]
+        prev_end = schedule.end_s[(g, i - 1)] if i > 0 else 0.0
+        tol = 1e-9 * max(1.0, start)
+        if action.recv_from is not None and start > prev_end + tol:
+            j = sender(action.recv_from, action)
+            steps.append((g, i, start - schedule.end_s[(action.recv_from, j)]))
+            g, i = action.recv_from, j
+            continue
+        steps.append((g, i, max(0.0, start - prev_end)))
+        if i == 0:
+            break
+        i -= 1
+    segments: list[PathSegment] = []
+    for g, i, wait in reversed(steps):
+        last = segments[-1] if segments else None
+        if last is not None and last.group == g and wait <= 1e-9 * max(1.0, last.end_s):
+            segments[-1] = PathSegment(g, last.first, last.actions + 1, last.start_s,
+                                       schedule.end_s[(g, i)], last.wait_s)
+        else:
+            segments.append(PathSegment(g, schedule.actions[g][i].label, 1,
+                                        schedule.start_s[(g, i)], schedule.end_s[(g, i)], wait))
+    return segments
+
+
+def critical_path_summary(plan: Plan, schedule: Schedule) -> dict[str, object]:
+    """critical_path as figures: the bottleneck (the longest segment: its group, kind,
+    layers, actions and seconds), the fill before it and the drain after it (seconds,
+    actions), and every segment."""
+    segments = critical_path(schedule)
+    if not segments:
+        return {"segments": []}
+    top = max(range(len(segments)), key=lambda k: segments[k].end_s - segments[k].start_s)
+    b = segments[top]
+    group = plan.group_by_name[b.group]
+    return {"pipeline_s": segments[-1].end_s,
+            "bottleneck": {**b.to_dict(), "kind": group.kind, "layers": list(group.layers),
+                           "tp": group.tp, "busy_s": b.end_s - b.start_s},
+            "fill_s": b.start_s, "fill_actions": sum(s.actions for s in segments[:top]),
+            "drain_s": segments[-1].end_s - b.end_s,
+            "drain_actions": sum(s.actions for s in segments[top + 1:]),
+            "segments": [s.to_dict() for s in segments]}
+
+
 def in_flight_limit(plan: Plan, group: str) -> int:
     """Forwards awaiting their (input) gradient at once: the sum over routes through the group
     of the stages from it to the route's end (1F1B), times the group's in-flight scale."""
