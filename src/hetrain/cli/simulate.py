@@ -102,14 +102,18 @@ def _table(result: SimResult) -> Table:
     return table
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.1f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} us"
+
+
 def _path_line(path: dict) -> str:
     b = path["bottleneck"]
     layers = f"layers {b['layers'][0]}-{b['layers'][1] - 1}"
-    return (f"critical path of the pipelines ({path['pipeline_s']:.3f} s): fill "
-            f"{path['fill_s']:.3f} s ({path['fill_actions']} actions) -> {b['group']} "
+    return (f"critical path of the pipelines ({_seconds(path['pipeline_s'])}): fill "
+            f"{_seconds(path['fill_s'])} ({path['fill_actions']} actions) -> {b['group']} "
             f"({b['kind']}, {layers}, tp {b['tp']}) {b['actions']} actions back to back, "
-            f"{b['busy_s']:.3f} s -> drain {path['drain_s']:.3f} s ({path['drain_actions']} "
-            "actions)")
+            f"{_seconds(b['busy_s'])} -> drain {_seconds(path['drain_s'])} "
+            f"({path['drain_actions']} actions)")
 
 
 @app.command()
