@@ -558,16 +558,51 @@ def schedule_within(plan: Plan, cost: StageCost | None,
     """build_schedule, or None once a group holds activations of more micro-batches than
     `most_held` gives it (what its memory holds): the run stops there, so a schedule that
     does not fit costs its warm-up only, not a whole run."""
-    run = _ListScheduler(plan, cost, _transfers(plan, cost))
-    for g, most in most_held.items():
-        run.state[g].most_held = most
+    run = _held_to(_ListScheduler(plan, cost, _transfers(plan, cost)), most_held)
     try:
         return _listed(plan, run)
     except _HeldOver:
         return None
 
 
-def _listed(plan: Plan, run: _ListScheduler) -> Schedule:
+@dataclass
+class TimedRun:
+    """One run's actions and their start and end times per group, as lists: what a caller
+    reading a few groups of a run needs (a Schedule also keys every time by action)."""
+
+    makespan_s: float
+    actions: dict[str, list[Action]]
+    starts_s: dict[str, list[float]]
+    ends_s: dict[str, list[float]]
+
+    def last_weight_grad_end_s(self, group: str) -> float:
+        acts = self.actions[group]
+        return self.ends_s[group][max(i for i, a in enumerate(acts)
+                                      if a.op in WEIGHT_GRAD_OPS)]
+
+
+def timed_run(plan: Plan, cost: StageCost | None, transfer: TransferFn | None,
+              most_held: dict[str, int] | None = None) -> TimedRun | None:
+    """One run of the whole plan with the given transfer times (the planner's templates
+    give theirs per boundary), stopped (None) once a group holds more than `most_held`."""
+    run = _held_to(_ListScheduler(plan, cost, transfer), most_held or {})
+    try:
+        makespan = _checked_run(plan, run)
+    except _HeldOver:
+        return None
+    return TimedRun(makespan_s=makespan, actions={g: st.order for g, st in run.state.items()},
+                    starts_s={g: st.starts for g, st in run.state.items()},
+                    ends_s={g: st.ends for g, st in run.state.items()})
+
+
+def _held_to(run: _ListScheduler, most_held: dict[str, int]) -> _ListScheduler:
+    for g, most in most_held.items():
+        run.state[g].most_held = most
+    return run
+
+
+def _checked_run(plan: Plan, run: _ListScheduler) -> float:
+    """The run's makespan; PlanError if it stalled before every action ran."""
     makespan = run.run()
     for g, st in run.state.items():
         per_mb = 3 if st.split else 2
@@ -575,6 +610,11 @@ def _listed(plan: Plan, run: _ListScheduler) -> Schedule:
         if len(st.order) != want:
             raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "
                             "actions could run; check that routes visit layers in order")
+    return makespan
+
+
+def _listed(plan: Plan, run: _ListScheduler) -> Schedule:
+    makespan = _checked_run(plan, run)
     return Schedule(actions={g: st.order for g, st in run.state.items()},
                     peak_in_flight={g: st.peak for g, st in run.state.items()},
                     estimated_step_s=makespan,

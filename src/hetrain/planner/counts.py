@@ -243,13 +243,29 @@ class CountProblem:
 
 def best_single(templates: list[Template], micro_batches: int) -> CountSolution | None:
     """The best plan of one template: every copy count tried, micro-batches split evenly."""
-    best = None
+    singles = best_singles(templates, micro_batches, within=0.0, most=1)
+    return singles[0] if singles else None
+
+
+def best_singles(templates: list[Template], micro_batches: int, within: float,
+                 most: int) -> list[CountSolution]:
+    """Each template's best plan of its own (every copy count tried, micro-batches split
+    evenly), fastest first: those within `within` (a fraction) of the fastest, `most` of
+    them. Templates' times are closed forms; near ties are for the final pricing to tell."""
+    per_template = []
     for t, tpl in enumerate(templates):
+        best = None
         for n in range(1, min(tpl.n_max, micro_batches) + 1):
             sol = evaluate(templates, (Choice(t, n, micro_batches),))
             if best is None or sol.step_s < best.step_s:
                 best = sol
-    return best
+        if best is not None:
+            per_template.append(best)
+    per_template.sort(key=lambda sol: sol.step_s)
+    if not per_template:
+        return []
+    limit = per_template[0].step_s * (1 + within)
+    return [sol for sol in per_template if sol.step_s <= limit][:most]
 
 
 def choose_counts(templates: list[Template], micro_batches: int,

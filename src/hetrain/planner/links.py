@@ -90,6 +90,13 @@ class BoundaryComm:
                                             self.dtypes[sender_kind])
         return link.latency_s + link.transfer_s(nbytes)
 
+    def handshake_s(self, prev: tuple[str, bool] | None, cur: tuple[str, bool],
+                    nxt: tuple[str, bool] | None) -> tuple[float, float]:
+        """The part of recv_s's waits (activation in, gradient back) before the bytes move:
+        the receiver's ready notice crossing the link."""
+        return (0.0 if prev is None else self.link(prev, cur).latency_s,
+                0.0 if nxt is None else self.link(cur, nxt).latency_s)
+
     def recv_s(self, prev: tuple[str, bool] | None, cur: tuple[str, bool],
                nxt: tuple[str, bool] | None) -> tuple[np.ndarray, np.ndarray]:
         key = (prev, cur, nxt)

@@ -46,6 +46,10 @@ class Partition:
     modes: tuple[int, ...]
     stage_s: tuple[float, ...]
     wait_s: tuple[float, ...]
+    # wait_s's two waits, the activation coming in and the gradient coming back, each as
+    # (handshake, transfer) as the shared schedule times them
+    forward_wait_s: tuple[tuple[float, float], ...] = ()
+    backward_wait_s: tuple[tuple[float, float], ...] = ()
 
     @property
     def slot_s(self) -> float:
@@ -298,7 +302,7 @@ class Partitioner:
     def best(self, blocks: Blocks) -> Partition | None:
         if not np.isfinite(self.slot_s(blocks)):
             return None
-        layers, modes, times, waits = [], [], [], []
+        layers, modes, times, waits, fwds, bwds = [], [], [], [], [], []
         a, before, key = 0, None, blocks
         while key:
             b = self._choice(before, key, a)
@@ -309,9 +313,13 @@ class Partitioner:
             modes.append(int(rc[a, b]))
             times.append(float(cost[a, b]))
             waits.append(float(fwd[a] + bwd[b]))
+            hs_fwd, hs_bwd = self.comm.handshake_s(before, peer(key), peer(drop_first_stage(key)))
+            fwds.append((hs_fwd, float(fwd[a]) - hs_fwd))
+            bwds.append((hs_bwd, float(bwd[b]) - hs_bwd))
             a, before, key = b, peer(key), drop_first_stage(key)
         return Partition(layers=tuple(layers), modes=tuple(modes), stage_s=tuple(times),
-                         wait_s=tuple(waits))
+                         wait_s=tuple(waits), forward_wait_s=tuple(fwds),
+                         backward_wait_s=tuple(bwds))
 
 
 class LayerBound:

@@ -24,9 +24,16 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.errors import PlannerError
-from hetrain.plan.types import Plan
+from hetrain.plan.types import Plan, ScheduleKind
 from hetrain.plan.validate import plan_memory_fn
-from hetrain.planner.counts import CountSolution, best_single, capacities, choose_counts
+from hetrain.planner.counts import (
+    Choice,
+    CountSolution,
+    best_singles,
+    capacities,
+    choose_counts,
+    evaluate,
+)
 from hetrain.planner.estimate import StepEstimate, estimate_step
 from hetrain.planner.feasibility import explain_infeasible
 from hetrain.planner.links import BoundaryComm, LinkModel
@@ -43,6 +50,7 @@ from hetrain.planner.templates import (
     block_options,
     kind_orders,
     proportional_shapes,
+    run_route_s,
     tp_combination,
     tp_options,
 )
@@ -51,6 +59,19 @@ from hetrain.planner.templates import (
 # of them in each further order (eight kinds: 2,304 combinations and orders took 28 s on
 # 2,048 chips; the plans of the example clusters use a combination ranked within the first 3).
 OTHER_ORDER_COMBINATIONS = 8
+# The final pricing also takes the best single-shape plans (_best_single_shapes). A
+# template's fill and cycle come from a short run (TemplateBuilder._fill_s) and miss by up to
+# a few percent on shapes whose steady state drifts, so the single shapes within RERUN_WITHIN
+# of the best closed form (at most RERUN_MOST), and the RERUN_1F1B best under 1F1B, are
+# ranked again by a run of one copy at their own micro-batches (templates.run_route_s: at
+# most 2 S past the warm-up, milliseconds to a tenth of a second), and those within NEAR_TIE
+# of the best of that ranking (at most NEAR_TIES) are priced: a pricing costs 0.3-0.8 s on
+# 2,000 chips.
+RERUN_WITHIN = 0.25
+RERUN_MOST = 4
+RERUN_1F1B = 2
+NEAR_TIE = 0.005
+NEAR_TIES = 2
 
 
 @dataclass(frozen=True)
@@ -231,22 +252,72 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
 def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,
             sol: CountSolution, cands: Candidates, shards: int
             ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
-    """The templates' closed forms chose; the shared schedule and sync definition price. When
-    the choice mixes shapes, the best single-shape plan is priced too. Partitions that assumed
-    a sharded optimizer's memory count only where the placed plan fits."""
-    single = best_single(cands.templates, cands.micro_batches) if len(sol.choices) > 1 else None
+    """The templates' closed forms chose; the shared schedule and sync definition price. The
+    best single-shape plans are priced too (_best_single_shapes). Partitions that assumed a
+    sharded optimizer's memory count only where the placed plan fits."""
+    singles = _best_single_shapes(cands, cost.spec.name, options.schedule)
     out = []
-    for choice in [sol] + ([single] if single is not None else []):
+    for k, (choice, kind) in enumerate([(sol, options.schedule)] +
+                                       [(s, kind) for s, kind in singles
+                                        if s.choices != sol.choices or kind != options.schedule]):
         placed = place_plan(cluster, cost.spec, cands.templates, choice.choices,
                             cands.micro_batch_size, global_batch, options)
         # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient
         # started just before an input gradient arrives delays it): the same plan under
-        # 1F1B is priced too.
-        for plan in [placed] + ([_as_1f1b(placed)] if placed.schedule != "1f1b" else []):
+        # 1F1B is priced too, for the chosen counts and the best single shape.
+        if kind == "1f1b" and placed.schedule != "1f1b":
+            plans = [_as_1f1b(placed)]
+        elif placed.schedule != "1f1b" and k <= 1:
+            plans = [placed, _as_1f1b(placed)]
+        else:
+            plans = [placed]
+        for plan in plans:
             est = estimate_step(plan, cost)
             if shards == 1 or _fits(plan, cost, est):
                 out.append((est, plan, sol, cands))
     return out
+
+
+def _best_single_shapes(cands: Candidates, model: str, schedule: ScheduleKind
+                        ) -> list[tuple[CountSolution, ScheduleKind]]:
+    """The best single-shape plans, each with the schedule kind to run it under: those within
+    RERUN_WITHIN of the best closed form (at most RERUN_MOST) and, under zero-bubble, the
+    best RERUN_1F1B by 1F1B's closed form (S - 1 + m slots of the partition: where split
+    backwards lose, on long pipelines of small TP groups, it ranks shapes the zero-bubble
+    forms leave out), ranked by a run of one copy at their micro-batches (and their
+    closed-form tails): the best of them first, then those within NEAR_TIE of it."""
+    entries = [(sol, schedule) for sol in best_singles(cands.templates, cands.micro_batches,
+                                                        RERUN_WITHIN, RERUN_MOST)]
+    if schedule != "1f1b":
+        entries += [(sol, "1f1b") for sol in _best_1f1b_singles(cands)]
+    ranked = []
+    for sol, kind in entries:
+        (choice,) = sol.choices
+        per_copy = math.ceil(choice.micro_batches / choice.copies)
+        run = run_route_s(cands.templates[choice.template], model, kind, per_copy)
+        ranked.append((run + sol.tail_s, len(ranked), sol, kind))
+    ranked.sort(key=lambda r: r[:2])
+    return [(sol, kind) for step, _, sol, kind in ranked
+            if step <= ranked[0][0] * (1 + NEAR_TIE)][:NEAR_TIES]
+
+
+def _best_1f1b_singles(cands: Candidates) -> list[CountSolution]:
+    """Per complete template its best copies by 1F1B's closed form, the best RERUN_1F1B."""
+    best = []
+    for t, tpl in enumerate(cands.templates):
+        if tpl.partition is None or tpl.tail_s is None:
+            continue
+        slot, fill = tpl.partition.slot_s, (tpl.n_stages - 1) * tpl.partition.slot_s
+        top = None
+        for n in range(1, min(tpl.n_max, cands.micro_batches) + 1):
+            step = fill + math.ceil(cands.micro_batches / n) * slot + float(tpl.tail_s[n - 1, 0])
+            if top is None or step < top[0]:
+                top = (step, n)
+        if top is not None:
+            best.append((top[0], t, top[1]))
+    best.sort()
+    return [evaluate(cands.templates, (Choice(t, n, cands.micro_batches),))
+            for _, t, n in best[:RERUN_1F1B]]
 
 
 def _as_1f1b(plan: Plan) -> Plan:

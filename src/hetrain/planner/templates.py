@@ -25,7 +25,7 @@ import numpy as np
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, RECOMPUTE, CostModel, ring_allreduce_s
-from hetrain.plan.schedule import build_schedule, schedule_within, splits
+from hetrain.plan.schedule import TimedRun, splits, timed_run
 from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
@@ -35,6 +35,19 @@ StageShape = tuple[str, int]  # (kind, tp)
 # Fill of S equal stages in slots per stage beyond the first, from plan.build_schedule at
 # in-flight scale 1 (tests/planner check it): the outline's guess before its partition.
 UNIT_FILL = {"1f1b": 1.0, "zero_bubble": 2.0 / 3.0}
+OPS = ("forward", "backward", "backward_input", "backward_weight")  # Template.compute_s
+# A template's cycle is the pace of stage 0's forwards after its warm-up, in a run of at
+# least 2 S micro-batches (S stages) and S / 2 past the warm-up. On stages of unequal times
+# the greedy's steady state drifts for tens of micro-batches; longer windows (2 or 3 S, or
+# S after S more to settle) were tried on 30 random clusters and the tests' shapes
+# (2026-12-01): closer on some shapes, further on others, and 1.7 times the runs (over the
+# search's 10 s on eight kinds).
+RERUN_SPAN = 2  # run_route_s runs at most this many S micro-batches past the warm-up
+# A template's cycle is the pace of stage 0's forwards over the S micro-batches after its
+# warm-up (S stages). On stages of unequal times the greedy's steady state drifts for tens of
+# micro-batches; longer windows (2 or 3 S, or S after S more to settle) were tried on 30
+# random clusters and the tests' shapes (2026-12-01): closer on some shapes, further on
+# others, and 1.7 times the runs (over the search's 10 s on eight kinds).
 
 
 class Block(NamedTuple):
@@ -48,19 +61,21 @@ Shape = tuple[Block, ...]
 
 @dataclass(frozen=True)
 class Template:
-    """One pipeline shape. An outline has the slot and the devices; a complete template also
-    has its partition, P2P time and tails (TemplateBuilder.complete)."""
+    """One pipeline shape. An outline has the slot (its partition's slowest stage, waits
+    included) and the devices; a complete template also has its partition, tails, and in
+    `slot_s` the cycle a run of it through the shared schedule keeps (TemplateBuilder.complete)."""
 
     blocks: Shape
     slot_s: float
     devices: dict[str, int]  # per copy, by kind
     demand: dict[tuple[str, int], int]  # per copy: devices in groups of tp >= t, by (kind, t)
     n_max: int
-    fill_s: float  # a copy with m micro-batches takes fill_s + m * slot_s
+    fill_s: float  # a copy with m micro-batches takes fill_s + m * slot_s (route_s)
     partition: Partition | None = None
     dtypes: tuple[str, ...] = ()  # per stage
     tail_s: np.ndarray | None = None  # [n - 1, u - 1]: slowest group's sync + optimizer
     in_flight_scale: float = 1.0  # of every stage's 1F1B in-flight limit
+    compute_s: tuple[tuple[float, ...], ...] = ()  # per stage: seconds of each of OPS
 
     @property
     def stages(self) -> tuple[StageShape, ...]:
@@ -102,6 +117,7 @@ class TemplateBuilder:
         self._capacity: dict[tuple[str, int], int] = {}
         self._keys: dict[Shape, tuple[tuple[str, int, int, bool], ...]] = {}
         self._demands: dict[Block, list[tuple[tuple[str, int], int, int]]] = {}
+        self._ops: dict[tuple, tuple[float, ...]] = {}
 
     def capacity(self, kind: str, tp: int) -> int:
         if (kind, tp) not in self._capacity:
@@ -156,10 +172,12 @@ class TemplateBuilder:
         stages = template.stages
         dtypes = tuple(self.partitioner.dtypes[kind] for kind, _ in stages)
         times = self._stage_times(stages, part)
-        fill, scale = self._fill_s(stages, part, times)
+        compute = self._op_times(stages, part, dtypes)
+        fill, cycle, scale, slack = self._fill_s(stages, part, compute)
         return replace(template, partition=part, dtypes=dtypes, in_flight_scale=scale,
-                       fill_s=fill, tail_s=self._tail_s(stages, part, dtypes, template.devices,
-                                           template.n_max, times))
+                       slot_s=cycle, fill_s=fill, compute_s=compute,
+                       tail_s=self._tail_s(stages, part, dtypes, template.devices,
+                                           template.n_max, times, slack))
 
     def build(self, blocks: Shape) -> Template | None:
         outline = self.outline(blocks)
@@ -177,29 +195,50 @@ class TemplateBuilder:
             out.append((fwd * scale, (total - fwd) * scale))
         return out
 
-    def _fill_s(self, stages, part: Partition,
-                times: list[tuple[float, float]]) -> tuple[float, float]:
-        """(fill, in-flight scale): 1F1B's S - 1 slots, or the fill of a zero-bubble run of
-        one copy at the largest allowed scale whose held micro-batches fit every stage (more
-        in flight fills more of the warm-up)."""
-        if self.schedule == "1f1b":
-            return (len(stages) - 1) * part.slot_s, 1.0
-        m = max(2 * len(stages), 8)
-        for scale in self.in_flight_scales:
-            plan = Plan(model=self.spec.name, seq_len=1, global_batch=m,
-                        stage_groups=[StageGroup(name=f"s{i}", kind=kind, devices=[f"s{i}"],
-                                                 layers=(i, i + 1), in_flight_scale=scale,
-                                                 recompute=part.modes[i] == RECOMPUTE)
-                                      for i, (kind, _) in enumerate(stages)],
-                        routes=[Route(stages=[f"s{i}" for i in range(len(stages))],
-                                      micro_batches=m, micro_batch_size=1)],
-                        schedule=self.schedule)
-            if scale == 1.0:  # holds what 1F1B holds: the partition's memory
-                run = build_schedule(plan, _StageTimes(times))
-            else:  # stopped once a stage holds more than its memory does
-                run = schedule_within(plan, _StageTimes(times), self._most_held(stages, part))
-            if run is not None:
-                return max(run.estimated_step_s - m * part.slot_s, 0.0), scale
+    def _op_times(self, stages, part: Partition, dtypes) -> tuple[tuple[float, ...], ...]:
+        """Per stage, the cost model's seconds of each action of OPS for one micro-batch (a
+        split backward's input-gradient action carries the TP collectives)."""
+        tokens = self.partitioner.micro_batch_size * self.spec.seq_len
+        out = []
+        for (kind, tp), layers, mode, dtype in zip(stages, part.layers, part.modes, dtypes,
+                                                   strict=True):
+            key = (kind, tp, layers, mode, dtype)
+            if key not in self._ops:
+                self._ops[key] = tuple(self.cost.layers_compute_s(kind, layers, tokens, op,
+                                                                  dtype, tp, mode)
+                                       for op in OPS)
+            out.append(self._ops[key])
+        return tuple(out)
+
+    def _fill_s(self, stages, part: Partition, compute: tuple[tuple[float, ...], ...]
+                ) -> tuple[float, float, float, list[float]]:
+        """(fill, cycle, in-flight scale, slack) of a copy, from a run of it through the shared
+        schedule with each stage's compute and each boundary's transfers. Stage 0 runs its
+        in-flight limit of forwards, then one forward each time a backward frees a place:
+        the pace of those forwards (see the note at the top) is the cycle, a micro-batch's
+        time in the steady state (longer than the slot where in-flight limits do not cover a
+        round trip or neighbours are out of step, shorter where transfers hide under
+        compute). The fill is what the run takes beyond its micro-batches' cycles.
+        Zero-bubble runs at the largest allowed in-flight scale whose held micro-batches fit
+        every stage (more in flight fills more of the warm-up). A stage's slack is the run's
+        time after its last weight-gradient action: its sync can move under the drain of the
+        stages before it."""
+        n = len(stages)
+        for scale in self.in_flight_scales if self.schedule == "zero_bubble" else [1.0]:
+            limit = max(math.floor(n * scale + 1e-9), 1)  # plan.schedule.in_flight_limit
+            m = max(limit + max(n // 2, 2), 2 * n, 8)  # forwards paced by backwards
+            # scale 1 holds what 1F1B holds (the partition's memory); a larger one stops
+            # once a stage holds more than its memory does
+            run = _copy_run(self.spec.name, self.schedule, stages, part, compute, scale, m,
+                            None if scale == 1.0 else self._most_held(stages, part))
+            if run is None:
+                continue
+            starts = _forward_starts(run)
+            # never under the busiest stage's compute: early on, stage 0 runs ahead of a
+            # slower stage further down until the micro-batches it may hold are used up
+            cycle = max((starts[-1] - starts[limit]) / (m - 1 - limit), max(part.stage_s))
+            slack = [run.makespan_s - run.last_weight_grad_end_s(f"s{i}") for i in range(n)]
+            return max(run.makespan_s - m * cycle, 0.0), cycle, scale, slack
         raise AssertionError("in-flight scale 1 is always allowed")
 
     def _most_held(self, stages, part: Partition) -> dict[str, int]:
@@ -210,9 +249,10 @@ class TemplateBuilder:
                                                                   part.modes, strict=True))}
 
     def _tail_s(self, stages, part: Partition, dtypes, devices, n_max: int,
-                times: list[tuple[float, float]]) -> np.ndarray:
-        """Per (copies n, shapes u): the slowest stage's sync left after its last
-        weight-gradient action, and its optimizer step. Sync is plan.sync's sharded sum:
+                times: list[tuple[float, float]], slack: list[float]) -> np.ndarray:
+        """Per (copies n, shapes u): how far past the pipeline's end the slowest stage's sync
+        (what is left of it after its last weight-gradient action) and optimizer step reach,
+        less its slack (the drain of the stages before it). Sync is plan.sync's sharded sum:
         a ring among the n replicas, then the shards (1/n) across the u shapes."""
         out = np.zeros((n_max, self.max_shapes))
         n = np.arange(1, n_max + 1, dtype=float)[:, None]
@@ -239,7 +279,8 @@ class TemplateBuilder:
             left = np.maximum(sync - bwd * split, sync * min(last, 1.0))
             shards = n if self.sharded_optimizer else np.ones_like(n)
             opt = self.cost.optimizer_s(kind, params / tp) / shards
-            out = np.maximum(out, left + opt)
+            # what the stage's slack (the drain after its last weight gradient) leaves over
+            out = np.maximum(out, left + opt - slack[i])
         # More copies shrink the bridge and optimizer shares but grow the ring; the count
         # program is far faster when tails never shrink with copies, so keep the running max
         # (an overstatement the final pricing of the plan corrects).
@@ -250,16 +291,73 @@ class TemplateBuilder:
         return ring_allreduce_s(n, nbytes, link.gbps, link.latency_s)
 
 
-class _StageTimes:
-    """A StageCost over a template's per-stage (forward, backward) seconds per micro-batch,
-    stage i being the group named f"s{i}"."""
+class _OpTimes:
+    """A StageCost over a template's per-stage action seconds (OPS order), stage i being the
+    group named f"s{i}"."""
 
-    def __init__(self, times: list[tuple[float, float]]):
+    def __init__(self, times: Sequence[tuple[float, ...]]):
         self.times = times
 
     def stage_compute_s(self, group, op, samples, seq_len) -> float:
-        fwd, bwd = self.times[int(group.name[1:])]
-        return fwd if op == "forward" else bwd * (1.0 if op == "backward" else 0.5)
+        return self.times[int(group.name[1:])][OPS.index(op)]
+
+
+def _copy_run(model: str, schedule: ScheduleKind, stages, part: Partition,
+              compute: Sequence[tuple[float, ...]], scale: float, micro_batches: int,
+              most_held: dict[str, int] | None = None) -> TimedRun | None:
+    """One copy of a template through the shared schedule: stage i is the group s{i}, with
+    its compute and the partition's transfers; None once a stage holds more than
+    `most_held` gives it."""
+    n = len(stages)
+    plan = Plan(model=model, seq_len=1, global_batch=micro_batches,
+                stage_groups=[StageGroup(name=f"s{i}", kind=kind, devices=[f"s{i}"],
+                                         layers=(i, i + 1), in_flight_scale=scale,
+                                         recompute=part.modes[i] == RECOMPUTE)
+                              for i, (kind, _) in enumerate(stages)],
+                routes=[Route(stages=[f"s{i}" for i in range(n)],
+                              micro_batches=micro_batches, micro_batch_size=1)],
+                schedule=schedule)
+    return timed_run(plan, _OpTimes(compute), _boundary_transfers(part), most_held)
+
+
+def run_route_s(template: Template, model: str, schedule: ScheduleKind,
+                micro_batches: int) -> float:
+    """A complete template's copy with `micro_batches`, run through the shared schedule of
+    kind `schedule` (1F1B at in-flight scale 1): what its closed form (route_s) stands for,
+    to tell near ties apart. Beyond RERUN_SPAN x S
+    micro-batches after the warm-up, the run stops there and the rest go at the pace of its
+    last 2 S forwards (at least the busiest stage's compute)."""
+    part = template.partition
+    assert part is not None
+    n = template.n_stages
+    scale = template.in_flight_scale if schedule == "zero_bubble" else 1.0
+    limit = max(math.floor(n * scale + 1e-9), 1)
+    m = min(micro_batches, max(limit + RERUN_SPAN * n, 8))
+    run = _copy_run(model, schedule, template.stages, part, template.compute_s, scale, m)
+    assert run is not None
+    if m == micro_batches:
+        return run.makespan_s
+    starts = _forward_starts(run)
+    first = max(limit, m - 2 * n)
+    pace = max((starts[-1] - starts[first]) / (m - 1 - first), max(part.stage_s))
+    return run.makespan_s + (micro_batches - m) * pace
+
+
+def _forward_starts(run: TimedRun) -> list[float]:
+    """When stage 0 of a template's run started each forward."""
+    return [t for a, t in zip(run.actions["s0"], run.starts_s["s0"], strict=True)
+            if a.op == "forward"]
+
+
+def _boundary_transfers(part: Partition):
+    """A TransferFn over a template's stages s0, s1, ...: each boundary's handshake and
+    transfer as the partition prices them (links.BoundaryComm)."""
+
+    def transfer(src: str, dst: str, direction: str, samples: int) -> tuple[float, float]:
+        waits = part.forward_wait_s if direction == "forward" else part.backward_wait_s
+        return waits[int(dst[1:])]
+
+    return transfer
 
 
 # --- which shapes to try -----------------------------------------------------------------------
