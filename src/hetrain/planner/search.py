@@ -296,6 +296,8 @@ def _best_single_shapes(cands: Candidates, model: str, schedule: ScheduleKind
         per_copy = math.ceil(choice.micro_batches / choice.copies)
         run = run_route_s(cands.templates[choice.template], model, kind, per_copy)
         ranked.append((run + sol.tail_s, len(ranked), sol, kind))
+    if not ranked:
+        return []
     ranked.sort(key=lambda r: r[:2])
     return [(sol, kind) for step, _, sol, kind in ranked
             if step <= ranked[0][0] * (1 + NEAR_TIE)][:NEAR_TIES]

@@ -43,11 +43,6 @@ OPS = ("forward", "backward", "backward_input", "backward_weight")  # Template.c
 # (2026-12-01): closer on some shapes, further on others, and 1.7 times the runs (over the
 # search's 10 s on eight kinds).
 RERUN_SPAN = 2  # run_route_s runs at most this many S micro-batches past the warm-up
-# A template's cycle is the pace of stage 0's forwards over the S micro-batches after its
-# warm-up (S stages). On stages of unequal times the greedy's steady state drifts for tens of
-# micro-batches; longer windows (2 or 3 S, or S after S more to settle) were tried on 30
-# random clusters and the tests' shapes (2026-12-01): closer on some shapes, further on
-# others, and 1.7 times the runs (over the search's 10 s on eight kinds).
 
 
 class Block(NamedTuple):
@@ -324,9 +319,9 @@ def run_route_s(template: Template, model: str, schedule: ScheduleKind,
                 micro_batches: int) -> float:
     """A complete template's copy with `micro_batches`, run through the shared schedule of
     kind `schedule` (1F1B at in-flight scale 1): what its closed form (route_s) stands for,
-    to tell near ties apart. Beyond RERUN_SPAN x S
-    micro-batches after the warm-up, the run stops there and the rest go at the pace of its
-    last 2 S forwards (at least the busiest stage's compute)."""
+    to tell near ties apart. Beyond RERUN_SPAN x S micro-batches after the warm-up, the run
+    stops there and the rest go at the pace of its last 2 S forwards (at least the busiest
+    stage's compute)."""
     part = template.partition
     assert part is not None
     n = template.n_stages
