@@ -73,8 +73,9 @@ RERUN_1F1B = 2
 NEAR_TIE = 0.005
 NEAR_TIES = 2
 # Micro-batch sizes are compared by their answers' closed forms too; an answer of another
-# size within SIZE_TIE of the best is priced as well (tiny models, where transfers are most
-# of a slot, miss by up to 9 % at micro-batch 2).
+# size within SIZE_TIE of the best is priced as well when a run of its copies beats the
+# best's (tiny models, where transfers are most of a slot, miss by up to 9 % at
+# micro-batch 2; pricing every such answer cost 1.7 s on eight kinds).
 SIZE_TIE = 0.10
 
 
@@ -248,9 +249,12 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
         if best is not None:
             priced += _priced(cluster, cost, global_batch, options, *best, shards)
             priced += _priced_slotted(cluster, cost, global_batch, options, *best, shards)
-            # another micro-batch size whose answer the closed forms put close behind
+            # another micro-batch size whose answer the closed forms put close behind, and a
+            # run of its copies finds faster
             for other in solved:
-                if other is not best and other[0].step_s <= best[0].step_s * (1 + SIZE_TIE):
+                if (other is not best and other[0].step_s <= best[0].step_s * (1 + SIZE_TIE)
+                        and _rerun_s(*other, cost.spec.name, options.schedule)
+                        < _rerun_s(*best, cost.spec.name, options.schedule)):
                     priced += _priced_choice(cluster, cost, global_batch, options, *other,
                                              shards)
     if not priced:
@@ -269,19 +273,22 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
     best single-shape plans are priced too (_best_single_shapes). Partitions that assumed a
     sharded optimizer's memory count only where the placed plan fits."""
     singles = _best_single_shapes(cands, cost.spec.name, options.schedule)
+    # a single shape is priced when a run of its copy beats the answer's own run
+    beat = _rerun_s(sol, cands, cost.spec.name, options.schedule) * (1 + NEAR_TIE)
     out = []
-    for k, (choice, kind) in enumerate([(sol, options.schedule)] +
-                                       [(s, kind) for s, kind in singles
-                                        if s.choices != sol.choices or kind != options.schedule]):
+    for choice, kind, rerun in [(sol, options.schedule, 0.0)] + singles:
+        if choice is not sol and (rerun > beat or (choice.choices == sol.choices
+                                                   and kind == options.schedule)):
+            continue
         placed = place_plan(cluster, cost.spec, cands.templates, choice.choices,
                             cands.micro_batch_size, global_batch, options)
         # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient
-        # started just before an input gradient arrives delays it): the same plan under
-        # 1F1B is priced too, for the chosen counts and the best single shape.
-        if kind == "1f1b" and placed.schedule != "1f1b":
+        # started just before an input gradient arrives delays it): the chosen counts are
+        # priced under 1F1B too, and a single shape ranked under 1F1B under 1F1B only.
+        if choice is sol:
+            plans = [placed] + ([_as_1f1b(placed)] if placed.schedule != "1f1b" else [])
+        elif kind == "1f1b" and placed.schedule != "1f1b":
             plans = [_as_1f1b(placed)]
-        elif placed.schedule != "1f1b" and k <= 1:
-            plans = [placed, _as_1f1b(placed)]
         else:
             plans = [placed]
         for plan in plans:
@@ -309,6 +316,15 @@ def _priced_slotted(cluster: Cluster, cost: CostModel, global_batch: int,
     return _priced_choice(cluster, cost, global_batch, options, alt, cands, shards)
 
 
+def _rerun_s(sol: CountSolution, cands: Candidates, model: str, schedule: ScheduleKind
+             ) -> float:
+    """A count solution's step with each chosen shape's copy run at its micro-batches
+    (templates.run_route_s) instead of its closed form, and the closed-form tail."""
+    return sol.tail_s + max(
+        run_route_s(cands.templates[c.template], model, schedule,
+                    math.ceil(c.micro_batches / c.copies)) for c in sol.choices)
+
+
 def _priced_choice(cluster: Cluster, cost: CostModel, global_batch: int,
                    options: SearchOptions, sol: CountSolution, cands: Candidates, shards: int
                    ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
@@ -324,27 +340,24 @@ def _priced_choice(cluster: Cluster, cost: CostModel, global_batch: int,
 
 
 def _best_single_shapes(cands: Candidates, model: str, schedule: ScheduleKind
-                        ) -> list[tuple[CountSolution, ScheduleKind]]:
-    """The best single-shape plans, each with the schedule kind to run it under: those within
-    RERUN_WITHIN of the best closed form (at most RERUN_MOST) and, under zero-bubble, the
-    best RERUN_1F1B by 1F1B's closed form (S - 1 + m slots of the partition: where split
-    backwards lose, on long pipelines of small TP groups, it ranks shapes the zero-bubble
-    forms leave out), ranked by a run of one copy at their micro-batches (and their
-    closed-form tails): the best of them first, then those within NEAR_TIE of it."""
+                        ) -> list[tuple[CountSolution, ScheduleKind, float]]:
+    """The best single-shape plans, each with the schedule kind to run it under and its step
+    by that run: those within RERUN_WITHIN of the best closed form (at most RERUN_MOST) and,
+    under zero-bubble, the best RERUN_1F1B by 1F1B's closed form (S - 1 + m slots of the
+    partition: where split backwards lose, on long pipelines of small TP groups, it ranks
+    shapes the zero-bubble forms leave out), ranked by a run of one copy at their
+    micro-batches (and their closed-form tails): the best of them first, then those within
+    NEAR_TIE of it."""
     entries = [(sol, schedule) for sol in best_singles(cands.templates, cands.micro_batches,
                                                         RERUN_WITHIN, RERUN_MOST)]
     if schedule != "1f1b":
         entries += [(sol, "1f1b") for sol in _best_1f1b_singles(cands)]
-    ranked = []
-    for sol, kind in entries:
-        (choice,) = sol.choices
-        per_copy = math.ceil(choice.micro_batches / choice.copies)
-        run = run_route_s(cands.templates[choice.template], model, kind, per_copy)
-        ranked.append((run + sol.tail_s, len(ranked), sol, kind))
+    ranked = [(_rerun_s(sol, cands, model, kind), k, sol, kind)
+              for k, (sol, kind) in enumerate(entries)]
     if not ranked:
         return []
     ranked.sort(key=lambda r: r[:2])
-    return [(sol, kind) for step, _, sol, kind in ranked
+    return [(sol, kind, step) for step, _, sol, kind in ranked
             if step <= ranked[0][0] * (1 + NEAR_TIE)][:NEAR_TIES]
 
 
