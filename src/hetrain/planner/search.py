@@ -99,8 +99,9 @@ class SearchResult:
     search_s: float
     exhaustive: bool  # every shape tried, so `solution` is optimal under the closed forms
     templates_built: int  # memory-feasible templates completed, over all micro-batch sizes
-    candidates: Candidates
-    solution: CountSolution
+    candidates: Candidates  # of the micro-batch size of `solution`
+    solution: CountSolution  # the count program's best by the closed forms (the plan is the
+    # best priced of it and the alternatives _priced and the hedges add)
 
 
 def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, global_batch: int,
@@ -220,6 +221,7 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     shard_options = options.optimizer_shards if options.sharded_optimizer else (1,)
     priced: list[tuple[StepEstimate, Plan, CountSolution, Candidates]] = []
     exhaustive, built = True, 0
+    chosen: tuple[CountSolution, Candidates] | None = None  # the closed forms' best, priced
     # Largest shard assumption first: a partition given more memory is never slower, so once
     # a plan of it fits, smaller assumptions are not searched.
     for shards in sorted(set(shard_options) | {1}, reverse=True):
@@ -247,6 +249,7 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                 if best is None or sol.step_s < best[0].step_s:
                     best = (sol, cands)
         if best is not None:
+            chosen = best
             priced += _priced(cluster, cost, global_batch, options, *best, shards)
             priced += _priced_slotted(cluster, cost, global_batch, options, *best, shards)
             # another micro-batch size whose answer the closed forms put close behind, and a
@@ -257,13 +260,13 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                         < _rerun_s(*best, cost.spec.name, options.schedule)):
                     priced += _priced_choice(cluster, cost, global_batch, options, *other,
                                              shards)
-    if not priced:
+    if not priced or chosen is None:
         raise PlannerError(explain_infeasible(cluster, cost, global_batch, options))
-    est, plan, sol, cands = min(priced, key=lambda x: x[0].step_s)
+    est, plan, _, _ = min(priced, key=lambda x: x[0].step_s)
     search_s = time.perf_counter() - start
     plan = plan.model_copy(update={"predicted": est.predicted()})
     return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,
-                        templates_built=built, candidates=cands, solution=sol)
+                        templates_built=built, candidates=chosen[1], solution=chosen[0])
 
 
 def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,
