@@ -278,26 +278,15 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
     singles = _best_single_shapes(cands, cost.spec.name, options.schedule)
     # a single shape is priced when a run of its copy beats the answer's own run
     beat = _rerun_s(sol, cands, cost.spec.name, options.schedule) * (1 + NEAR_TIE)
-    out = []
-    for choice, kind, rerun in [(sol, options.schedule, 0.0)] + singles:
-        if choice is not sol and (rerun > beat or (choice.choices == sol.choices
-                                                   and kind == options.schedule)):
+    # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient started
+    # just before an input gradient arrives delays it): the chosen counts are priced under
+    # 1F1B too, and a single shape ranked under 1F1B under 1F1B only.
+    out = _priced_choice(cluster, cost, global_batch, options, sol, cands, shards)
+    for choice, kind, rerun in singles:
+        if rerun > beat or (choice.choices == sol.choices and kind == options.schedule):
             continue
-        placed = place_plan(cluster, cost.spec, cands.templates, choice.choices,
-                            cands.micro_batch_size, global_batch, options)
-        # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient
-        # started just before an input gradient arrives delays it): the chosen counts are
-        # priced under 1F1B too, and a single shape ranked under 1F1B under 1F1B only.
-        if choice is sol:
-            plans = [placed] + ([_as_1f1b(placed)] if placed.schedule != "1f1b" else [])
-        elif kind == "1f1b" and placed.schedule != "1f1b":
-            plans = [_as_1f1b(placed)]
-        else:
-            plans = [placed]
-        for plan in plans:
-            est = estimate_step(plan, cost)
-            if shards == 1 or _fits(plan, cost, est):
-                out.append((est, plan, sol, cands))
+        out += _priced_choice(cluster, cost, global_batch, options, choice, cands, shards,
+                              kinds=(kind,), answer=sol)
     return out
 
 
@@ -308,7 +297,8 @@ def _priced_slotted(cluster: Cluster, cost: CostModel, global_batch: int,
     (waits not hidden under compute), and its answer priced when it differs: where
     transfers are a large part of a slot (small models, slow links), a copy's short run
     hides them better than many copies' schedules do, and the measured cycles favour single
-    long shapes over mixes (cpu-and-emulated + tiny: 1.594 -> 1.673 ms without this)."""
+    long shapes over mixes (cpu-and-emulated + tiny at sequence 16: 347 -> 356 us without
+    this)."""
     slotted = [replace(t, slot_s=max(t.slot_s, t.partition.slot_s))
                if t.partition is not None else t for t in cands.templates]
     alt = choose_counts(slotted, cands.micro_batches, cands.capacity, cands.max_shapes,
@@ -329,16 +319,22 @@ def _rerun_s(sol: CountSolution, cands: Candidates, model: str, schedule: Schedu
 
 
 def _priced_choice(cluster: Cluster, cost: CostModel, global_batch: int,
-                   options: SearchOptions, sol: CountSolution, cands: Candidates, shards: int
+                   options: SearchOptions, sol: CountSolution, cands: Candidates, shards: int,
+                   kinds: tuple[ScheduleKind, ...] = ("zero_bubble", "1f1b"),
+                   answer: CountSolution | None = None
                    ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
-    """One count solution priced, and the same plan under 1F1B."""
+    """One count solution placed and priced, under the options' schedule and 1F1B (of
+    `kinds`), each kept where it fits; `answer` is the solution it is listed with."""
     placed = place_plan(cluster, cost.spec, cands.templates, sol.choices,
                         cands.micro_batch_size, global_batch, options)
+    plans = [placed] if placed.schedule in kinds else []
+    if placed.schedule != "1f1b" and "1f1b" in kinds:
+        plans.append(_as_1f1b(placed))
     out = []
-    for plan in [placed] + ([_as_1f1b(placed)] if placed.schedule != "1f1b" else []):
+    for plan in plans:
         est = estimate_step(plan, cost)
         if shards == 1 or _fits(plan, cost, est):
-            out.append((est, plan, sol, cands))
+            out.append((est, plan, answer or sol, cands))
     return out
 
 
