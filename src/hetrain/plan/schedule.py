@@ -127,8 +127,12 @@ class Schedule:
 
     def last_weight_grad(self, group: str) -> int:
         """Index of the group's last action producing weight gradients."""
-        acts = self.actions[group]
-        return max(i for i, a in enumerate(acts) if a.op in WEIGHT_GRAD_OPS)
+        return last_weight_grad_index(self.actions[group])
+
+
+def last_weight_grad_index(actions: Sequence[Action]) -> int:
+    """Index of the last action of a list that produces weight gradients."""
+    return max(i for i, a in enumerate(actions) if a.op in WEIGHT_GRAD_OPS)
 
 
 @dataclass(frozen=True)
@@ -576,9 +580,7 @@ class TimedRun:
     ends_s: dict[str, list[float]]
 
     def last_weight_grad_end_s(self, group: str) -> float:
-        acts = self.actions[group]
-        return self.ends_s[group][max(i for i, a in enumerate(acts)
-                                      if a.op in WEIGHT_GRAD_OPS)]
+        return self.ends_s[group][last_weight_grad_index(self.actions[group])]
 
 
 def timed_run(plan: Plan, cost: StageCost | None, transfer: TransferFn | None,
