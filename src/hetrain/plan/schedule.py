@@ -26,12 +26,13 @@ Two kinds (Plan.schedule):
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from hetrain.errors import PlanError
 from hetrain.plan.types import Plan, StageGroup
@@ -87,8 +88,7 @@ def transfer_times(plan: Plan, cost: LinkCost) -> TransferFn:
     return transfer
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
     """One compute step of a stage group, with the transfers around it.
 
     forward: receive the activation from `recv_from` (if any), compute, send to `send_to`.
@@ -118,9 +118,18 @@ class Schedule:
     actions: dict[str, list[Action]]  # group name -> ordered actions
     peak_in_flight: dict[str, int]  # micro-batches holding activations at once, per group
     estimated_step_s: float  # makespan of the ordering run (compute and transfers)
-    start_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> start
-    end_s: dict[tuple[str, int], float] = field(default_factory=dict)  # (group, index) -> end
+    starts: dict[str, list[float]] = field(default_factory=dict)  # per group, per action
+    ends: dict[str, list[float]] = field(default_factory=dict)
     comm_wait_s: dict[str, float] = field(default_factory=dict)  # per group, on transfers
+
+    @functools.cached_property
+    def start_s(self) -> dict[tuple[str, int], float]:
+        """(group, action index) -> start."""
+        return {(g, i): t for g, ts in self.starts.items() for i, t in enumerate(ts)}
+
+    @functools.cached_property
+    def end_s(self) -> dict[tuple[str, int], float]:
+        return {(g, i): t for g, ts in self.ends.items() for i, t in enumerate(ts)}
 
     def compute_actions(self) -> int:
         return sum(len(a) for a in self.actions.values())
@@ -128,6 +137,9 @@ class Schedule:
     def last_weight_grad(self, group: str) -> int:
         """Index of the group's last action producing weight gradients."""
         return last_weight_grad_index(self.actions[group])
+
+    def last_weight_grad_end_s(self, group: str) -> float:
+        return self.ends[group][self.last_weight_grad(group)]
 
 
 def last_weight_grad_index(actions: Sequence[Action]) -> int:
@@ -408,7 +420,8 @@ class _ListScheduler:
         st.starts.append(start)
         st.order.append(action)
         st.busy = True
-        end = start + self.duration(g, st, op, size)
+        dur = st.durations.get((op, size))
+        end = start + (self.duration(g, st, op, size) if dur is None else dur)
         st.ends.append(end)
         heapq.heappush(self.events, (end, next(self.seq), g, action))
 
@@ -539,8 +552,8 @@ def _renamed(layout: _Layout, run: tuple[list[int], list[str], Schedule], routes
     return Schedule(actions=actions,
                     peak_in_flight={name[g]: n for g, n in schedule.peak_in_flight.items()},
                     estimated_step_s=schedule.estimated_step_s,
-                    start_s={(name[g], i): t for (g, i), t in schedule.start_s.items()},
-                    end_s={(name[g], i): t for (g, i), t in schedule.end_s.items()},
+                    starts={name[g]: ts for g, ts in schedule.starts.items()},
+                    ends={name[g]: ts for g, ts in schedule.ends.items()},
                     comm_wait_s={name[g]: t for g, t in schedule.comm_wait_s.items()})
 
 
@@ -549,11 +562,12 @@ def _merged(plan: Plan, parts: list[Schedule]) -> Schedule:
     actions = {g: acts for part in parts for g, acts in part.actions.items()}
     peak = {g: n for part in parts for g, n in part.peak_in_flight.items()}
     wait = {g: t for part in parts for g, t in part.comm_wait_s.items()}
+    starts = {g: ts for part in parts for g, ts in part.starts.items()}
+    ends = {g: ts for part in parts for g, ts in part.ends.items()}
     return Schedule(actions={g: actions[g] for g in order},
                     peak_in_flight={g: peak[g] for g in order},
                     estimated_step_s=max(part.estimated_step_s for part in parts),
-                    start_s={k: t for part in parts for k, t in part.start_s.items()},
-                    end_s={k: t for part in parts for k, t in part.end_s.items()},
+                    starts={g: starts[g] for g in order}, ends={g: ends[g] for g in order},
                     comm_wait_s={g: wait[g] for g in order})
 
 
@@ -569,32 +583,15 @@ def schedule_within(plan: Plan, cost: StageCost | None,
         return None
 
 
-@dataclass
-class TimedRun:
-    """One run's actions and their start and end times per group, as lists: what a caller
-    reading a few groups of a run needs (a Schedule also keys every time by action)."""
-
-    makespan_s: float
-    actions: dict[str, list[Action]]
-    starts_s: dict[str, list[float]]
-    ends_s: dict[str, list[float]]
-
-    def last_weight_grad_end_s(self, group: str) -> float:
-        return self.ends_s[group][last_weight_grad_index(self.actions[group])]
-
-
 def timed_run(plan: Plan, cost: StageCost | None, transfer: TransferFn | None,
-              most_held: dict[str, int] | None = None) -> TimedRun | None:
+              most_held: dict[str, int] | None = None) -> Schedule | None:
     """One run of the whole plan with the given transfer times (the planner's templates
     give theirs per boundary), stopped (None) once a group holds more than `most_held`."""
     run = _held_to(_ListScheduler(plan, cost, transfer), most_held or {})
     try:
-        makespan = _checked_run(plan, run)
+        return _listed(plan, run)
     except _HeldOver:
         return None
-    return TimedRun(makespan_s=makespan, actions={g: st.order for g, st in run.state.items()},
-                    starts_s={g: st.starts for g, st in run.state.items()},
-                    ends_s={g: st.ends for g, st in run.state.items()})
 
 
 def _held_to(run: _ListScheduler, most_held: dict[str, int]) -> _ListScheduler:
@@ -620,7 +617,6 @@ def _listed(plan: Plan, run: _ListScheduler) -> Schedule:
     return Schedule(actions={g: st.order for g, st in run.state.items()},
                     peak_in_flight={g: st.peak for g, st in run.state.items()},
                     estimated_step_s=makespan,
-                    start_s={(g, i): t for g, st in run.state.items()
-                             for i, t in enumerate(st.starts)},
-                    end_s={(g, i): t for g, st in run.state.items() for i, t in enumerate(st.ends)},
+                    starts={g: st.starts for g, st in run.state.items()},
+                    ends={g: st.ends for g, st in run.state.items()},
                     comm_wait_s={g: st.comm_wait_s for g, st in run.state.items()})

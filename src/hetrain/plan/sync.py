@@ -187,25 +187,27 @@ def shard_bounds(weights: list[float], numel: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def optimizer_params(plan: Plan, spec: ModelSpec, group: StageGroup,
-                     buckets: list[SyncBucket]) -> float:
-    """Parameters one device of the group steps: its 1/tp of the stage, less, with a sharded
-    optimizer, what other holders step of each bucket it shares. Shard-wise, a device steps
-    its weight's share of its 1/tp of the bucket among one device per holder; in full-tensor
-    mode (mixed TP degrees) its weight's share of the whole bucket among every device."""
-    params = spec.device_params(*group.layers, group.tp)
+def optimizer_params(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket]
+                     ) -> dict[str, float]:
+    """Per group, the parameters one of its devices steps: its 1/tp of the stage, less, with
+    a sharded optimizer, what other holders step of each bucket it shares. Shard-wise, a
+    device steps its weight's share of its 1/tp of the bucket among one device per holder;
+    in full-tensor mode (mixed TP degrees) its weight's share of the whole bucket among every
+    device."""
+    out = {g.name: spec.device_params(*g.layers, g.tp) for g in plan.stage_groups}
     if not plan.sharded_optimizer:
-        return params
+        return out
+    groups = plan.group_by_name
     for bucket in buckets:
-        if group.name not in bucket.holders:
-            continue
-        held = _bucket_device_params(spec, bucket, group.tp)
-        if bucket.same_tp:
-            stepped = held * group.shard_weight / bucket.weight_sum
-        else:
-            stepped = bucket.params * group.shard_weight / bucket.device_weight_sum
-        params -= held - stepped
-    return max(params, 0.0)
+        for name in bucket.holders:
+            group = groups[name]
+            held = _bucket_device_params(spec, bucket, group.tp)
+            if bucket.same_tp:
+                stepped = held * group.shard_weight / bucket.weight_sum
+            else:
+                stepped = bucket.params * group.shard_weight / bucket.device_weight_sum
+            out[name] -= held - stepped
+    return {g: max(params, 0.0) for g, params in out.items()}
 
 
 @dataclass
@@ -260,8 +262,8 @@ def price_sync(plan: Plan, spec: ModelSpec, buckets: list[SyncBucket], cost: Syn
         readies.append(ready)
         starts.append(start)
         durs.append(dur)
-    opt = {g.name: cost.optimizer_s(g.kind, optimizer_params(plan, spec, g, buckets))
-           for g in plan.stage_groups}
+    stepped = optimizer_params(plan, spec, buckets)
+    opt = {g.name: cost.optimizer_s(g.kind, stepped[g.name]) for g in plan.stage_groups}
     end = {g: synced[g] + opt[g] for g in groups}
     exposed = {g: synced[g] - last_compute_s[g] for g in groups}
     return SyncTimeline(bucket_ready_s=readies, bucket_start_s=starts, bucket_s=durs,

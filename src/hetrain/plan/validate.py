@@ -43,8 +43,7 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     buckets = sync_buckets(plan, cost.spec)
     stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)
     if plan.sharded_optimizer:
-        stepped = {g.name: optimizer_params(plan, cost.spec, g, buckets)
-                   for g in plan.stage_groups}
+        stepped = dict(optimizer_params(plan, cost.spec, buckets))
     gloo = {k for k in plan.kinds() if getattr(cost, "cluster", None) is None
             or cost.cluster.kinds[k].backend == "gloo"}
     # Keyed by dtype too: a run in another precision prices the group in the dtype it

@@ -95,11 +95,10 @@ class GroupTimes:
 
 
 def _times_of(schedule: Schedule, g: str) -> GroupTimes:
-    n = len(schedule.actions[g])
+    starts, ends = schedule.starts[g], schedule.ends[g]
     i = schedule.last_weight_grad(g)
-    busy = sum(schedule.end_s[(g, k)] - schedule.start_s[(g, k)] for k in range(n))
-    return GroupTimes((schedule.start_s[(g, i)], schedule.end_s[(g, i)]),
-                      schedule.end_s[(g, n - 1)], busy, schedule.comm_wait_s[g],
+    busy = sum(e - s for s, e in zip(starts, ends, strict=True))
+    return GroupTimes((starts[i], ends[i]), ends[-1], busy, schedule.comm_wait_s[g],
                       schedule.peak_in_flight[g])
 
 
@@ -143,10 +142,11 @@ def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
     return out
 
 
-def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost,
-                  times: dict[str, GroupTimes]) -> SyncTimeline:
-    """The sync and optimizer tail after the schedule's run (plan.sync.price_sync)."""
-    return price_sync(plan, spec, sync_buckets(plan, spec), cost,
+def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost, times: dict[str, GroupTimes],
+                  buckets: list[SyncBucket]) -> SyncTimeline:
+    """The sync and optimizer tail after the schedule's run (plan.sync.price_sync) over the
+    plan's sync buckets."""
+    return price_sync(plan, spec, buckets, cost,
                       {g: t.last_weight_grad_s for g, t in times.items()},
                       {g: t.last_end_s for g, t in times.items()})
 
@@ -154,12 +154,12 @@ def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost,
 def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
     """The plan's step: the shared schedule's timed run, then the one sync definition."""
     times = schedule_times(plan, cost)
-    tail = schedule_tail(plan, cost.spec, cost, times)
-    bare = schedule_tail(plan, cost.spec, FreeSync(cost), times)
+    buckets = sync_buckets(plan, cost.spec)
+    tail = schedule_tail(plan, cost.spec, cost, times, buckets)
+    bare = schedule_tail(plan, cost.spec, FreeSync(cost), times, buckets)
     step = tail.step_s
     pipeline = max(t.last_end_s for t in times.values())
     busy = {g: t.busy_s + tail.group_optimizer_s[g] for g, t in times.items()}
-    buckets = sync_buckets(plan, cost.spec)
     waits = tail.comm_wait_s(buckets)
     bubble = {g: max(0.0, step - busy[g] - times[g].comm_wait_s - waits[g]) for g in busy}
     devices = {g.name: g.tp for g in plan.stage_groups}

@@ -15,6 +15,7 @@ overlaps the last weight-gradient action of each stage (plan.sync): the tail is 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Collection, Iterator, Sequence
@@ -25,11 +26,11 @@ import numpy as np
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, RECOMPUTE, CostModel, ring_allreduce_s
-from hetrain.plan.schedule import TimedRun, splits, timed_run
+from hetrain.plan.schedule import Schedule, splits, timed_run
 from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
-from hetrain.planner.partition import Partition, Partitioner
+from hetrain.planner.partition import Partition, Partitioner, ScaledSlots
 
 StageShape = tuple[str, int]  # (kind, tp)
 # Fill of S equal stages in slots per stage beyond the first, from plan.build_schedule at
@@ -51,7 +52,7 @@ class Block(NamedTuple):
     count: int
 
 
-Shape = tuple[Block, ...]
+Shape = tuple[Block, ...]  # each kind in at most one block
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class TemplateBuilder:
         self.sharded_optimizer = sharded_optimizer
         self._capacity: dict[tuple[str, int], int] = {}
         self._keys: dict[Shape, tuple[tuple[str, int, int, bool], ...]] = {}
-        self._demands: dict[Block, list[tuple[tuple[str, int], int, int]]] = {}
+        self._demands: dict[Block, tuple[tuple[tuple[tuple[str, int], int], ...], int]] = {}
         self._ops: dict[tuple, tuple[float, ...]] = {}
 
     def capacity(self, kind: str, tp: int) -> int:
@@ -129,34 +130,28 @@ class TemplateBuilder:
                 for b in blocks)
         return out
 
-    def _block_demand(self, block: Block) -> list[tuple[tuple[str, int], int, int]]:
-        """(kind, t), the block's devices in groups of tp >= t, and the devices groups of t
-        may occupy, for t = 1, 2, 4, ... up to its tp."""
+    def _block_demand(self, block: Block) -> tuple[tuple[tuple[tuple[str, int], int], ...], int]:
+        """((kind, t), the block's devices in groups of tp >= t) for t = 1, 2, 4, ... up to
+        its tp, and the most copies of the block those groups' devices hold."""
         out = self._demands.get(block)
         if out is None:
             need = block.tp * block.count
-            powers = (1 << i for i in range(block.tp.bit_length()))
-            out = self._demands[block] = [((block.kind, t), need, self.capacity(block.kind, t))
-                                          for t in powers]
+            keys = tuple(((block.kind, 1 << i), need) for i in range(block.tp.bit_length()))
+            out = self._demands[block] = (keys, min(self.capacity(*key) // need
+                                                    for key, _ in keys))
         return out
 
     def outline(self, blocks: Shape) -> Template | None:
         """The slot and device needs of a shape; None when it fits no memory or no cluster."""
-        demand: dict[tuple[str, int], int] = {}
-        room: dict[tuple[str, int], int] = {}
-        for b in blocks:
-            for key, need, capacity in self._block_demand(b):
-                demand[key] = demand.get(key, 0) + need
-                room[key] = capacity
-        n_max = self.micro_batches
-        for key, need in demand.items():
-            n_max = min(n_max, room[key] // need)
+        parts = [self._block_demand(b) for b in blocks]
+        n_max = min(self.micro_batches, *(most for _, most in parts))
         if n_max < 1:
             return None
         slot = self.partitioner.slot_s(self.keys(blocks))
         if not np.isfinite(slot):
             return None
         devices = {b.kind: b.tp * b.count for b in blocks}
+        demand = {key: need for keys, _ in parts for key, need in keys}  # each kind once
         fill = UNIT_FILL[self.schedule] * (sum(b.count for b in blocks) - 1) * slot
         return Template(blocks=blocks, slot_s=slot, devices=devices, demand=demand, n_max=n_max,
                         fill_s=fill)
@@ -173,6 +168,13 @@ class TemplateBuilder:
                        slot_s=cycle, fill_s=fill, compute_s=compute,
                        tail_s=self._tail_s(stages, part, dtypes, template.devices,
                                            template.n_max, times, slack))
+
+    def bounded(self, slots: ScaledSlots) -> TemplateBuilder:
+        """A builder whose outlines take their slots from `slots` (partition.ScaledSlots:
+        lower bounds, without partitioning)."""
+        out = copy.copy(self)
+        out.partitioner = slots
+        return out
 
     def build(self, blocks: Shape) -> Template | None:
         outline = self.outline(blocks)
@@ -232,8 +234,8 @@ class TemplateBuilder:
             # never under the busiest stage's compute: early on, stage 0 runs ahead of a
             # slower stage further down until the micro-batches it may hold are used up
             cycle = max((starts[-1] - starts[limit]) / (m - 1 - limit), max(part.stage_s))
-            slack = [run.makespan_s - run.last_weight_grad_end_s(f"s{i}") for i in range(n)]
-            return max(run.makespan_s - m * cycle, 0.0), cycle, scale, slack
+            slack = [run.estimated_step_s - run.last_weight_grad_end_s(f"s{i}") for i in range(n)]
+            return max(run.estimated_step_s - m * cycle, 0.0), cycle, scale, slack
         raise AssertionError("in-flight scale 1 is always allowed")
 
     def _most_held(self, stages, part: Partition) -> dict[str, int]:
@@ -299,7 +301,7 @@ class _OpTimes:
 
 def _copy_run(model: str, schedule: ScheduleKind, stages, part: Partition,
               compute: Sequence[tuple[float, ...]], scale: float, micro_batches: int,
-              most_held: dict[str, int] | None = None) -> TimedRun | None:
+              most_held: dict[str, int] | None = None) -> Schedule | None:
     """One copy of a template through the shared schedule: stage i is the group s{i}, with
     its compute and the partition's transfers; None once a stage holds more than
     `most_held` gives it."""
@@ -331,16 +333,16 @@ def run_route_s(template: Template, model: str, schedule: ScheduleKind,
     run = _copy_run(model, schedule, template.stages, part, template.compute_s, scale, m)
     assert run is not None
     if m == micro_batches:
-        return run.makespan_s
+        return run.estimated_step_s
     starts = _forward_starts(run)
     first = max(limit, m - 2 * n)
     pace = max((starts[-1] - starts[first]) / (m - 1 - first), max(part.stage_s))
-    return run.makespan_s + (micro_batches - m) * pace
+    return run.estimated_step_s + (micro_batches - m) * pace
 
 
-def _forward_starts(run: TimedRun) -> list[float]:
+def _forward_starts(run: Schedule) -> list[float]:
     """When stage 0 of a template's run started each forward."""
-    return [t for a, t in zip(run.actions["s0"], run.starts_s["s0"], strict=True)
+    return [t for a, t in zip(run.actions["s0"], run.starts["s0"], strict=True)
             if a.op == "forward"]
 
 
