@@ -360,21 +360,27 @@ class LayerBound:
             times = np.stack([t.time_s[m] for m in modes])
             # its slack left out: a looser test
             most = np.stack([most_in_flight(t, m, t.capacity_bytes) for m in modes])
-            flights = np.arange(n + 1)[:, None]
-
-            def least(starts: np.ndarray, layers: int) -> np.ndarray:
-                cost = times[:, starts, starts + layers].reshape(-1)
-                fits = most[:, starts, starts + layers].reshape(-1)
-                return np.where(fits[None, :] >= flights, cost[None, :], np.inf).min(axis=1)
-
-            first, middle, last = (np.full((n + 1, n + 1), np.inf) for _ in range(3))
+            flights = np.arange(n + 1)
+            inf = np.full((n + 1, 1), np.inf)
+            every = np.arange(1, n + 1)
+            # ranges [0, L) and [n - L, n), each L a row of its modes
+            first = np.hstack([inf, _least_fitting(times[:, 0, every].T,
+                                                   most[:, 0, every].T, flights)])
+            last = np.hstack([inf, _least_fitting(times[:, n - every, n].T,
+                                                  most[:, n - every, n].T, flights)])
+            # ranges [a, a + L) inside 1 .. n - 1 (L <= n - 2): a row of every mode and start
+            # per L
+            middle = np.full((n + 1, n + 1), np.inf)
+            if n > 2:
+                starts, layers = np.meshgrid(np.arange(1, n - 1), np.arange(1, n - 1))
+                ends = np.minimum(starts + layers, n)
+                inside = starts + layers <= n - 1
+                cost = np.where(inside, times[:, starts, ends], np.inf).transpose(1, 0, 2)
+                fits = np.where(inside, most[:, starts, ends], -1).transpose(1, 0, 2)
+                middle[:, 1:n - 1] = _least_fitting(cost.reshape(n - 2, -1),
+                                                    fits.reshape(n - 2, -1), flights)
             for x in (first, middle, last):
                 x[:, 0] = 0.0
-            for layers in range(1, n + 1):
-                first[:, layers] = least(np.array([0]), layers)
-                last[:, layers] = least(np.array([n - layers]), layers)
-                if layers < n - 1:
-                    middle[:, layers] = least(np.arange(1, n - layers), layers)
             first, middle, last = (np.minimum.accumulate(x[:, ::-1], axis=1)[:, ::-1]
                                    for x in (first, middle, last))
             self._least[(kind, tp)] = (first, middle, last)
@@ -419,6 +425,24 @@ class LayerBound:
             return np.inf  # no split of the layers fits
         found = int(covers.argmax())
         return float(self.grid[found - 1]) if found > 0 else 0.0
+
+
+def _least_fitting(cost: np.ndarray, fits: np.ndarray, flights: np.ndarray) -> np.ndarray:
+    """[f, r]: the least cost of row r among its entries whose fit (the most micro-batches
+    in flight they hold) is at least f, for f in `flights`; inf where none. Entries sorted by
+    fit, most first: the answer is the running least at the last entry that fits f."""
+    order = np.argsort(-fits, axis=1, kind="stable")
+    fit = np.take_along_axis(fits, order, axis=1)
+    least = np.minimum.accumulate(np.take_along_axis(cost, order, axis=1), axis=1)
+    # [r, f]: the entries of row r that fit f, from a histogram of fits (clipped to
+    # -1 .. F, F the last of `flights`) summed from the top
+    top = int(flights[-1])
+    rows, width = fit.shape
+    bins = (np.clip(fit, -1, top).astype(np.int64) + 1) + (top + 2) * np.arange(rows)[:, None]
+    hist = np.bincount(bins.ravel(), minlength=rows * (top + 2)).reshape(rows, top + 2)
+    count = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1 + flights]
+    out = np.take_along_axis(least, np.maximum(count - 1, 0), axis=1)
+    return np.where(count > 0, out, np.inf).T
 
 
 class ScaledSlots:

@@ -8,21 +8,20 @@ support and the templates with the best reduced cost under its device prices are
 (column selection, as in cutting-stock).
 
 A micro-batch size whose LP cannot beat the best plan so far even on lower bounds of its
-slots (scaled from a smaller size's partitions, or partition.LayerBound's) is left before
-any of its mixed shapes is partitioned.
+slots (scaled from a smaller size's partitions, or partition.LayerBound's), over every shape
+it would take (mixed ones of the tp sizes its bounds rank best), is left before any of its
+shapes is partitioned.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linprog
 
-from hetrain.planner.partition import ScaledSlots
-from hetrain.planner.templates import Shape, Template, TemplateBuilder
+from hetrain.planner.templates import Template
 
 
 def _per_copy(fill: np.ndarray, slot: np.ndarray, deadline_s: float,
@@ -137,15 +136,10 @@ def screen_templates(templates: list[Template], capacity: dict[tuple[str, int], 
     return Screen(list(chosen), bound)
 
 
-def beyond_reach(builder: TemplateBuilder, slots: ScaledSlots, exact: list[Template],
-                 shapes: list[Shape], capacity_of, micro_batches: int, beat_s: float) -> bool:
-    """Whether the LP relaxation cannot finish the batch within `beat_s` even with lower
-    bounds on the slots of `shapes` (and the `exact` outlines as they are): then no plan of
-    this micro-batch size beats `beat_s`, and the shapes need no partition."""
-    if not np.isfinite(beat_s):
-        return False
-    optimistic = copy.copy(builder)
-    optimistic.partitioner = slots
-    outlines = exact + [t for t in map(optimistic.outline, shapes) if t is not None]
-    return bool(outlines) and not CoverLP(outlines, capacity_of(outlines),
-                                          micro_batches).covers(beat_s)
+def beyond_reach(outlines: list[Template], capacity: dict[tuple[str, int], int],
+                 micro_batches: int, beat_s: float) -> bool:
+    """Whether the LP relaxation over `outlines` (lower bounds on the slots of every shape a
+    micro-batch size would take) cannot finish the batch within `beat_s`: then no plan of
+    that size beats `beat_s`, and none of its shapes needs a partition."""
+    return (np.isfinite(beat_s) and bool(outlines)
+            and not CoverLP(outlines, capacity, micro_batches).covers(beat_s))

@@ -43,6 +43,7 @@ from hetrain.planner.placement import place_plan
 from hetrain.planner.screening import CoverLP, beyond_reach, screen_templates
 from hetrain.planner.templates import (
     Block,
+    Shape,
     Template,
     TemplateBuilder,
     all_shapes,
@@ -148,29 +149,25 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     else:
         singles = [(Block(k, tp, c),) for k in counts
                    for tp, c in block_options(counts[k], tps[k], n_layers)]
-        partitioner.solve_many(map(builder.keys, singles))
-        outlines = [t for t in map(builder.outline, singles) if t is not None]
-        best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
         order = {k: (-cluster.kinds[k].memory_gib,
                      -cluster.kinds[k].peak_flops(partitioner.dtypes[k])) for k in counts}
         orders = kind_orders(sorted(counts, key=order.get))
         combos = {} if combos is None else combos
-        ranked = [c for c in sorted(combos, key=combos.get, reverse=True)
-                  if all(tp in best_tps[k] for k, tp in c)]
-        if not ranked:  # none ranked yet at this size's tp sizes: rank them here
-            first = [s for s in proportional_shapes(counts, best_tps, n_layers, orders[:1])
-                     if len(s) == len(counts)]
-            partitioner.solve_many(map(builder.keys, first))
-            ranking = _rank_combinations([t for t in map(builder.outline, first) if t],
-                                         micro_batch_size)
-            combos.update(ranking)
-            ranked = sorted(ranking, key=ranking.get, reverse=True)
-        top = set(ranked[:OTHER_ORDER_COMBINATIONS])
-        mixed = list(proportional_shapes(counts, best_tps, n_layers, orders, top))
-        if smaller is not None and beyond_reach(
-                builder, ScaledSlots(partitioners[smaller], partitioner, best_tps), outlines,
-                mixed, lambda ts: capacities(ts, cluster), micro_batches, beat_s):
-            return Candidates(micro_batch_size, micro_batches, [], {}, max_shapes, False, np.inf)
+        if smaller is not None and np.isfinite(beat_s):
+            # before any partition of this size: every shape it would take, on lower bounds
+            low = builder.bounded(ScaledSlots(partitioners[smaller], partitioner, tps))
+            lows = [t for t in map(low.outline, singles) if t is not None]
+            low_tps = _efficient_tps(lows, tps, micro_batches, options.mixed_tp_per_kind)
+            lows += [t for t in map(low.outline, _mixed_shapes(low, counts, low_tps, orders,
+                                                               dict(combos),
+                                                               micro_batch_size, False)) if t]
+            if beyond_reach(lows, capacities(lows, cluster), micro_batches, beat_s):
+                return Candidates(micro_batch_size, micro_batches, [], {}, max_shapes, False,
+                                  np.inf)
+        partitioner.solve_many(map(builder.keys, singles))
+        outlines = [t for t in map(builder.outline, singles) if t is not None]
+        best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
+        mixed = _mixed_shapes(builder, counts, best_tps, orders, combos, micro_batch_size, True)
         partitioners[micro_batch_size] = partitioner  # its partitions are computed below
         partitioner.solve_many(map(builder.keys, mixed))  # every DP at once, then read off
         outlines += [t for t in map(builder.outline, mixed) if t is not None]
@@ -181,6 +178,30 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     templates = [builder.complete(outlines[i]) for i in screen.keep]
     return Candidates(micro_batch_size, micro_batches, templates,
                       capacities(templates, cluster), max_shapes, False, screen.bound_s)
+
+
+def _mixed_shapes(builder: TemplateBuilder, counts: dict[str, int],
+                  tps: dict[str, list[int]], orders: list[tuple[str, ...]],
+                  combos: dict[frozenset[tuple[str, int]], float], micro_batch_size: int,
+                  solve: bool) -> list[Shape]:
+    """The mixed shapes of one size: proportional shapes of every tp combination (of `tps`)
+    in the first kind order, and of the best OTHER_ORDER_COMBINATIONS by `combos` in the
+    others. Combinations not ranked yet are ranked by the builder's outlines of their
+    first-order shapes, into `combos` (partitioned first when `solve`)."""
+    n_layers = builder.spec.n_layers
+    ranked = [c for c in sorted(combos, key=combos.get, reverse=True)
+              if all(tp in tps[k] for k, tp in c)]
+    if not ranked:  # none ranked yet at these tp sizes: rank them here
+        first = [s for s in proportional_shapes(counts, tps, n_layers, orders[:1])
+                 if len(s) == len(counts)]
+        if solve:
+            builder.partitioner.solve_many(map(builder.keys, first))
+        ranking = _rank_combinations([t for t in map(builder.outline, first) if t],
+                                     micro_batch_size)
+        combos.update(ranking)
+        ranked = sorted(ranking, key=ranking.get, reverse=True)
+    top = set(ranked[:OTHER_ORDER_COMBINATIONS])
+    return list(proportional_shapes(counts, tps, n_layers, orders, top))
 
 
 def _rank_combinations(outlines: list[Template], micro_batch_size: int
