@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -144,3 +145,22 @@ def test_layer_bound_is_close_on_a_deep_model():
                    (("big", 1, 2, True), ("big", 2, 3, True))]:
         exact = part.slot_s(blocks)
         assert 0.85 * exact <= bound.slot_s(blocks) <= exact
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_least_fitting_is_the_least_cost_among_entries_that_fit(rows, width, seed):
+    """LayerBound's array form: per in-flight count f and row, the least cost among the
+    row's entries holding f or more (inf where none), as a loop over entries gives it."""
+    from hetrain.planner.partition import NO_LIMIT, _least_fitting
+
+    rng = np.random.default_rng(seed)
+    cost = np.where(rng.random((rows, width)) < 0.2, np.inf, rng.random((rows, width)))
+    fits = rng.choice([-1, 0, 1, 2, 3, 5, NO_LIMIT], size=(rows, width)).astype(float)
+    flights = np.arange(5)
+    got = _least_fitting(cost, fits, flights)
+    for f in flights:
+        for r in range(rows):
+            want = min((c for c, k in zip(cost[r], fits[r], strict=True) if k >= f),
+                       default=np.inf)
+            assert got[f, r] == want

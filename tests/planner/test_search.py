@@ -184,3 +184,31 @@ def test_large_cluster_plan_starts_with_a_roomy_kind_to_spare(monkeypatch):
     monkeypatch.setattr(search_mod, "kind_orders", lambda kinds: [tuple(kinds)])
     default = search_plan(big, cost, 2048)
     assert result.estimate.step_s < default.estimate.step_s
+
+
+def test_micro_batch_sizes_left_before_any_partition_could_not_win(monkeypatch):
+    """mixed-1024 + llama-70b, global batch 1024: micro-batches of 2, 4 and 8 are left on
+    lower bounds of every shape they would take, before a single partition of theirs, and
+    each searched alone finds nothing better (by the closed forms) than the search's
+    answer at micro-batch 1."""
+    from hetrain.cluster import load_cluster
+    from hetrain.planner.partition import Partitioner
+
+    mixed = load_cluster("examples/clusters/mixed-1024.yaml")
+    cfg = model_config("llama-70b")
+    cost = CostModel(mixed, model_spec(cfg, 4096))
+    options = SearchOptions()
+    partitioned: set[int] = set()
+    solve_many = Partitioner.solve_many
+
+    def recorded(self, pipelines, *args):
+        partitioned.add(self.micro_batch_size)
+        return solve_many(self, pipelines, *args)
+
+    monkeypatch.setattr(Partitioner, "solve_many", recorded)
+    result = search_plan(mixed, cost, 1024, options)
+    assert result.candidates.micro_batch_size == 1
+    assert partitioned == {1}
+    for size in (2, 4, 8):
+        alone = search_plan(mixed, cost, 1024, SearchOptions(micro_batch_sizes=(size,)))
+        assert alone.solution.step_s > result.solution.step_s
