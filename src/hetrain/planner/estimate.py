@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from hetrain.cost.model import CostModel
 from hetrain.model.spec import ModelSpec
 from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s, transfer_times
-from hetrain.plan.sync import FreeSync, SyncCost, SyncTimeline, price_sync, sync_buckets
+from hetrain.plan.sync import (
+    FreeSync,
+    SyncBucket,
+    SyncCost,
+    SyncTimeline,
+    price_sync,
+    sync_buckets,
+)
 from hetrain.plan.types import Plan, Route, StageGroup
 
 
