@@ -161,13 +161,12 @@ class TemplateBuilder:
         assert part is not None
         stages = template.stages
         dtypes = tuple(self.partitioner.dtypes[kind] for kind, _ in stages)
-        times = self._stage_times(stages, part)
         compute = self._op_times(stages, part, dtypes)
         fill, cycle, scale, slack = self._fill_s(stages, part, compute)
         return replace(template, partition=part, dtypes=dtypes, in_flight_scale=scale,
                        slot_s=cycle, fill_s=fill, compute_s=compute,
                        tail_s=self._tail_s(stages, part, dtypes, template.devices,
-                                           template.n_max, times, slack))
+                                           template.n_max, compute, slack))
 
     def bounded(self, slots: ScaledSlots) -> TemplateBuilder:
         """A builder whose outlines take their slots from `slots` (partition.ScaledSlots:
@@ -181,17 +180,6 @@ class TemplateBuilder:
         return None if outline is None else self.complete(outline)
 
     # --- the fill, from the shared schedule -----------------------------------------------
-    def _stage_times(self, stages, part: Partition) -> list[tuple[float, float]]:
-        """(forward, backward) seconds of one micro-batch per stage, waits spread over both
-        in proportion (so their sum is the stage's slot share)."""
-        out = []
-        for (kind, tp), (a, b), total, wait in zip(stages, part.layers, part.stage_s,
-                                                   part.wait_s, strict=True):
-            fwd = float(self.partitioner.stage_tables(kind, tp).forward_s[a, b])
-            scale = (total + wait) / total if total > 0 else 1.0
-            out.append((fwd * scale, (total - fwd) * scale))
-        return out
-
     def _op_times(self, stages, part: Partition, dtypes) -> tuple[tuple[float, ...], ...]:
         """Per stage, the cost model's seconds of each action of OPS for one micro-batch (a
         split backward's input-gradient action carries the TP collectives)."""
@@ -246,7 +234,7 @@ class TemplateBuilder:
                                                                   part.modes, strict=True))}
 
     def _tail_s(self, stages, part: Partition, dtypes, devices, n_max: int,
-                times: list[tuple[float, float]], slack: list[float]) -> np.ndarray:
+                compute: tuple[tuple[float, ...], ...], slack: list[float]) -> np.ndarray:
         """Per (copies n, shapes u): how far past the pipeline's end the slowest stage's sync
         (what is left of it after its last weight-gradient action) and optimizer step reach,
         less its slack (the drain of the stages before it). Sync is plan.sync's sharded sum:
@@ -257,11 +245,12 @@ class TemplateBuilder:
         links = self.cost.cluster.links
         bridge_bw = min(links.bridge_gbps, links.inter_node_gbps) * 1e9
         bridge_lat = links.inter_node_latency_us * 1e-6
-        for i, ((kind, tp), (a, b), dtype, (_, bwd)) in enumerate(zip(stages, part.layers,
-                                                                      dtypes, times,
-                                                                      strict=True)):
-            # the last weight-gradient action: half a backward where zero-bubble splits it
-            split = 0.5 if splits(self.schedule, i == 0, part.modes[i] == RECOMPUTE) else 1.0
+        for i, ((kind, tp), (a, b), dtype, ops) in enumerate(zip(stages, part.layers, dtypes,
+                                                                 compute, strict=True)):
+            # the last weight-gradient action: a split backward's weight-gradient half, else
+            # the whole backward
+            split = splits(self.schedule, i == 0, part.modes[i] == RECOMPUTE)
+            last_weight_s = ops[OPS.index("backward_weight" if split else "backward")]
             params = self.spec.range_params(a, b)
             nbytes = params * DTYPE_BYTES[dtype] / tp
             replica = np.array([self._replica_s(kind, int(k), devices[kind], nbytes)
@@ -273,7 +262,7 @@ class TemplateBuilder:
             # the bucket holding the stage's first layer finishes last: its share of the sync
             # (a layer, or a whole bucket of them: plan.sync) cannot overlap
             last = max(self.spec.layers[a].params, min(BUCKET_PARAMS, params)) / max(params, 1)
-            left = np.maximum(sync - bwd * split, sync * min(last, 1.0))
+            left = np.maximum(sync - last_weight_s, sync * min(last, 1.0))
             shards = n if self.sharded_optimizer else np.ones_like(n)
             opt = self.cost.optimizer_s(kind, params / tp) / shards
             # what the stage's slack (the drain after its last weight gradient) leaves over
