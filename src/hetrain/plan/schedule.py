@@ -27,11 +27,11 @@ Two kinds (Plan.schedule):
 from __future__ import annotations
 
 import functools
-import heapq
 import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from typing import Literal, NamedTuple, Protocol
 
 from hetrain.errors import PlanError
@@ -278,7 +278,7 @@ def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
     return group.n_layers * samples * scale / group.tp
 
 
-@dataclass
+@dataclass(slots=True)
 class _GroupState:
     split: bool  # backwards split into input- and weight-gradient actions
     limit: int  # forwards awaiting their (input) gradient at most
@@ -296,11 +296,12 @@ class _GroupState:
     starts: list = field(default_factory=list)  # per action in `order`
     ends: list = field(default_factory=list)
     durations: dict = field(default_factory=dict)  # (op, samples) -> seconds
-    most_held: float = math.inf  # schedule_within: the run stops when held exceeds it
+    most_held: float = math.inf  # the run stops (HeldOver) when held exceeds it
 
 
-class _HeldOver(Exception):
-    """schedule_within: a group would hold more micro-batches than it may."""
+class HeldOver(Exception):
+    """A run given `most_held` (what each group's memory holds): a group would hold
+    activations of more micro-batches than that."""
 
 
 class _ListScheduler:
@@ -347,7 +348,7 @@ class _ListScheduler:
                             for r in self.plan.routes_through(g)})
             ops = ("forward",) + (("backward_input", "backward_weight") if st.split
                                   else ("backward",))
-            groups.append((st.split, st.limit, st.w_cap,
+            groups.append((st.split, st.limit, st.w_cap, st.most_held,
                            tuple(self.duration(g, st, op, n) for op in ops for n in sizes)))
         routes = []
         for r in self.routes:
@@ -359,46 +360,34 @@ class _ListScheduler:
             routes.append((route.micro_batches, size, tuple(index[g] for g in stages), links))
         return tuple(groups), tuple(routes)
 
-    @staticmethod
-    def pick(st: _GroupState) -> tuple[Op, float, int, int] | None:
-        """The next action of a group by priority (with when its input was sent), or None
-        when it must wait."""
+    def _start(self, g: str, st: _GroupState, now: float) -> None:
+        """Start the group's next action by priority, if it has one it may run (the group is
+        idle): an input gradient first, then a weight gradient when more than its cap are
+        pending, then a forward within its in-flight limit, then any weight gradient."""
         if st.ready_b:
-            sent, mb_id, pos = heapq.heappop(st.ready_b)
+            sent, mb_id, pos = heappop(st.ready_b)
             st.in_flight -= 1
-            if not st.split:
+            if st.split:
+                op = "backward_input"
+            else:
+                op = "backward"
                 st.held -= 1
-                return "backward", sent, mb_id, pos
-            return "backward_input", sent, mb_id, pos
-        if st.pending_w and len(st.pending_w) > st.w_cap:
-            return _ListScheduler._weight(st)
-        if st.ready_f and st.in_flight < st.limit:
-            sent, mb_id, pos = heapq.heappop(st.ready_f)
+        elif st.pending_w and (len(st.pending_w) > st.w_cap
+                               or not (st.ready_f and st.in_flight < st.limit)):
+            _, mb_id, pos = heappop(st.pending_w)
+            st.held -= 1
+            op, sent = "backward_weight", 0.0
+        elif st.ready_f and st.in_flight < st.limit:
+            sent, mb_id, pos = heappop(st.ready_f)
             st.in_flight += 1
             st.held += 1
             if st.held > st.peak:
                 st.peak = st.held
                 if st.held > st.most_held:
-                    raise _HeldOver
-            return "forward", sent, mb_id, pos
-        if st.pending_w:
-            return _ListScheduler._weight(st)
-        return None
-
-    @staticmethod
-    def _weight(st: _GroupState) -> tuple[Op, float, int, int]:
-        _, mb_id, pos = heapq.heappop(st.pending_w)
-        st.held -= 1
-        return "backward_weight", 0.0, mb_id, pos
-
-    def try_start(self, g: str, now: float) -> None:
-        st = self.state[g]
-        if st.busy:
+                    raise HeldOver
+            op = "forward"
+        else:
             return
-        picked = self.pick(st)
-        if picked is None:
-            return
-        op, sent, mb_id, pos = picked
         route, stages, size = self.mb_info[mb_id]
         if op == "backward_weight":
             recv = send = None
@@ -406,62 +395,59 @@ class _ListScheduler:
             prev = stages[pos - 1] if pos > 0 else None
             nxt = stages[pos + 1] if pos + 1 < len(stages) else None
             recv, send = (prev, nxt) if op == "forward" else (nxt, prev)
-        action = Action(op, mb_id, route, pos, recv, send)
-        index = len(st.order)
+        # Action(...) without the NamedTuple's argument handling: the run lists 100,000s
+        action = tuple.__new__(Action, (op, mb_id, route, pos, recv, send))
+        starts = st.starts
         start = now
         if recv is not None and self.transfer is not None:
             # posted as the group started the action RECV_AHEAD before; the bytes move after
             # the handshake
             handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
                                                  else "backward", size)
-            posted = st.starts[index - RECV_AHEAD] if index >= RECV_AHEAD else 0.0
+            index = len(starts)
+            posted = starts[index - RECV_AHEAD] if index >= RECV_AHEAD else 0.0
             start = max(now, max(sent, posted + handshake_s) + bytes_s)
             st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
-        st.starts.append(start)
+        starts.append(start)
         st.order.append(action)
         st.busy = True
         dur = st.durations.get((op, size))
         end = start + (self.duration(g, st, op, size) if dur is None else dur)
         st.ends.append(end)
-        heapq.heappush(self.events, (end, next(self.seq), g, action))
-
-    def on_done(self, g: str, action: Action, now: float) -> None:
-        st = self.state[g]
-        st.busy = False
-        st.free_s = now
-        op = action.op
-        if op == "forward":
-            if action.send_to is None:  # last stage: its backward is ready at once
-                heapq.heappush(st.ready_b, (now, action.micro_batch, action.stage))
-            else:
-                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
-                                             ("f", action.micro_batch, action.stage + 1)))
-        elif op != "backward_weight":
-            if op == "backward_input":
-                heapq.heappush(st.pending_w, (now, action.micro_batch, action.stage))
-            if action.send_to is not None:
-                heapq.heappush(self.events, (now, next(self.seq), action.send_to,
-                                             ("b", action.micro_batch, action.stage - 1)))
-        self.try_start(g, now)
+        heappush(self.events, (end, next(self.seq), g, action))
 
     def run(self) -> float:
+        state, events, seq = self.state, self.events, self.seq
         for r in self.routes:
             first = self.plan.routes[r].stages[0]
             for mb_id in self.layout.route_mbs[r]:
-                heapq.heappush(self.state[first].ready_f, (0.0, mb_id, 0))
+                heappush(state[first].ready_f, (0.0, mb_id, 0))
         for g in self.groups:
-            self.try_start(g, 0.0)
+            self._start(g, state[g], 0.0)
         now = 0.0
-        events, state = self.events, self.state
         while events:
-            now, _, g, what = heapq.heappop(events)
-            if isinstance(what, Action):
-                self.on_done(g, what, now)
+            now, _, g, what = heappop(events)
+            st = state[g]
+            if isinstance(what, Action):  # done: its output goes on, the group is free
+                st.busy = False
+                st.free_s = now
+                op, mb_id, pos, send = what.op, what.micro_batch, what.stage, what.send_to
+                if op == "forward":
+                    if send is None:  # last stage: its backward is ready at once
+                        heappush(st.ready_b, (now, mb_id, pos))
+                    else:
+                        heappush(events, (now, next(seq), send, ("f", mb_id, pos + 1)))
+                elif op != "backward_weight":
+                    if op == "backward_input":
+                        heappush(st.pending_w, (now, mb_id, pos))
+                    if send is not None:
+                        heappush(events, (now, next(seq), send, ("b", mb_id, pos - 1)))
+                self._start(g, st, now)
                 continue
             direction, mb_id, pos = what  # an input was sent
-            st = state[g]
-            heapq.heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
-            self.try_start(g, now)
+            heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
+            if not st.busy:
+                self._start(g, st, now)
         return now
 
 
@@ -481,9 +467,12 @@ class _Layout:
         self.order = {g.name: i for i, g in enumerate(plan.stage_groups)}
 
 
-def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
+def build_schedule(plan: Plan, cost: StageCost | None = None,
+                   most_held: dict[str, int] | None = None) -> Schedule:
     """Every group's ordered actions, from a run timed with `cost`: compute, and transfers
-    too when it prices links (LinkCost), as the simulator times them.
+    too when it prices links (LinkCost), as the simulator times them. With `most_held`
+    (micro-batches whose activations each group's memory holds), HeldOver as soon as a group
+    would hold more: a schedule that does not fit costs its warm-up, not a whole run.
 
     Routes that share no group never wait on each other, so each set of routes linked by
     shared groups runs alone, and a set identical to one already run (the same groups'
@@ -492,13 +481,14 @@ def build_schedule(plan: Plan, cost: StageCost | None = None) -> Schedule:
     the whole plan would give: inside a set, events and micro-batch ids keep their order."""
     transfer = _transfers(plan, cost)
     parts = _linked_routes(plan)
+    most_held = most_held or {}
     if len(parts) == 1:
-        return _listed(plan, _ListScheduler(plan, cost, transfer))
+        return _listed(plan, _held_to(_ListScheduler(plan, cost, transfer), most_held))
     layout = _Layout(plan)
     runs: dict[tuple, tuple[list[int], list[str], Schedule]] = {}
     done: list[Schedule] = []
     for routes in parts:
-        run = _ListScheduler(plan, cost, transfer, routes, layout)
+        run = _held_to(_ListScheduler(plan, cost, transfer, routes, layout), most_held)
         key = run.signature()
         if key in runs:
             done.append(_renamed(layout, runs[key], routes, list(run.groups)))
@@ -574,12 +564,10 @@ def _merged(plan: Plan, parts: list[Schedule]) -> Schedule:
 def schedule_within(plan: Plan, cost: StageCost | None,
                     most_held: dict[str, int]) -> Schedule | None:
     """build_schedule, or None once a group holds activations of more micro-batches than
-    `most_held` gives it (what its memory holds): the run stops there, so a schedule that
-    does not fit costs its warm-up only, not a whole run."""
-    run = _held_to(_ListScheduler(plan, cost, _transfers(plan, cost)), most_held)
+    `most_held` gives it (what its memory holds)."""
     try:
-        return _listed(plan, run)
-    except _HeldOver:
+        return build_schedule(plan, cost, most_held)
+    except HeldOver:
         return None
 
 
@@ -590,13 +578,13 @@ def timed_run(plan: Plan, cost: StageCost | None, transfer: TransferFn | None,
     run = _held_to(_ListScheduler(plan, cost, transfer), most_held or {})
     try:
         return _listed(plan, run)
-    except _HeldOver:
+    except HeldOver:
         return None
 
 
 def _held_to(run: _ListScheduler, most_held: dict[str, int]) -> _ListScheduler:
-    for g, most in most_held.items():
-        run.state[g].most_held = most
+    for g, st in run.state.items():
+        st.most_held = most_held.get(g, math.inf)
     return run
 
 

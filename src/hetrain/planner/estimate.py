@@ -109,10 +109,12 @@ def _times_of(schedule: Schedule, g: str) -> GroupTimes:
                       schedule.peak_in_flight[g])
 
 
-def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
-    """Every group's times in the shared schedule's run (plan.build_schedule). Copies of a
-    pipeline that share no group with another route, carry the same micro-batches and see
-    the same transfer times run alike, so one copy of each is run and stands for the rest."""
+def schedule_times(plan: Plan, cost: CostModel, most_held: dict[str, int] | None = None
+                   ) -> dict[str, GroupTimes]:
+    """Every group's times in the shared schedule's run (plan.build_schedule; HeldOver past
+    `most_held`). Copies of a pipeline that share no group with another route, carry the
+    same micro-batches and see the same transfer times run alike, so one copy of each is run
+    and stands for the rest."""
     owners: dict[str, int] = {}
     for route in plan.routes:
         for g in route.stages:
@@ -141,7 +143,7 @@ def schedule_times(plan: Plan, cost: CostModel) -> dict[str, GroupTimes]:
                    stage_groups=[g for g in plan.stage_groups if g.name in names],
                    routes=[plan.routes[r] for r in kept], schedule=plan.schedule,
                    sharded_optimizer=plan.sharded_optimizer)
-    schedule = build_schedule(reduced, cost)
+    schedule = build_schedule(reduced, cost, most_held)
     out = {g: _times_of(schedule, g) for g in names}
     for r, rep in rep_of.items():
         for g, twin in zip(plan.routes[r].stages, plan.routes[rep].stages, strict=True):
@@ -158,9 +160,12 @@ def schedule_tail(plan: Plan, spec: ModelSpec, cost: SyncCost, times: dict[str, 
                       {g: t.last_end_s for g, t in times.items()})
 
 
-def estimate_step(plan: Plan, cost: CostModel) -> StepEstimate:
-    """The plan's step: the shared schedule's timed run, then the one sync definition."""
-    times = schedule_times(plan, cost)
+def estimate_step(plan: Plan, cost: CostModel, most_held: dict[str, int] | None = None
+                  ) -> StepEstimate:
+    """The plan's step: the shared schedule's timed run, then the one sync definition.
+    With `most_held` (per group, the micro-batches whose activations its memory holds),
+    plan.schedule.HeldOver as soon as the run holds more."""
+    times = schedule_times(plan, cost, most_held)
     buckets = sync_buckets(plan, cost.spec)
     tail = schedule_tail(plan, cost.spec, cost, times, buckets)
     bare = schedule_tail(plan, cost.spec, FreeSync(cost), times, buckets)

@@ -24,6 +24,7 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.errors import PlannerError
+from hetrain.plan.schedule import HeldOver
 from hetrain.plan.types import Plan, ScheduleKind
 from hetrain.plan.validate import plan_memory_fn
 from hetrain.planner.counts import (
@@ -353,9 +354,11 @@ def _priced_choice(cluster: Cluster, cost: CostModel, global_batch: int,
         plans.append(_as_1f1b(placed))
     out = []
     for plan in plans:
-        est = estimate_step(plan, cost)
-        if shards == 1 or _fits(plan, cost, est):
-            out.append((est, plan, answer or sol, cands))
+        try:  # partitions that assumed a sharded optimizer's memory: stopped once over it
+            est = estimate_step(plan, cost, None if shards == 1 else _most_held(plan, cost))
+        except HeldOver:
+            continue
+        out.append((est, plan, answer or sol, cands))
     return out
 
 
@@ -407,10 +410,19 @@ def _as_1f1b(plan: Plan) -> Plan:
                 routes=plan.routes, schedule="1f1b", sharded_optimizer=plan.sharded_optimizer)
 
 
-def _fits(plan: Plan, cost: CostModel, est: StepEstimate) -> bool:
-    """Whether every device holds its stage at the schedule's peak (its optimizer share under
-    a sharded optimizer included)."""
+def _most_held(plan: Plan, cost: CostModel) -> dict[str, int]:
+    """Per group, the most micro-batches in flight with which a device of it holds its
+    stage (its optimizer share under a sharded optimizer included); -1 where not even
+    none fits. Memory never shrinks with more in flight: a bisection per group."""
     memory = plan_memory_fn(plan, cost)
-    return all(memory(g, est.peak_in_flight[g.name])
-               <= cost.cluster.kinds[g.kind].memory_bytes * (1 - MEMORY_SLACK)
-               for g in plan.stage_groups)
+    out = {}
+    for g in plan.stage_groups:
+        cap = cost.cluster.kinds[g.kind].memory_bytes * (1 - MEMORY_SLACK)
+        lo, hi = -1, plan.micro_batches_of(g.name)  # memory(lo) fits (-1: vacuously)
+        if memory(g, hi) <= cap:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if memory(g, mid) <= cap else (lo, mid)
+        out[g.name] = lo
+    return out
