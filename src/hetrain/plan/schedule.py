@@ -325,6 +325,7 @@ class _ListScheduler:
                                      durations=self.layout.durations.setdefault(g, {}))
                       for g in self.groups}
         self.mb_info = self.layout.mb_info
+        self.route_links: dict[int, list] = {}
         self.events: list = []
         self.seq = itertools.count()
 
@@ -360,6 +361,24 @@ class _ListScheduler:
             routes.append((route.micro_batches, size, tuple(index[g] for g in stages), links))
         return tuple(groups), tuple(routes)
 
+    def _links(self, route: int) -> list[tuple[str | None, str | None, tuple[float, float] | None,
+                                               tuple[float, float] | None]]:
+        """Per position of the route: the groups before and after it, and the (handshake,
+        transfer) seconds of its input from each (None without transfer times)."""
+        links = self.route_links.get(route)
+        if links is None:
+            r = self.plan.routes[route]
+            stages, size, links = r.stages, r.micro_batch_size, []
+            for pos, g in enumerate(stages):
+                prev = stages[pos - 1] if pos > 0 else None
+                nxt = stages[pos + 1] if pos + 1 < len(stages) else None
+                tr = self.transfer
+                links.append((prev, nxt,
+                              None if tr is None or prev is None else tr(prev, g, "forward", size),
+                              None if tr is None or nxt is None else tr(nxt, g, "backward", size)))
+            self.route_links[route] = links
+        return links
+
     def _start(self, g: str, st: _GroupState, now: float) -> None:
         """Start the group's next action by priority, if it has one it may run (the group is
         idle): an input gradient first, then a weight gradient when more than its cap are
@@ -390,24 +409,31 @@ class _ListScheduler:
             return
         route, stages, size = self.mb_info[mb_id]
         if op == "backward_weight":
-            recv = send = None
+            recv = send = wait = None
         else:
-            prev = stages[pos - 1] if pos > 0 else None
-            nxt = stages[pos + 1] if pos + 1 < len(stages) else None
-            recv, send = (prev, nxt) if op == "forward" else (nxt, prev)
+            prev, nxt, from_prev, from_next = self._links(route)[pos]
+            if op == "forward":
+                recv, send, wait = prev, nxt, from_prev
+            else:
+                recv, send, wait = nxt, prev, from_next
         # Action(...) without the NamedTuple's argument handling: the run lists 100,000s
         action = tuple.__new__(Action, (op, mb_id, route, pos, recv, send))
         starts = st.starts
         start = now
-        if recv is not None and self.transfer is not None:
+        if wait is not None:
             # posted as the group started the action RECV_AHEAD before; the bytes move after
-            # the handshake
-            handshake_s, bytes_s = self.transfer(recv, g, "forward" if op == "forward"
-                                                 else "backward", size)
+            # the handshake (comparisons, not max(): the loop's hottest lines)
+            handshake_s, bytes_s = wait
             index = len(starts)
-            posted = starts[index - RECV_AHEAD] if index >= RECV_AHEAD else 0.0
-            start = max(now, max(sent, posted + handshake_s) + bytes_s)
-            st.comm_wait_s += max(0.0, start - max(st.free_s, sent))
+            arrive = (starts[index - RECV_AHEAD] if index >= RECV_AHEAD else 0.0) + handshake_s
+            if sent > arrive:
+                arrive = sent
+            arrive += bytes_s
+            if arrive > start:
+                start = arrive
+            idle_from = st.free_s if st.free_s > sent else sent
+            if start > idle_from:
+                st.comm_wait_s += start - idle_from
         starts.append(start)
         st.order.append(action)
         st.busy = True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -158,21 +159,28 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
                      -cluster.kinds[k].peak_flops(partitioner.dtypes[k])) for k in counts}
         orders = kind_orders(sorted(counts, key=order.get))
         combos = {} if combos is None else combos
-        if smaller is not None and np.isfinite(beat_s):
+        bounded = smaller is not None and np.isfinite(beat_s)
+        if bounded:
             # before any partition of this size: every shape it would take, on lower bounds
             low = builder.bounded(ScaledSlots(partitioners[smaller], partitioner, tps))
-            lows = [t for t in map(low.outline, singles) if t is not None]
-            low_tps = _efficient_tps(lows, tps, micro_batches, options.mixed_tp_per_kind)
-            lows += [t for t in map(low.outline, _mixed_shapes(low, counts, low_tps, orders,
-                                                               dict(combos),
-                                                               micro_batch_size, False)) if t]
-            if beyond_reach(lows, capacities(lows, cluster), micro_batches, beat_s):
+            singles_low = [t for t in map(low.outline, singles) if t is not None]
+            low_tps = _efficient_tps(singles_low, tps, micro_batches,
+                                     options.mixed_tp_per_kind)
+            mixed_low = {s: low.outline(s) for s in _mixed_shapes(
+                low, counts, low_tps, orders, dict(combos), micro_batch_size, False)}
+            if _beyond_reach(singles_low, mixed_low.values(), cluster, micro_batches, beat_s):
                 return Candidates(micro_batch_size, micro_batches, [], {}, max_shapes, False,
                                   np.inf)
         partitioner.solve_many(map(builder.keys, singles))
         outlines = [t for t in map(builder.outline, singles) if t is not None]
         best_tps = _efficient_tps(outlines, tps, micro_batches, options.mixed_tp_per_kind)
         mixed = _mixed_shapes(builder, counts, best_tps, orders, combos, micro_batch_size, True)
+        # again with the single shapes exact, before the mixed ones are partitioned
+        if bounded and _beyond_reach(outlines, (mixed_low[s] if s in mixed_low
+                                                 else low.outline(s) for s in mixed),
+                                     cluster, micro_batches, beat_s):
+            return Candidates(micro_batch_size, micro_batches, [], {}, max_shapes, False,
+                              np.inf)
         partitioners[micro_batch_size] = partitioner  # its partitions are computed below
         partitioner.solve_many(map(builder.keys, mixed))  # every DP at once, then read off
         outlines += [t for t in map(builder.outline, mixed) if t is not None]
@@ -183,6 +191,12 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     templates = [builder.complete(outlines[i]) for i in screen.keep]
     return Candidates(micro_batch_size, micro_batches, templates,
                       capacities(templates, cluster), max_shapes, False, screen.bound_s)
+
+
+def _beyond_reach(singles: list[Template], mixed: Iterable[Template | None], cluster: Cluster,
+                  micro_batches: int, beat_s: float) -> bool:
+    outlines = singles + [t for t in mixed if t is not None]
+    return beyond_reach(outlines, capacities(outlines, cluster), micro_batches, beat_s)
 
 
 def _mixed_shapes(builder: TemplateBuilder, counts: dict[str, int],
