@@ -299,6 +299,10 @@ class _GroupState:
     most_held: float = math.inf  # the run stops (HeldOver) when held exceeds it
 
 
+# (group before, group after, (handshake, transfer) of the input from before, from after)
+_Link = tuple[str | None, str | None, tuple[float, float] | None, tuple[float, float] | None]
+
+
 class HeldOver(Exception):
     """A run given `most_held` (what each group's memory holds): a group would hold
     activations of more micro-batches than that."""
@@ -325,7 +329,7 @@ class _ListScheduler:
                                      durations=self.layout.durations.setdefault(g, {}))
                       for g in self.groups}
         self.mb_info = self.layout.mb_info
-        self.route_links: dict[int, list] = {}
+        self.route_links: dict[int, list[_Link]] = {}
         self.events: list = []
         self.seq = itertools.count()
 
@@ -361,18 +365,16 @@ class _ListScheduler:
             routes.append((route.micro_batches, size, tuple(index[g] for g in stages), links))
         return tuple(groups), tuple(routes)
 
-    def _links(self, route: int) -> list[tuple[str | None, str | None, tuple[float, float] | None,
-                                               tuple[float, float] | None]]:
+    def _links(self, route: int) -> list[_Link]:
         """Per position of the route: the groups before and after it, and the (handshake,
         transfer) seconds of its input from each (None without transfer times)."""
         links = self.route_links.get(route)
         if links is None:
-            r = self.plan.routes[route]
+            r, tr = self.plan.routes[route], self.transfer
             stages, size, links = r.stages, r.micro_batch_size, []
             for pos, g in enumerate(stages):
                 prev = stages[pos - 1] if pos > 0 else None
                 nxt = stages[pos + 1] if pos + 1 < len(stages) else None
-                tr = self.transfer
                 links.append((prev, nxt,
                               None if tr is None or prev is None else tr(prev, g, "forward", size),
                               None if tr is None or nxt is None else tr(nxt, g, "backward", size)))
@@ -407,7 +409,7 @@ class _ListScheduler:
             op = "forward"
         else:
             return
-        route, stages, size = self.mb_info[mb_id]
+        route, _, size = self.mb_info[mb_id]
         if op == "backward_weight":
             recv = send = wait = None
         else:
@@ -494,7 +496,8 @@ class _Layout:
 
 
 def build_schedule(plan: Plan, cost: StageCost | None = None,
-                   most_held: dict[str, int] | None = None) -> Schedule:
+                   most_held: dict[str, int] | None = None,
+                   transfer: TransferFn | None = None) -> Schedule:
     """Every group's ordered actions, from a run timed with `cost`: compute, and transfers
     too when it prices links (LinkCost), as the simulator times them. With `most_held`
     (micro-batches whose activations each group's memory holds), HeldOver as soon as a group
@@ -505,7 +508,7 @@ def build_schedule(plan: Plan, cost: StageCost | None = None,
     durations, limits and transfer times, the same routes over them: the copies of a
     pipeline) takes that run's schedule under its own names. The result is the one run of
     the whole plan would give: inside a set, events and micro-batch ids keep their order."""
-    transfer = _transfers(plan, cost)
+    transfer = transfer or _transfers(plan, cost)
     parts = _linked_routes(plan)
     most_held = most_held or {}
     if len(parts) == 1:
@@ -587,23 +590,13 @@ def _merged(plan: Plan, parts: list[Schedule]) -> Schedule:
                     comm_wait_s={g: wait[g] for g in order})
 
 
-def schedule_within(plan: Plan, cost: StageCost | None,
-                    most_held: dict[str, int]) -> Schedule | None:
+def schedule_within(plan: Plan, cost: StageCost | None, most_held: dict[str, int],
+                    transfer: TransferFn | None = None) -> Schedule | None:
     """build_schedule, or None once a group holds activations of more micro-batches than
-    `most_held` gives it (what its memory holds)."""
+    `most_held` gives it (what its memory holds). `transfer`: the transfer times to run
+    with instead of the cost model's (the planner's templates give theirs per boundary)."""
     try:
-        return build_schedule(plan, cost, most_held)
-    except HeldOver:
-        return None
-
-
-def timed_run(plan: Plan, cost: StageCost | None, transfer: TransferFn | None,
-              most_held: dict[str, int] | None = None) -> Schedule | None:
-    """One run of the whole plan with the given transfer times (the planner's templates
-    give theirs per boundary), stopped (None) once a group holds more than `most_held`."""
-    run = _held_to(_ListScheduler(plan, cost, transfer), most_held or {})
-    try:
-        return _listed(plan, run)
+        return build_schedule(plan, cost, most_held, transfer)
     except HeldOver:
         return None
 

@@ -435,8 +435,8 @@ def _as_1f1b(plan: Plan) -> Plan:
 
 def _most_held(plan: Plan, cost: CostModel) -> dict[str, int]:
     """Per group, the most micro-batches in flight with which a device of it holds its
-    stage (its optimizer share under a sharded optimizer included); -1 where not even
-    none fits. Memory never shrinks with more in flight: a bisection per group."""
+    stage (its optimizer share under a sharded optimizer included); -1 where its states
+    alone do not fit. Memory never shrinks with more in flight: a bisection per group."""
     memory = plan_memory_fn(plan, cost)
     out = {}
     for g in plan.stage_groups:

@@ -26,7 +26,7 @@ import numpy as np
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import DTYPE_BYTES, RECOMPUTE, CostModel, ring_allreduce_s
-from hetrain.plan.schedule import Schedule, splits, timed_run
+from hetrain.plan.schedule import Schedule, schedule_within, splits
 from hetrain.plan.sync import BUCKET_PARAMS
 from hetrain.plan.types import Plan, Route, ScheduleKind, StageGroup
 from hetrain.planner.links import LinkModel
@@ -303,7 +303,7 @@ def _copy_run(model: str, schedule: ScheduleKind, stages, part: Partition,
                 routes=[Route(stages=[f"s{i}" for i in range(n)],
                               micro_batches=micro_batches, micro_batch_size=1)],
                 schedule=schedule)
-    return timed_run(plan, _OpTimes(compute), _boundary_transfers(part), most_held)
+    return schedule_within(plan, _OpTimes(compute), most_held or {}, _boundary_transfers(part))
 
 
 def run_route_s(template: Template, model: str, schedule: ScheduleKind,
