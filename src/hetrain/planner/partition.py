@@ -437,7 +437,7 @@ def _least_fitting(cost: np.ndarray, fits: np.ndarray, flights: np.ndarray) -> n
     # [r, f]: the entries of row r that fit f, from a histogram of fits (clipped to
     # -1 .. F, F the last of `flights`) summed from the top
     top = int(flights[-1])
-    rows, width = fit.shape
+    rows = fit.shape[0]
     bins = (np.clip(fit, -1, top).astype(np.int64) + 1) + (top + 2) * np.arange(rows)[:, None]
     hist = np.bincount(bins.ravel(), minlength=rows * (top + 2)).reshape(rows, top + 2)
     count = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1 + flights]

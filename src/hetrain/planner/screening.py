@@ -10,7 +10,7 @@ support and the templates with the best reduced cost under its device prices are
 A micro-batch size whose LP cannot beat the best plan so far even on lower bounds of its
 slots (scaled from a smaller size's partitions, or partition.LayerBound's), over every shape
 it would take (mixed ones of the tp sizes its bounds rank best), is left before any of its
-shapes is partitioned.
+shapes is partitioned; checked again with its single shapes exact, before its mixed ones.
 """
 
 from __future__ import annotations
