@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -97,6 +97,19 @@ class Candidates:
     max_shapes: int
     exhaustive: bool
     pipeline_bound_s: float  # no plan from the shapes considered has a faster pipeline
+    # (template index, schedule kind, micro-batches per copy) -> run_route_s: the answer's
+    # copies are run for the singles' bar, the 1F1B check and the micro-batch-size hedge
+    runs: dict[tuple[int, str, int], float] = field(default_factory=dict, compare=False,
+                                                   repr=False)
+
+    def run_s(self, template: int, model: str, schedule: ScheduleKind, micro_batches: int
+              ) -> float:
+        """templates.run_route_s of one of its templates, run once per search."""
+        key = (template, schedule, micro_batches)
+        if key not in self.runs:
+            self.runs[key] = run_route_s(self.templates[template], model, schedule,
+                                         micro_batches)
+        return self.runs[key]
 
 
 @dataclass(frozen=True)
@@ -355,8 +368,8 @@ def _rerun_s(sol: CountSolution, cands: Candidates, model: str, schedule: Schedu
     """A count solution's step with each chosen shape's copy run at its micro-batches
     (templates.run_route_s) instead of its closed form, and the closed-form tail."""
     return sol.tail_s + max(
-        run_route_s(cands.templates[c.template], model, schedule,
-                    math.ceil(c.micro_batches / c.copies)) for c in sol.choices)
+        cands.run_s(c.template, model, schedule, math.ceil(c.micro_batches / c.copies))
+        for c in sol.choices)
 
 
 def _priced_choice(cluster: Cluster, cost: CostModel, global_batch: int,
