@@ -212,3 +212,31 @@ def test_micro_batch_sizes_left_before_any_partition_could_not_win(monkeypatch):
     for size in (2, 4, 8):
         alone = search_plan(mixed, cost, 1024, SearchOptions(micro_batch_sizes=(size,)))
         assert alone.solution.step_s > result.solution.step_s
+
+
+def test_each_copy_run_once_per_search(three_kinds, monkeypatch):
+    """The answer's copies are run for the singles' bar, the 1F1B check and the micro-batch-
+    size hedge: each (template, schedule, micro-batches) once, with the figure a fresh run
+    gives."""
+    from collections import Counter
+
+    from hetrain.planner import search as search_mod
+    from hetrain.planner.templates import run_route_s
+
+    runs: Counter = Counter()
+    kept: list = []
+
+    def counted(template, model, schedule, micro_batches):
+        runs[(id(template), schedule, micro_batches)] += 1
+        kept.append((template, model, schedule, micro_batches))
+        return run_route_s(template, model, schedule, micro_batches)
+
+    monkeypatch.setattr(search_mod, "run_route_s", counted)
+    cost = CostModel(three_kinds, model_spec(model_config("small"), 256))
+    result = search_plan(three_kinds, cost, 16)
+    assert runs and max(runs.values()) == 1
+    cands = result.candidates
+    for t, tpl in enumerate(cands.templates):
+        for (template_t, schedule, m), seconds in cands.runs.items():
+            if template_t == t:
+                assert seconds == run_route_s(tpl, cost.spec.name, schedule, m)
