@@ -10,14 +10,17 @@ Two kinds (Plan.schedule):
   in-flight limit are held for backward.
 - "zero_bubble" (Qi et al. 2024): each backward is split into an input-gradient action (on the
   critical path: its result goes to the previous stage) and a weight-gradient action (no
-  transfer, needed only by the optimizer). Priority: input gradient; a weight gradient when
-  more are pending than the group's cap; a forward while fewer than its limit await their
-  input gradient; any pending weight gradient. Weight gradients so fill the gaps where 1F1B
-  idles. With in-flight scale a, the forward limit is a x the 1F1B limit and the cap
-  2 (a - 1) x the stages before the group: later stages keep weight gradients for the
-  cool-down, earlier ones run ahead in the warm-up (a = 1.75 reaches the least fill of
-  equal stages, about S - 1 forwards, a third of 1F1B's). A micro-batch holds its
-  activations until its weight gradient: `peak_in_flight` counts those, for memory.
+  transfer, needed only by the optimizer). Priority: input gradient; a forward while fewer
+  than its limit await their input gradient and the group holds fewer than the limit plus
+  its cap; any pending weight gradient. A weight gradient so waits while a forward may run
+  in the group's memory, and fills the gaps where 1F1B idles (run at once after its input
+  gradient, it delayed the forwards the stages after a slower one wait for: six-2048's plan
+  11.20 -> 10.64 s at 1F1B's memory). With in-flight scale a, the forward limit is a x the
+  1F1B limit and the cap 2 (a - 1) x the stages before the group: later stages keep weight
+  gradients for the cool-down, earlier ones run ahead in the warm-up (on S equal stages the
+  fill is 2/3 of 1F1B's at a = 1, about 1/3 at a = 1.75). A micro-batch holds its
+  activations until its weight gradient: `peak_in_flight` counts those, for memory; a group
+  holds at most its limit plus its cap.
   A group that is first on every route through it keeps whole backwards (splits_backward):
   no stage waits for its input gradient, and a split would only finalise its weight
   gradients later, leaving more of the gradient sync after its last action. So does a
@@ -242,7 +245,8 @@ def in_flight_limit(plan: Plan, group: str) -> int:
 
 
 def weight_grad_cap(plan: Plan, group: str) -> int:
-    """Zero-bubble: weight gradients a group may keep pending before they come first."""
+    """Zero-bubble: micro-batches a group may hold beyond its in-flight limit (weight
+    gradients kept pending; none at in-flight scale 1, where it holds what 1F1B holds)."""
     upstream = sum(plan.routes[r].stages.index(group) for r in plan.routes_through(group))
     return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
 
@@ -282,7 +286,7 @@ def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
 class _GroupState:
     split: bool  # backwards split into input- and weight-gradient actions
     limit: int  # forwards awaiting their (input) gradient at most
-    w_cap: int  # weight gradients kept pending before they come first
+    w_cap: int  # micro-batches held beyond the limit (weight gradients kept pending)
     ready_f: list = field(default_factory=list)  # heap of (ready at, micro-batch, position)
     ready_b: list = field(default_factory=list)
     pending_w: list = field(default_factory=list)  # micro-batches whose weight grad is left
@@ -383,8 +387,8 @@ class _ListScheduler:
 
     def _start(self, g: str, st: _GroupState, now: float) -> None:
         """Start the group's next action by priority, if it has one it may run (the group is
-        idle): an input gradient first, then a weight gradient when more than its cap are
-        pending, then a forward within its in-flight limit, then any weight gradient."""
+        idle): an input gradient first, then a forward within its in-flight limit while it
+        holds fewer than the limit plus its cap, then any weight gradient."""
         if st.ready_b:
             sent, mb_id, pos = heappop(st.ready_b)
             st.in_flight -= 1
@@ -393,12 +397,7 @@ class _ListScheduler:
             else:
                 op = "backward"
                 st.held -= 1
-        elif st.pending_w and (len(st.pending_w) > st.w_cap
-                               or not (st.ready_f and st.in_flight < st.limit)):
-            _, mb_id, pos = heappop(st.pending_w)
-            st.held -= 1
-            op, sent = "backward_weight", 0.0
-        elif st.ready_f and st.in_flight < st.limit:
+        elif st.ready_f and st.in_flight < st.limit and st.held < st.limit + st.w_cap:
             sent, mb_id, pos = heappop(st.ready_f)
             st.in_flight += 1
             st.held += 1
@@ -407,6 +406,10 @@ class _ListScheduler:
                 if st.held > st.most_held:
                     raise HeldOver
             op = "forward"
+        elif st.pending_w:
+            _, mb_id, pos = heappop(st.pending_w)
+            st.held -= 1
+            op, sent = "backward_weight", 0.0
         else:
             return
         route, _, size = self.mb_info[mb_id]

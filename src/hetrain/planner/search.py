@@ -303,8 +303,10 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                     best = (sol, cands)
         if best is not None:
             chosen = best
-            priced += _priced(cluster, cost, global_batch, options, *best, shards)
-            priced += _priced_slotted(cluster, cost, global_batch, options, *best, shards)
+            found, bar_s = _priced(cluster, cost, global_batch, options, *best, shards)
+            priced += found
+            priced += _priced_slotted(cluster, cost, global_batch, options, *best, shards,
+                                      bar_s)
             # another micro-batch size whose answer the closed forms put close behind, and a
             # run of its copies finds faster
             for other in solved:
@@ -324,41 +326,56 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
 
 def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,
             sol: CountSolution, cands: Candidates, shards: int
-            ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
+            ) -> tuple[list[tuple[StepEstimate, Plan, CountSolution, Candidates]], float]:
     """The templates' closed forms chose; the shared schedule and sync definition price. The
     best single-shape plans are priced too (_best_single_shapes). Partitions that assumed a
-    sharded optimizer's memory count only where the placed plan fits."""
+    sharded optimizer's memory count only where the placed plan fits. Also returns the best
+    run of the copies priced (a bar for _priced_slotted)."""
     singles = _best_single_shapes(cands, cost.spec.name, options.schedule)
     # a single shape is priced when a run of its copy beats the answer's own run
-    beat = _rerun_s(sol, cands, cost.spec.name, options.schedule) * (1 + NEAR_TIE)
+    answer_s = _rerun_s(sol, cands, cost.spec.name, options.schedule)
+    beat = answer_s * (1 + NEAR_TIE)
+    chosen = [(choice, kind, rerun) for choice, kind, rerun in singles
+              if rerun <= beat and not (choice.choices == sol.choices
+                                        and kind == options.schedule)]
+    # A single-shape answer is one more single shape: where NEAR_TIES others' runs beat its
+    # own, it would not have been listed among them, and is priced only if none of them fits.
+    alone = (len(sol.choices) == 1 and len(chosen) == NEAR_TIES
+             and all(rerun < answer_s for _, _, rerun in chosen))
     # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient started
     # just before an input gradient arrives delays it): the chosen counts are priced under
     # 1F1B too where a run of their copies says it may win, and a single shape ranked under
     # 1F1B under 1F1B only.
-    out = _priced_choice(cluster, cost, global_batch, options, sol, cands, shards)
-    for choice, kind, rerun in singles:
-        if rerun > beat or (choice.choices == sol.choices and kind == options.schedule):
-            continue
+    out = [] if alone else _priced_choice(cluster, cost, global_batch, options, sol, cands,
+                                          shards)
+    for choice, kind, _ in chosen:
         out += _priced_choice(cluster, cost, global_batch, options, choice, cands, shards,
                               kinds=(kind,), answer=sol)
-    return out
+    if alone and not out:
+        out = _priced_choice(cluster, cost, global_batch, options, sol, cands, shards)
+    return out, min([rerun for _, _, rerun in chosen] + ([] if alone else [answer_s]))
 
 
 def _priced_slotted(cluster: Cluster, cost: CostModel, global_batch: int,
-                    options: SearchOptions, sol: CountSolution, cands: Candidates, shards: int
+                    options: SearchOptions, sol: CountSolution, cands: Candidates, shards: int,
+                    bar_s: float = math.inf
                     ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
     """The count program again with each template's cycle at least its slowest stage's slot
     (waits not hidden under compute), and its answer priced when it differs: where
     transfers are a large part of a slot (small models, slow links), a copy's short run
     hides them better than many copies' schedules do, and the measured cycles favour single
     long shapes over mixes (cpu-and-emulated + tiny at sequence 16: 347 -> 356 us without
-    this)."""
+    this). A single shape is priced only where a run of its copies beats `bar_s` (the best
+    run of the copies priced before): the single shapes are ranked by those runs already,
+    and it is one more near tie (a mix's run, its slowest shape's, is what misleads here)."""
     slotted = [replace(t, slot_s=max(t.slot_s, t.partition.slot_s))
                if t.partition is not None else t for t in cands.templates]
     alt = choose_counts(slotted, cands.micro_batches, cands.capacity, cands.max_shapes,
                         cands.pipeline_bound_s,
                         None if cands.exhaustive else options.program_budget)
-    if alt is None or alt.choices == sol.choices:
+    if alt is None or alt.choices == sol.choices or (
+            len(alt.choices) == 1
+            and _rerun_s(alt, cands, cost.spec.name, options.schedule) >= bar_s):
         return []
     return _priced_choice(cluster, cost, global_batch, options, alt, cands, shards)
 
