@@ -330,7 +330,7 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
     """The templates' closed forms chose; the shared schedule and sync definition price. The
     best single-shape plans are priced too (_best_single_shapes). Partitions that assumed a
     sharded optimizer's memory count only where the placed plan fits. Also returns the best
-    run of the copies priced (a bar for _priced_slotted)."""
+    run of the copies of a single shape priced (a bar for _priced_slotted)."""
     singles = _best_single_shapes(cands, cost.spec.name, options.schedule)
     # a single shape is priced when a run of its copy beats the answer's own run
     answer_s = _rerun_s(sol, cands, cost.spec.name, options.schedule)
@@ -353,7 +353,10 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
                               kinds=(kind,), answer=sol)
     if alone and not out:
         out = _priced_choice(cluster, cost, global_batch, options, sol, cands, shards)
-    return out, min([rerun for _, _, rerun in chosen] + ([] if alone else [answer_s]))
+    # the bar: runs of single shapes' copies (a mix's is its slowest shape's, and misleads)
+    single = len(sol.choices) == 1 and not alone
+    return out, min([rerun for _, _, rerun in chosen] + ([answer_s] if single else []),
+                    default=math.inf)
 
 
 def _priced_slotted(cluster: Cluster, cost: CostModel, global_batch: int,
@@ -366,8 +369,9 @@ def _priced_slotted(cluster: Cluster, cost: CostModel, global_batch: int,
     hides them better than many copies' schedules do, and the measured cycles favour single
     long shapes over mixes (cpu-and-emulated + tiny at sequence 16: 347 -> 356 us without
     this). A single shape is priced only where a run of its copies beats `bar_s` (the best
-    run of the copies priced before): the single shapes are ranked by those runs already,
-    and it is one more near tie (a mix's run, its slowest shape's, is what misleads here)."""
+    run of a single shape's copies priced before): the single shapes are ranked by those
+    runs already, and it is one more near tie (a mix's run, its slowest shape's, is what
+    misleads here)."""
     slotted = [replace(t, slot_s=max(t.slot_s, t.partition.slot_s))
                if t.partition is not None else t for t in cands.templates]
     alt = choose_counts(slotted, cands.micro_batches, cands.capacity, cands.max_shapes,
