@@ -68,8 +68,9 @@ OTHER_ORDER_COMBINATIONS = 8
 # of the best closed form (at most RERUN_MOST), and the RERUN_1F1B best under 1F1B, are
 # ranked again by a run of one copy at their own micro-batches (templates.run_route_s: at
 # most 2 S past the warm-up, milliseconds to a tenth of a second), and those within NEAR_TIE
-# of the best of that ranking (at most NEAR_TIES) are priced: a pricing costs 0.3-0.8 s on
-# 2,000 chips.
+# of the best of that ranking (at most NEAR_TIES) are priced: a pricing costs 0.3-1.1 s on
+# 2,000 chips. A single-shape answer that NEAR_TIES of them beat by such runs is left out as
+# they are (an eight-kind 1,019-chip cluster priced four 7-copy plans, 4.5 s, for one).
 RERUN_WITHIN = 0.25
 RERUN_MOST = 4
 RERUN_1F1B = 2
@@ -340,21 +341,21 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
                                         and kind == options.schedule)]
     # A single-shape answer is one more single shape: where NEAR_TIES others' runs beat its
     # own, it would not have been listed among them, and is priced only if none of them fits.
-    alone = (len(sol.choices) == 1 and len(chosen) == NEAR_TIES
+    outranked = (len(sol.choices) == 1 and len(chosen) == NEAR_TIES
              and all(rerun < answer_s for _, _, rerun in chosen))
     # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient started
     # just before an input gradient arrives delays it): the chosen counts are priced under
     # 1F1B too where a run of their copies says it may win, and a single shape ranked under
     # 1F1B under 1F1B only.
-    out = [] if alone else _priced_choice(cluster, cost, global_batch, options, sol, cands,
+    out = [] if outranked else _priced_choice(cluster, cost, global_batch, options, sol, cands,
                                           shards)
     for choice, kind, _ in chosen:
         out += _priced_choice(cluster, cost, global_batch, options, choice, cands, shards,
                               kinds=(kind,), answer=sol)
-    if alone and not out:
+    if outranked and not out:
         out = _priced_choice(cluster, cost, global_batch, options, sol, cands, shards)
     # the bar: runs of single shapes' copies (a mix's is its slowest shape's, and misleads)
-    single = len(sol.choices) == 1 and not alone
+    single = len(sol.choices) == 1 and not outranked
     return out, min([rerun for _, _, rerun in chosen] + ([answer_s] if single else []),
                     default=math.inf)
 
