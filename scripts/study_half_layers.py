@@ -13,13 +13,13 @@ A study, not part of hetrain: the runtime builds stages of whole layers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from hetrain.cluster import load_cluster
+from study_common import planning_args
+
 from hetrain.cost.model import CostModel
-from hetrain.model import model_config, model_spec
+from hetrain.model import model_spec
 from hetrain.model.config import ModelConfig
 from hetrain.model.spec import LayerSpec, ModelSpec
 from hetrain.planner.search import SearchOptions, search_plan
@@ -55,14 +55,7 @@ def halved(cfg: ModelConfig, seq_len: int) -> ModelSpec:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("cluster")
-    parser.add_argument("--model", default="llama-70b")
-    parser.add_argument("--global-batch", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    args = parser.parse_args()
-    cluster = load_cluster(args.cluster)
-    cfg = model_config(args.model)
+    args, cluster, cfg = planning_args(__doc__)
     for label, spec in (("whole layers", model_spec(cfg, args.seq_len)),
                         ("halves", halved(cfg, args.seq_len))):
         start = time.perf_counter()

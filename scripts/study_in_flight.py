@@ -18,13 +18,13 @@ keeps each group's schedule within its memory.
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 
-from hetrain.cluster import load_cluster
+from study_common import planning_args
+
 from hetrain.cost.model import CostModel
-from hetrain.model import model_config, model_spec
+from hetrain.model import model_spec
 from hetrain.plan.schedule import build_schedule
 from hetrain.plan.sync import sync_buckets
 from hetrain.plan.types import Plan
@@ -81,14 +81,8 @@ def scaled(plan: Plan, scale: float) -> Plan:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("cluster")
-    parser.add_argument("--model", default="llama-70b")
-    parser.add_argument("--global-batch", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    args = parser.parse_args()
-    cluster = load_cluster(args.cluster)
-    cost = CostModel(cluster, model_spec(model_config(args.model), args.seq_len))
+    args, cluster, cfg = planning_args(__doc__)
+    cost = CostModel(cluster, model_spec(cfg, args.seq_len))
     plan = search_plan(cluster, cost, args.global_batch, SearchOptions()).plan
     for scale in (1.0, 1.25, 1.5, 1.75, 2.0, 2.5):
         trial = scaled(plan, scale) if plan.schedule == "zero_bubble" else plan
