@@ -1,5 +1,5 @@
 """What the planning studies share: their command line (a cluster, the model, the global
-batch and the sequence length), read into the cluster and the model's cost model."""
+batch and the sequence length), with the cluster loaded and the model's config."""
 
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ class Candidates:
     exhaustive: bool
     pipeline_bound_s: float  # no plan from the shapes considered has a faster pipeline
     # (template index, schedule kind, micro-batches per copy) -> run_route_s: the answer's
-    # copies are run for the singles' bar, the 1F1B check and the micro-batch-size hedge
+    # copies are run for the singles' bar, the 1F1B check, the slotted answer's bar and the
+    # micro-batch-size hedge
     runs: dict[tuple[int, str, int], float] = field(default_factory=dict, compare=False,
                                                    repr=False)
 
@@ -342,13 +343,13 @@ def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: Searc
     # A single-shape answer is one more single shape: where NEAR_TIES others' runs beat its
     # own, it would not have been listed among them, and is priced only if none of them fits.
     outranked = (len(sol.choices) == 1 and len(chosen) == NEAR_TIES
-             and all(rerun < answer_s for _, _, rerun in chosen))
+                 and all(rerun < answer_s for _, _, rerun in chosen))
     # Where transfers dominate, split backwards can lose to 1F1B (a weight gradient started
     # just before an input gradient arrives delays it): the chosen counts are priced under
     # 1F1B too where a run of their copies says it may win, and a single shape ranked under
     # 1F1B under 1F1B only.
-    out = [] if outranked else _priced_choice(cluster, cost, global_batch, options, sol, cands,
-                                          shards)
+    out = [] if outranked else _priced_choice(cluster, cost, global_batch, options, sol,
+                                              cands, shards)
     for choice, kind, _ in chosen:
         out += _priced_choice(cluster, cost, global_batch, options, choice, cands, shards,
                               kinds=(kind,), answer=sol)
