@@ -28,7 +28,8 @@ from hetrain.plan.types import Plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.estimate import StepEstimate
 from hetrain.planner.replan import data_parallel_replan
-from hetrain.planner.search import SearchOptions, search_plan
+from hetrain.planner.options import model_options
+from hetrain.planner.search import search_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.entry import RunHooks, run_training
 from hetrain.runtime.faults import Faults
@@ -92,7 +93,7 @@ def plan_job(job: JobConfig, *, cluster: Cluster | None = None,
     if model is not None or not job.plan.search:
         return dp
     try:
-        result = search_plan(cluster, cost, gb, SearchOptions(tp_sizes=source.tp_sizes()))
+        result = search_plan(cluster, cost, gb, model_options(source))
         check_plan(result.plan, cluster, cost.spec)  # what the runtime will accept
     except HetrainError as err:
         dp.note = f"planner: {err}; training data parallelism instead"

@@ -28,7 +28,8 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import ClusterError, PlannerError
 from hetrain.model.loading import model_and_seq_len
-from hetrain.planner.search import SearchOptions, search_plan
+from hetrain.planner.options import model_options
+from hetrain.planner.search import search_plan
 
 EXAMPLES = Path("examples") / "clusters"
 # The example clusters, each at the global batch its figures are quoted at.
@@ -78,7 +79,7 @@ def bench_search(cases: list[Case], model: str, rounds: int, seq_len: int | None
     from hetrain.cli.bench import interleaved_runs, spread
 
     source, seq = model_and_seq_len(model, seq_len)
-    options = SearchOptions(tp_sizes=source.tp_sizes())
+    options = model_options(source)
     by_name = {c.name: c for c in cases}
     steps: dict[str, float | None] = {}
     errors: dict[str, str] = {}

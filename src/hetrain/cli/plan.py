@@ -38,7 +38,8 @@ def plan(
     from hetrain.cost.profile import Profile
     from hetrain.model.loading import model_and_seq_len
     from hetrain.planner.report import checked_memory_bytes
-    from hetrain.planner.search import SearchOptions, search_plan
+    from hetrain.planner.options import model_options
+    from hetrain.planner.search import search_plan
 
     console = Console()
     clus = load_cluster(cluster)
@@ -49,7 +50,7 @@ def plan(
         prof = Profile.load(profile)
         prof.check_layers(spec.n_layers, source.name)
     cost = CostModel(clus, spec, prof)
-    options = SearchOptions(tp_sizes=source.tp_sizes(), dtype=dtype)
+    options = model_options(source, dtype=dtype)
     result = search_plan(clus, cost, global_batch, options)
     memory = checked_memory_bytes(result.plan, cost)
     baselines = _baselines(clus, cost, global_batch, options) if compare or json_out else []

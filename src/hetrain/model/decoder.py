@@ -31,17 +31,66 @@ def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [batch, seq, heads, head_dim]; rotate interleaved pairs.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               offset: int = 0) -> torch.Tensor:
+    # x: [batch, seq, heads, head_dim], at positions offset.. ; rotate interleaved pairs.
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos, sin = cos[: x.shape[1], None, :], sin[: x.shape[1], None, :]
+    end = offset + x.shape[1]
+    cos, sin = cos[offset:end, None, :], sin[offset:end, None, :]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+class SequencePieces:
+    """One micro-batch's keys and values at a stage when its sequence runs in pieces
+    (Plan.seq_chunks, see plan/schedule.py): piece p attends to the pieces before it.
+
+    Each attention layer keeps, per piece, its keys and values twice: as the graph's own
+    tensors (a root of that piece's backward) and as detached leaves the later pieces read.
+    The later pieces' backward leaves the gradient of those keys and values in the leaves'
+    .grad; the piece's own backward then starts from its output's gradient and these. The
+    same arithmetic as the whole sequence at once (the causal mask over the pieces so far),
+    so training stays exact. A recomputed forward (checkpointing) finds its piece's keys
+    and values already kept and reads the same past."""
+
+    def __init__(self) -> None:
+        self.piece = 0  # the piece the stage is running
+        self.kept: dict[nn.Module, list[tuple[torch.Tensor, ...]]] = {}
+
+    def attend(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep this piece's keys and values; the keys and values of every piece up to it."""
+        kept = self.kept.setdefault(layer, [])
+        if len(kept) == self.piece:  # not a recomputation
+            # clones: a split backward detaches its roots in place, which a view refuses
+            k, v = k.clone(), v.clone()
+            kept.append((k, v, k.detach().requires_grad_(True),
+                         v.detach().requires_grad_(True)))
+        past = kept[:self.piece]
+        return (torch.cat([p[2] for p in past] + [kept[self.piece][0]], dim=1),
+                torch.cat([p[3] for p in past] + [kept[self.piece][1]], dim=1))
+
+    def roots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The running piece's kept keys and values with the gradients the later pieces left
+        (none for the last piece: nothing read them)."""
+        tensors, grads = [], []
+        for kept in self.kept.values():
+            own_k, own_v, leaf_k, leaf_v = kept[self.piece]
+            for own, leaf in ((own_k, leaf_k), (own_v, leaf_v)):
+                if leaf.grad is not None:
+                    tensors.append(own)
+                    grads.append(leaf.grad)
+        return tensors, grads
+
+    def past_leaves(self) -> list[torch.Tensor]:
+        """The leaves of the pieces before the running one (their gradients build up)."""
+        return [t for kept in self.kept.values() for p in kept[:self.piece] for t in p[2:]]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.pieces: SequencePieces | None = None  # set by the stage around a piece's action
         self.head_dim = cfg.head_dim
         self.n_rep = cfg.n_heads // cfg.kv_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
@@ -58,12 +107,22 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        pieces = self.pieces
+        offset = 0 if pieces is None else pieces.piece * seq
+        q = apply_rope(q, self.cos, self.sin, offset)
+        k = apply_rope(k, self.cos, self.sin, offset)
+        mask = None
+        if pieces is not None:
+            k, v = pieces.attend(self, k, v)
+            if offset:  # query i sits at offset + i: it sees keys 0 .. offset + i
+                mask = torch.ones(seq, offset + seq, dtype=torch.bool,
+                                  device=x.device).tril(offset)
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 

@@ -30,6 +30,9 @@ class ModelSource(ABC):
     max_seq_len: int | None
     max_seq_field = "max_seq_len"  # the config field that bounds it, named in errors
     tie_embeddings: bool = False
+    # Whether its stages run a sequence in pieces (Plan.seq_chunks: attention reads the
+    # earlier pieces' keys and values, model.decoder.SequencePieces).
+    sequence_pieces = False
 
     @abstractmethod
     def spec(self, seq_len: int) -> ModelSpec:
@@ -102,6 +105,7 @@ class DecoderModel(LlamaShaped):
     """The reference decoder (model/decoder.py) of a ModelConfig: a built-in name or a YAML."""
 
     sequence_parallel = True
+    sequence_pieces = True
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg

@@ -7,6 +7,7 @@ stage groups, tied embeddings included (the head's copy is named as the embeddin
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,6 +37,20 @@ class Stage(nn.Module):
         # Set by the runtime around a split backward's input-gradient action: regathered
         # inputs are then not gathered (only the weight gradients read their values).
         self.input_grad_pass = False
+
+    @contextmanager
+    def sequence_piece(self, pieces: object) -> Iterator[None]:
+        """Run the stage on one piece of a micro-batch's sequence (Plan.seq_chunks): every
+        attention layer that takes pieces (model.decoder.SequencePieces) reads the earlier
+        pieces' keys and values from `pieces` meanwhile."""
+        takers = [m for m in self.modules() if hasattr(m, "pieces")]
+        for m in takers:
+            m.pieces = pieces
+        try:
+            yield
+        finally:
+            for m in takers:
+                m.pieces = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

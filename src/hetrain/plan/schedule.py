@@ -25,6 +25,14 @@ Two kinds (Plan.schedule):
   no stage waits for its input gradient, and a split would only finalise its weight
   gradients later, leaving more of the gradient sync after its last action. So does a
   recomputing group: every backward pass over its checkpointed layers recomputes them.
+
+Sequence chunks (Plan.seq_chunks = c > 1, TeraPipe, Li et al. 2021): each micro-batch runs
+as c actions per op, one per consecutive piece of its sequence; a piece's forward attends to
+the earlier pieces' keys and values, so the gradient of a piece's input needs the later
+pieces' backward at the same group first: a piece's (input) gradient is ready once it has
+arrived and the next piece's (input-gradient) action at this group is done. Limits and caps
+count pieces (c x those above: the same activation memory); compute and transfers last 1/c
+of a whole micro-batch's. The pipeline so fills and drains in steps c times shorter.
 """
 
 from __future__ import annotations
@@ -83,7 +91,7 @@ def transfer_times(plan: Plan, cost: LinkCost) -> TransferFn:
         if key not in cache:
             a, b = groups[src], groups[dst]
             boundary = a.layers[1] if direction == "forward" else a.layers[0]
-            nbytes = cost.activation_bytes(boundary, samples, a.dtype)
+            nbytes = cost.activation_bytes(boundary, samples, a.dtype) / plan.seq_chunks
             cache[key] = (cost.p2p_handshake_s(a.devices[0], b.devices[0]),
                           cost.p2p_s(a.devices[0], b.devices[0], nbytes))
         return cache[key]
@@ -105,10 +113,12 @@ class Action(NamedTuple):
     stage: int  # position of the group in the route
     recv_from: str | None
     send_to: str | None
+    chunk: int = 0  # piece of the sequence (Plan.seq_chunks), 0 without chunks
 
     @property
     def label(self) -> str:
-        return OP_LETTER[self.op] + str(self.micro_batch)
+        text = OP_LETTER[self.op] + str(self.micro_batch)
+        return f"{text}.{self.chunk}" if self.chunk else text
 
     @property
     def is_backward(self) -> bool:
@@ -179,14 +189,14 @@ def critical_path(schedule: Schedule) -> list[PathSegment]:
     if not ends:
         return []
     g, i = max(ends, key=ends.__getitem__)  # the first in plan order on a tie
-    index: dict[str, dict[tuple[bool, int], int]] = {}
+    index: dict[str, dict[tuple[bool, int, int], int]] = {}
 
     def sender(group: str, action: Action) -> int:
         if group not in index:
-            index[group] = {(a.op == "forward", a.micro_batch): j
+            index[group] = {(a.op == "forward", a.micro_batch, a.chunk): j
                             for j, a in enumerate(schedule.actions[group])
                             if a.op != "backward_weight"}
-        return index[group][(action.op == "forward", action.micro_batch)]
+        return index[group][(action.op == "forward", action.micro_batch, action.chunk)]
 
     steps: list[tuple[str, int, float]] = []  # (group, index, wait before it), last first
     while True:
@@ -236,19 +246,23 @@ def critical_path_summary(plan: Plan, schedule: Schedule) -> dict[str, object]:
 
 def in_flight_limit(plan: Plan, group: str) -> int:
     """Forwards awaiting their (input) gradient at once: the sum over routes through the group
-    of the stages from it to the route's end (1F1B), times the group's in-flight scale."""
+    of the stages from it to the route's end (1F1B), times the group's in-flight scale; in
+    sequence pieces (x Plan.seq_chunks)."""
     limit = 0
     for r in plan.routes_through(group):
         stages = plan.routes[r].stages
         limit += len(stages) - stages.index(group)
-    return max(math.floor(limit * plan.group_by_name[group].in_flight_scale + 1e-9), 1)
+    scaled = max(math.floor(limit * plan.group_by_name[group].in_flight_scale + 1e-9), 1)
+    return scaled * plan.seq_chunks
 
 
 def weight_grad_cap(plan: Plan, group: str) -> int:
-    """Zero-bubble: micro-batches a group may hold beyond its in-flight limit (weight
-    gradients kept pending; none at in-flight scale 1, where it holds what 1F1B holds)."""
+    """Zero-bubble: micro-batches (sequence pieces) a group may hold beyond its in-flight
+    limit (weight gradients kept pending; none at in-flight scale 1, where it holds what
+    1F1B holds)."""
     upstream = sum(plan.routes[r].stages.index(group) for r in plan.routes_through(group))
-    return math.floor(2 * (plan.group_by_name[group].in_flight_scale - 1) * upstream + 1e-9)
+    scale = plan.group_by_name[group].in_flight_scale
+    return math.floor(2 * (scale - 1) * upstream + 1e-9) * plan.seq_chunks
 
 
 def splits(schedule: str, first: bool, recompute: bool) -> bool:
@@ -277,9 +291,9 @@ def imbalance_s(busy_s: dict[str, float], bubble_s: dict[str, float]) -> dict[st
     return {g: min(bubble_s[g], top - b) for g, b in busy_s.items()}
 
 
-def _unit_duration(group: StageGroup, op: Op, samples: int) -> float:
+def _unit_duration(group: StageGroup, op: Op, samples: int, chunks: int) -> float:
     scale = {"forward": 1.0, "backward": 2.0, "backward_input": 1.0, "backward_weight": 1.0}[op]
-    return group.n_layers * samples * scale / group.tp
+    return group.n_layers * samples * scale / group.tp / chunks
 
 
 @dataclass(slots=True)
@@ -301,6 +315,10 @@ class _GroupState:
     ends: list = field(default_factory=list)
     durations: dict = field(default_factory=dict)  # (op, samples) -> seconds
     most_held: float = math.inf  # the run stops (HeldOver) when held exceeds it
+    # Sequence chunks: pieces whose (input) gradient arrived before the next piece's
+    # backward ran here (piece -> position), and pieces whose backward ran here.
+    early_b: dict = field(default_factory=dict)
+    done_b: set = field(default_factory=set)
 
 
 # (group before, group after, (handshake, transfer) of the input from before, from after)
@@ -333,6 +351,7 @@ class _ListScheduler:
                                      durations=self.layout.durations.setdefault(g, {}))
                       for g in self.groups}
         self.mb_info = self.layout.mb_info
+        self.chunks = plan.seq_chunks
         self.route_links: dict[int, list[_Link]] = {}
         self.events: list = []
         self.seq = itertools.count()
@@ -342,9 +361,10 @@ class _ListScheduler:
         dur = st.durations.get(key)
         if dur is None:
             group = self.groups[g]
-            dur = st.durations[key] = (_unit_duration(group, op, samples) if self.cost is None
-                                       else self.cost.stage_compute_s(group, op, samples,
-                                                                      self.plan.seq_len))
+            plan = self.plan
+            dur = st.durations[key] = (
+                _unit_duration(group, op, samples, plan.seq_chunks) if self.cost is None
+                else self.cost.stage_compute_s(group, op, samples, plan.chunk_len))
         return dur
 
     def signature(self) -> tuple:
@@ -422,7 +442,10 @@ class _ListScheduler:
             else:
                 recv, send, wait = nxt, prev, from_next
         # Action(...) without the NamedTuple's argument handling: the run lists 100,000s
-        action = tuple.__new__(Action, (op, mb_id, route, pos, recv, send))
+        chunks = self.chunks
+        action = tuple.__new__(Action, (op, mb_id, route, pos, recv, send, 0) if chunks == 1
+                               else (op, mb_id // chunks, route, pos, recv, send,
+                                     mb_id % chunks))
         starts = st.starts
         start = now
         if wait is not None:
@@ -447,8 +470,24 @@ class _ListScheduler:
         st.ends.append(end)
         heappush(self.events, (end, next(self.seq), g, action))
 
+    def _gradient_in(self, st: _GroupState, now: float, unit: int, pos: int) -> None:
+        """A piece's output gradient is here: ready, unless a later piece of its sequence
+        has yet to run its backward at this group (its keys' and values' gradients)."""
+        if self.chunks == 1 or unit % self.chunks == self.chunks - 1 or unit + 1 in st.done_b:
+            heappush(st.ready_b, (now, unit, pos))
+        else:
+            st.early_b[unit] = pos
+
+    def _backward_done(self, st: _GroupState, now: float, unit: int) -> None:
+        """Sequence chunks: the previous piece's gradient, if it came early, is ready now."""
+        st.done_b.add(unit)
+        pos = st.early_b.pop(unit - 1, None)
+        if pos is not None:
+            heappush(st.ready_b, (now, unit - 1, pos))
+
     def run(self) -> float:
         state, events, seq = self.state, self.events, self.seq
+        # the hot loop reads units (micro-batch x chunks + piece) as micro-batch ids
         for r in self.routes:
             first = self.plan.routes[r].stages[0]
             for mb_id in self.layout.route_mbs[r]:
@@ -463,12 +502,16 @@ class _ListScheduler:
                 st.busy = False
                 st.free_s = now
                 op, mb_id, pos, send = what.op, what.micro_batch, what.stage, what.send_to
+                if self.chunks > 1:
+                    mb_id = mb_id * self.chunks + what.chunk
                 if op == "forward":
                     if send is None:  # last stage: its backward is ready at once
-                        heappush(st.ready_b, (now, mb_id, pos))
+                        self._gradient_in(st, now, mb_id, pos)
                     else:
                         heappush(events, (now, next(seq), send, ("f", mb_id, pos + 1)))
                 elif op != "backward_weight":
+                    if self.chunks > 1:
+                        self._backward_done(st, now, mb_id)
                     if op == "backward_input":
                         heappush(st.pending_w, (now, mb_id, pos))
                     if send is not None:
@@ -476,7 +519,10 @@ class _ListScheduler:
                 self._start(g, st, now)
                 continue
             direction, mb_id, pos = what  # an input was sent
-            heappush(st.ready_f if direction == "f" else st.ready_b, (now, mb_id, pos))
+            if direction == "f":
+                heappush(st.ready_f, (now, mb_id, pos))
+            else:
+                self._gradient_in(st, now, mb_id, pos)
             if not st.busy:
                 self._start(g, st, now)
         return now
@@ -484,16 +530,20 @@ class _ListScheduler:
 
 class _Layout:
     """What every run over a plan reads: per micro-batch (route, its stages, samples), each
-    route's micro-batch ids, and the compute durations found so far, per group."""
+    route's micro-batch ids, and the compute durations found so far, per group. With
+    sequence chunks, per unit (micro-batch x chunks + piece): the ids the run schedules."""
 
     def __init__(self, plan: Plan):
         stages = [tuple(route.stages) for route in plan.routes]
-        self.mb_info = [(mb.route, stages[mb.route], mb.size) for mb in plan.micro_batches]
+        c = plan.seq_chunks
+        self.mb_info = [(mb.route, stages[mb.route], mb.size) for mb in plan.micro_batches
+                        for _ in range(c)]
         self.route_mbs: list[range] = []
         first = 0
         for route in plan.routes:
-            self.route_mbs.append(range(first, first + route.micro_batches))
-            first += route.micro_batches
+            self.route_mbs.append(range(first, first + route.micro_batches * c))
+            first += route.micro_batches * c
+        self.chunks = c
         self.durations: dict[str, dict[tuple[str, int], float]] = {}
         self.order = {g.name: i for i, g in enumerate(plan.stage_groups)}
 
@@ -566,10 +616,11 @@ def _renamed(layout: _Layout, run: tuple[list[int], list[str], Schedule], routes
     their_routes, their_groups, schedule = run
     name = dict(zip(their_groups, groups, strict=True))
     route = dict(zip(their_routes, routes, strict=True))
-    shift = {r: layout.route_mbs[route[r]].start - layout.route_mbs[r].start
+    shift = {r: (layout.route_mbs[route[r]].start - layout.route_mbs[r].start) // layout.chunks
              for r in their_routes}
     actions = {name[g]: [Action(a.op, a.micro_batch + shift[a.route], route[a.route], a.stage,
-                                name.get(a.recv_from), name.get(a.send_to)) for a in acts]
+                                name.get(a.recv_from), name.get(a.send_to), a.chunk)
+                         for a in acts]
                for g, acts in schedule.actions.items()}
     return Schedule(actions=actions,
                     peak_in_flight={name[g]: n for g, n in schedule.peak_in_flight.items()},
@@ -615,7 +666,7 @@ def _checked_run(plan: Plan, run: _ListScheduler) -> float:
     makespan = run.run()
     for g, st in run.state.items():
         per_mb = 3 if st.split else 2
-        want = per_mb * plan.micro_batches_of(g)
+        want = per_mb * plan.micro_batches_of(g) * plan.seq_chunks
         if len(st.order) != want:
             raise PlanError(f"schedule stalled at stage group {g!r}: {len(st.order)} of {want} "
                             "actions could run; check that routes visit layers in order")

@@ -107,15 +107,29 @@ class Plan(BaseModel):
     sharded_optimizer: bool = Field(
         default=False, description="ZeRO-1: each holder keeps the optimizer state of its "
         "shard of every gradient bucket, sized by shard_weight")
+    seq_chunks: int = Field(
+        default=1, ge=1, le=64, description="sequence chunks (TeraPipe-style): each micro-batch "
+        "passes the pipeline as this many consecutive pieces of its sequence, the later ones "
+        "attending to the earlier ones' keys and values; the pipeline fills and drains in "
+        "pieces this much shorter")
     predicted: dict[str, float] = Field(default_factory=dict, description="planner's estimates")
 
     @model_validator(mode="after")
     def _bounded(self) -> Plan:
-        total = sum(route.micro_batches for route in self.routes)
+        total = sum(route.micro_batches for route in self.routes) * self.seq_chunks
         if total > MAX_MICRO_BATCHES:
-            raise ValueError(f"routes: {total:,} micro-batches per step, more than the limit of "
-                             f"{MAX_MICRO_BATCHES:,}; use fewer, larger micro-batches")
+            raise ValueError(f"routes: {total:,} micro-batches (x seq_chunks) per step, more "
+                             f"than the limit of {MAX_MICRO_BATCHES:,}; use fewer, larger "
+                             "micro-batches or fewer sequence chunks")
+        if self.seq_len % self.seq_chunks:
+            raise ValueError(f"seq_chunks: {self.seq_chunks} does not divide seq_len "
+                             f"{self.seq_len}; use a divisor of it (1: whole sequences)")
         return self
+
+    @property
+    def chunk_len(self) -> int:
+        """Tokens of one sequence chunk (seq_len without sequence chunks)."""
+        return self.seq_len // self.seq_chunks
 
     @cached_property
     def group_by_name(self) -> dict[str, StageGroup]:

@@ -38,8 +38,10 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     for route in plan.routes:
         for name in route.stages:
             sizes[name] = max(sizes.get(name, 0), route.micro_batch_size)
+    # With sequence chunks a micro-batch's later pieces keep their activations while the
+    # gradients build up: never priced as one whole backward.
     single = {g.name: not splits_backward(plan, g.name) and plan.micro_batches_of(g.name) == 1
-              for g in plan.stage_groups}
+              and plan.seq_chunks == 1 for g in plan.stage_groups}
     buckets = sync_buckets(plan, cost.spec)
     stepped: dict[str, float | None] = dict.fromkeys(plan.group_by_name)
     if plan.sharded_optimizer:
@@ -58,8 +60,12 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
 
     # Every worker draws the whole global batch: int64 inputs and targets.
     batch = plan.global_batch * plan.seq_len * 16
+    # In flight counts sequence pieces (plan.schedule): their activations, whole micro-batches'
+    # worth rounded up (a piece's working set priced as a whole micro-batch's: the safe side).
+    chunks = plan.seq_chunks
     return lambda g, in_flight: batch + cost.stage_memory_bytes(
-        g, sizes[g.name], in_flight, stepped[g.name], sync_bytes(g), single[g.name])
+        g, sizes[g.name], -(-in_flight // chunks), stepped[g.name], sync_bytes(g),
+        single[g.name])
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
@@ -139,6 +145,11 @@ def _check_routes(plan: Plan, spec: ModelSpec) -> None:
     if plan.seq_len > 0 and spec.seq_len != plan.seq_len:
         raise PlanError(f"plan seq_len {plan.seq_len} differs from the model spec's "
                         f"{spec.seq_len}")
+    for g in plan.stage_groups:
+        if plan.seq_chunks > 1 and spec.sequence_parallel(g.tp) and plan.chunk_len % g.tp:
+            raise PlanError(f"seq_chunks: pieces of {plan.chunk_len} tokens do not split "
+                            f"evenly over stage group {g.name!r}'s {g.tp} tensor-parallel "
+                            "ranks (sequence parallelism); use fewer sequence chunks")
 
 
 def check_memory(plan: Plan, cluster: Cluster, memory_fn: MemoryFn,

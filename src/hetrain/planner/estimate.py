@@ -142,7 +142,7 @@ def schedule_times(plan: Plan, cost: CostModel, most_held: dict[str, int] | None
                    global_batch=sum(plan.routes[r].samples for r in kept),
                    stage_groups=[g for g in plan.stage_groups if g.name in names],
                    routes=[plan.routes[r] for r in kept], schedule=plan.schedule,
-                   sharded_optimizer=plan.sharded_optimizer)
+                   sharded_optimizer=plan.sharded_optimizer, seq_chunks=plan.seq_chunks)
     schedule = build_schedule(reduced, cost, most_held)
     out = {g: _times_of(schedule, g) for g in names}
     for r, rep in rep_of.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from hetrain.cluster.topology import Cluster
 from hetrain.errors import PlannerError
@@ -11,6 +12,8 @@ from hetrain.plan.types import ScheduleKind
 
 TP_SIZES = (1, 2, 4, 8)
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
+# Sequence chunks tried on the answer (Plan.seq_chunks): 1 is whole sequences.
+SEQ_CHUNKS = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,25 @@ class SearchOptions:
     # with a sharded optimizer, partitions are also tried assuming each layer's optimizer state
     # spread over this many holders (kept only where the placed plan then fits)
     optimizer_shards: Sequence[int] = (1, 4)
+    # the answer priced again with its micro-batches cut into this many sequence pieces
+    # (models whose attention takes pieces: ModelSource.sequence_pieces)
+    seq_chunks: Sequence[int] = SEQ_CHUNKS
+
+
+def model_options(source: ModelLike, **overrides: object) -> SearchOptions:
+    """The search options a model allows: the tensor-parallel degrees it splits into, and
+    sequence chunks where its attention reads earlier pieces' keys and values."""
+    return SearchOptions(tp_sizes=source.tp_sizes(),
+                         seq_chunks=SEQ_CHUNKS if source.sequence_pieces else (1,),
+                         **overrides)  # type: ignore[arg-type]
+
+
+class ModelLike(Protocol):
+    """What model_options reads of a model (model.source.ModelSource)."""
+
+    sequence_pieces: bool
+
+    def tp_sizes(self) -> tuple[int, ...]: ...
 
 
 def kind_dtypes(cluster: Cluster, kinds: Sequence[str], dtype: str | None) -> dict[str, str]:

@@ -24,10 +24,10 @@ import numpy as np
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
-from hetrain.errors import PlannerError
+from hetrain.errors import PlanError, PlannerError
 from hetrain.plan.schedule import HeldOver
 from hetrain.plan.types import Plan, ScheduleKind
-from hetrain.plan.validate import plan_memory_fn
+from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
 from hetrain.planner.counts import (
     Choice,
     CountSolution,
@@ -320,10 +320,36 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
     if not priced or chosen is None:
         raise PlannerError(explain_infeasible(cluster, cost, global_batch, options))
     est, plan, _, _ = min(priced, key=lambda x: x[0].step_s)
+    est, plan = _in_pieces(cluster, cost, est, plan, options.seq_chunks)
     search_s = time.perf_counter() - start
     plan = plan.model_copy(update={"predicted": est.predicted()})
     return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,
                         templates_built=built, candidates=chosen[1], solution=chosen[0])
+
+
+def _in_pieces(cluster: Cluster, cost: CostModel, est: StepEstimate, plan: Plan,
+               seq_chunks: Iterable[int]) -> tuple[StepEstimate, Plan]:
+    """The answer with each micro-batch cut into sequence pieces (Plan.seq_chunks), as many
+    as a run of the shared schedule finds fastest: its pipelines fill and drain in steps
+    that much shorter, at the same activation memory (pieces are counted against the
+    same limits). More pieces are tried while each helps and the plan stays valid and
+    within memory (each piece reads every weight again: short pieces are slower where
+    weights' bandwidth bounds the compute)."""
+    for chunks in sorted(set(seq_chunks) - {1}):
+        try:
+            trial = Plan.model_validate({**plan.model_dump(), "seq_chunks": chunks})
+            validate_plan(trial, cluster, cost.spec)
+        except (ValueError, PlanError):
+            break
+        trial_est = estimate_step(trial, cost)
+        if trial_est.step_s >= est.step_s:
+            break
+        try:
+            check_memory(trial, cluster, plan_memory_fn(trial, cost), trial_est.peak_in_flight)
+        except PlanError:
+            break
+        est, plan = trial_est, trial
+    return est, plan
 
 
 def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,

@@ -21,7 +21,7 @@ from hetrain.cluster.topology import Cluster
 from hetrain.comm.bridge import require_bridge
 from hetrain.data.corpus import Corpus
 from hetrain.data.loading import load_corpus
-from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError
+from hetrain.errors import CheckpointError, ConfigError, DataError, ModelError, PlanError
 from hetrain.model.loading import load_model
 from hetrain.model.source import ModelSource
 from hetrain.plan.io import check_writable_dir, check_writable_file
@@ -76,6 +76,9 @@ def check_model(plan: Plan, model: ModelSource) -> None:
     for group in plan.stage_groups:
         model.check_tp(group.tp)
     check_seq_len(model, plan.seq_len)
+    if plan.seq_chunks > 1 and not model.sequence_pieces:
+        raise PlanError(f"seq_chunks: model {model.name!r} runs whole sequences only (its "
+                        "attention does not read earlier pieces' keys); set seq_chunks: 1")
 
 
 def check_seq_len(model: ModelSource, seq_len: int, cli: bool = False) -> None:

@@ -9,6 +9,7 @@ comm thread; the optimizer.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from hetrain.comm.p2p import P2P, tag_of
 from hetrain.comm.pacing import LinkPacer
 from hetrain.cost.model import CostModel
 from hetrain.data.loading import load_corpus
+from hetrain.model.decoder import SequencePieces
 from hetrain.model.loading import load_model
 from hetrain.plan.schedule import RECV_AHEAD, Action, build_schedule
 from hetrain.plan.sync import SyncBucket, ready_fraction
@@ -192,6 +194,10 @@ class Worker:
                           busy_s=st.busy_s, sync_s=t_opt - t_sync, optimizer_s=t_end - t_opt,
                           lr=lr, grad_norm=grad_norm, clipped=clipped)
 
+    def _unit(self, micro_batch: int, piece: int) -> int:
+        """A micro-batch's sequence piece as one id (transfer tags, stored activations)."""
+        return micro_batch * self.job.plan.seq_chunks + piece
+
     def _run_action(self, action: Action, st: _StepState, start_sync: bool,
                     ahead: list[Action]) -> None:
         plan = self.job.plan
@@ -201,19 +207,19 @@ class Worker:
             if nxt.recv_from is not None:
                 size = plan.micro_batches[nxt.micro_batch].size
                 (src,) = self._peer_ranks(nxt.recv_from, receiving=True)
-                self.p2p.post((size, plan.seq_len, self.dim), src,
-                              tag_of(nxt.micro_batch, nxt.is_backward), self.act_dtype)
-        result = _COMPUTE[action.op](self, mb, received, st)
+                self.p2p.post((size, plan.chunk_len, self.dim), src,
+                              tag_of(self._unit(nxt.micro_batch, nxt.chunk), nxt.is_backward), self.act_dtype)
+        result = _COMPUTE[action.op](self, mb, action.chunk, received, st)
         # An emulated kind has its result only once its paced compute is over: send after,
         # or the next stage would start before this one could have finished.
-        emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.seq_len)
+        emulated_s = self.cost.stage_compute_s(self.group, action.op, mb.size, plan.chunk_len)
         if start_sync:
             self._settle_grads()
             self.grad_sync.launch(lambda b: self._bucket_ready_s(b, t0, emulated_s))
         self.pacer.finish(t0, emulated_s)
         if action.send_to is not None:
             for dst in self._peer_ranks(action.send_to, receiving=False):
-                self.p2p.send(result, dst, tag_of(mb.id, action.is_backward))
+                self.p2p.send(result, dst, tag_of(self._unit(action.micro_batch, action.chunk), action.is_backward))
         t1 = time.perf_counter()
         st.busy_s += t1 - t0
         self._event(action.label, _CATEGORY[action.op], t0, t1)
@@ -228,10 +234,10 @@ class Worker:
         t_wait = time.perf_counter()
         if action.recv_from is None:
             return None, t_wait
-        shape = (mb.size, self.job.plan.seq_len, self.dim)
+        shape = (mb.size, self.job.plan.chunk_len, self.dim)
         (src,) = self._peer_ranks(action.recv_from, receiving=True)
-        received = self.p2p.recv(shape, src, tag_of(mb.id, action.is_backward), self.device,
-                                 self.act_dtype)
+        received = self.p2p.recv(shape, src, tag_of(self._unit(action.micro_batch, action.chunk), action.is_backward),
+                                 self.device, self.act_dtype)
         t0 = time.perf_counter()
         if t0 - t_wait > 1e-4:
             self._event(f"recv {action.label}", "comm", t_wait, t0)
@@ -246,59 +252,97 @@ class Worker:
         return t0 + share * emulated_s * self.pacer.time_scale
 
     # --- compute actions: each returns what the action sends (if anything) --------------------
-    def _forward(self, mb: MicroBatch, received: torch.Tensor | None,
+    # `piece`: the piece of the micro-batch's sequence (Plan.seq_chunks; 0 without chunks).
+    def _piece_of(self, st: _StepState, mb: MicroBatch, piece: int):  # noqa: ANN202
+        """The stage's context for the micro-batch's sequence piece: the earlier pieces' keys
+        and values (model.decoder.SequencePieces); a no-op without sequence chunks."""
+        if self.job.plan.seq_chunks == 1:
+            return nullcontext()
+        pieces = st.pieces.setdefault(mb.id, SequencePieces())
+        pieces.piece = piece
+        return self.stage.sequence_piece(pieces)
+
+    def _forward(self, mb: MicroBatch, piece: int, received: torch.Tensor | None,
                  st: _StepState) -> torch.Tensor:
         rows = slice(mb.first_sample, mb.first_sample + mb.size)
+        size = self.job.plan.chunk_len
+        cols = slice(piece * size, (piece + 1) * size)
         saved = _Saved()
         if received is None:
-            x = st.inputs[rows].to(self.device)
+            x = st.inputs[rows, cols].to(self.device)
         else:
             x = saved.inp = received.requires_grad_(True)
-        with self.meter.forward(mb.id):
-            with self.precision.autocast(self.device.type):
+        unit = self._unit(mb.id, piece)
+        with self.meter.forward(unit):
+            with self.precision.autocast(self.device.type), self._piece_of(st, mb, piece):
                 out = self.stage(x)
             if self.stage.last:  # the loss in the master dtype, scaled under fp16
                 out = F.cross_entropy(out.to(self.dtype).flatten(0, 1),
-                                      st.targets[rows].flatten().to(self.device),
+                                      st.targets[rows, cols].flatten().to(self.device),
                                       reduction="sum") * self.inv_tokens
                 st.loss_sum += out.detach().double().cpu()
                 out = self.scaler.scaled(out)
             else:  # activations travel in the compute dtype
                 out = out.to(self.act_dtype)
         saved.out = out
-        st.stored[mb.id] = saved
+        st.stored[unit] = saved
         return out
 
-    def _backward(self, mb: MicroBatch, received: torch.Tensor | None,
+    def _roots(self, st: _StepState, mb: MicroBatch, saved: _Saved,
+               received: torch.Tensor | None) -> tuple[list[torch.Tensor], list, list]:
+        """What a backward starts from: the stage's output (the loss) and its gradient, and
+        with sequence pieces the piece's keys and values with the gradients the later pieces
+        left; the tensors whose gradients it builds besides the weights (the input, the
+        earlier pieces' keys and values). The piece's context is dropped after piece 0, the
+        last backward of the micro-batch here."""
+        outputs, grads, inputs = [saved.out], [received], [saved.inp]
+        pieces = st.pieces.get(mb.id)
+        if pieces is not None:
+            more, more_grads = pieces.roots()
+            outputs += more
+            grads += more_grads
+            inputs += pieces.past_leaves()
+            if pieces.piece == 0:
+                del st.pieces[mb.id]
+        return outputs, grads, inputs
+
+    def _backward(self, mb: MicroBatch, piece: int, received: torch.Tensor | None,
                   st: _StepState) -> torch.Tensor | None:
         """1F1B: input and weight gradients in one pass."""
-        saved = st.stored.pop(mb.id)
-        saved.out.backward(received)
-        self.meter.release(mb.id)
+        unit = self._unit(mb.id, piece)
+        saved = st.stored.pop(unit)
+        with self._piece_of(st, mb, piece):  # a recomputed forward reads the same past
+            outputs, grads, _ = self._roots(st, mb, saved, received)
+            torch.autograd.backward(outputs, grads)
+        self.meter.release(unit)
         return saved.inp.grad if saved.inp is not None else None
 
-    def _backward_input(self, mb: MicroBatch, received: torch.Tensor | None,
+    def _backward_input(self, mb: MicroBatch, piece: int, received: torch.Tensor | None,
                         st: _StepState) -> torch.Tensor | None:
         """Zero-bubble: the input gradient only; the graph pieces the weight gradients need
         stay with the micro-batch (torch.distributed.pipelining's split backward). Only groups
         after the first that do not recompute split (plan.schedule.splits_backward): there is
         always an input, and no checkpointed layer to run again in each action."""
-        saved = st.stored[mb.id]
+        saved = st.stored[self._unit(mb.id, piece)]
         self.stage.input_grad_pass = True  # no regather: the weight action reads the inputs
         try:
-            grads, saved.param_groups = stage_backward_input(
-                [saved.out], None if received is None else [received], [saved.inp],
-                self._weights())
+            with self._piece_of(st, mb, piece):
+                outputs, grads, inputs = self._roots(st, mb, saved, received)
+            if received is None:  # the loss: its own gradient is 1
+                grads[0] = torch.ones_like(saved.out)
+            grads, saved.param_groups = stage_backward_input(outputs, grads, inputs,
+                                                             self._weights())
         finally:
             self.stage.input_grad_pass = False
         return grads[0]
 
-    def _backward_weight(self, mb: MicroBatch, received: torch.Tensor | None,
+    def _backward_weight(self, mb: MicroBatch, piece: int, received: torch.Tensor | None,
                          st: _StepState) -> None:
         """Zero-bubble: the micro-batch's weight gradients, accumulated into .grad."""
-        saved = st.stored.pop(mb.id)
+        unit = self._unit(mb.id, piece)
+        saved = st.stored.pop(unit)
         stage_backward_weight(self._weights(), saved.param_groups)
-        self.meter.release(mb.id)
+        self.meter.release(unit)
         return None
 
     def state_tensors(self) -> list[torch.Tensor]:
@@ -366,7 +410,8 @@ class _Saved:
 class _StepState:
     inputs: torch.Tensor
     targets: torch.Tensor
-    stored: dict[int, _Saved] = field(default_factory=dict)
+    stored: dict[int, _Saved] = field(default_factory=dict)  # by micro-batch x chunks + piece
+    pieces: dict[int, SequencePieces] = field(default_factory=dict)  # by micro-batch
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     busy_s: float = 0.0
 

@@ -109,7 +109,8 @@ def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
 def _transfer_bytes(plan: Plan, cost: CostModel, src: StageGroup, op: str, mb: int) -> float:
     # As the simulator sizes it: a stage's output forward, its input's gradient backward.
     boundary = src.layers[1] if op == "forward" else src.layers[0]
-    return cost.activation_bytes(boundary, plan.micro_batches[mb].size, src.dtype)
+    return cost.activation_bytes(boundary, plan.micro_batches[mb].size, src.dtype) \
+        / plan.seq_chunks
 
 
 def _allreduces(plan: Plan, cost: CostModel, at: dict[str, dict[str, Event]],

@@ -27,6 +27,7 @@ from hetrain.plan.types import Plan
 from hetrain.trace import TraceEvent
 
 _DONE, _ARRIVE = 0, 1
+_Key = tuple[str, bool, int, int]
 
 
 @dataclass
@@ -62,11 +63,11 @@ class StepEngine:
         self.pos = dict.fromkeys(self.groups, 0)
         self.busy = dict.fromkeys(self.groups, False)
         self.free_s = dict.fromkeys(self.groups, 0.0)
-        # Keyed by (receiving group, backward?, micro-batch), as the runtime tags transfers:
-        # a split sender's input-gradient action feeds a whole backward alike.
-        self.sent: dict[tuple[str, bool, int], tuple[str, Action, float]] = {}  # -> src, action, at
-        self.posted: dict[tuple[str, bool, int], float] = {}  # receive posted at
-        self.arrived: dict[tuple[str, bool, int], tuple[float, float]] = {}  # -> (arrive, sent)
+        # Keyed by (receiving group, backward?, micro-batch, sequence piece), as the runtime
+        # tags transfers: a split sender's input-gradient action feeds a whole backward alike.
+        self.sent: dict[_Key, tuple[str, Action, float]] = {}  # -> src, action, at
+        self.posted: dict[_Key, float] = {}  # receive posted at
+        self.arrived: dict[_Key, tuple[float, float]] = {}  # -> (arrive, sent)
         self.link_free_s: dict[tuple[str, str], float] = {}
         self.events: list[TraceEvent] = []
         self.heap: list[tuple] = []
@@ -78,7 +79,7 @@ class StepEngine:
         key = (g, op, samples)
         if key not in self._compute_s:
             self._compute_s[key] = self.cost.stage_compute_s(self.groups[g], op, samples,
-                                                             self.plan.seq_len)
+                                                             self.plan.chunk_len)
         return self._compute_s[key]
 
     # --- the loop ----------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class StepEngine:
             return
         action = self.actions[g][self.pos[g]]
         if action.recv_from is not None:
-            key = (g, action.is_backward, action.micro_batch)
+            key = (g, action.is_backward, action.micro_batch, action.chunk)
             got = self.arrived.get(key)
             if got is None:
                 if key not in self.posted:
@@ -132,7 +133,7 @@ class StepEngine:
         self._post_next(g, now)
         if self.record:
             args = {"group": g, "micro_batch": action.micro_batch, "route": action.route,
-                    "stage": action.stage, "samples": size}
+                    "stage": action.stage, "samples": size, "chunk": action.chunk}
             category = {"forward": "forward", "backward_weight": "weight"}.get(action.op,
                                                                             "backward")
             self._emit(self.groups[g].devices, g, action.label, category, now, dur, args,
@@ -144,7 +145,7 @@ class StepEngine:
         for nxt in self.actions[g][self.pos[g]:self.pos[g] + RECV_AHEAD]:
             if nxt.recv_from is None:
                 continue
-            key = (g, nxt.is_backward, nxt.micro_batch)
+            key = (g, nxt.is_backward, nxt.micro_batch, nxt.chunk)
             if key not in self.posted:
                 self.posted[key] = now
                 if key in self.sent:
@@ -154,7 +155,7 @@ class StepEngine:
         self.busy[g] = False
         self.free_s[g] = now
         if action.send_to is not None:
-            key = (action.send_to, action.is_backward, action.micro_batch)
+            key = (action.send_to, action.is_backward, action.micro_batch, action.chunk)
             self.sent[key] = (g, action, now)
             if key in self.posted:
                 self._transfer(key)
@@ -163,7 +164,7 @@ class StepEngine:
         else:
             self.time[g].last_compute_s = now
 
-    def _transfer(self, key: tuple[str, bool, int]) -> None:
+    def _transfer(self, key: _Key) -> None:
         """Sent and posted: queue the transfer on its link and schedule its arrival."""
         g, action, sent_s = self.sent[key]
         src, dst = self.groups[g], self.groups[action.send_to]
@@ -171,7 +172,7 @@ class StepEngine:
         # the previous stage's output)
         boundary = src.layers[1] if action.op == "forward" else src.layers[0]
         size = self.plan.micro_batches[action.micro_batch].size
-        nbytes = self.cost.activation_bytes(boundary, size, src.dtype)
+        nbytes = self.cost.activation_bytes(boundary, size, src.dtype) / self.plan.seq_chunks
         # One TP rank per side carries the tensor (the others hold the same replica).
         a, b = src.devices[0], dst.devices[0]
         if not self.comm:
