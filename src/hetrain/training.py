@@ -27,8 +27,8 @@ from hetrain.plan import load_plan
 from hetrain.plan.types import Plan
 from hetrain.planner.data_parallel import data_parallel_plan
 from hetrain.planner.estimate import StepEstimate
-from hetrain.planner.replan import data_parallel_replan
 from hetrain.planner.options import model_options
+from hetrain.planner.replan import data_parallel_replan
 from hetrain.planner.search import search_plan
 from hetrain.runtime.config import TrainConfig
 from hetrain.runtime.entry import RunHooks, run_training

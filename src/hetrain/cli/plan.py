@@ -37,8 +37,8 @@ def plan(
     from hetrain.cost.model import CostModel
     from hetrain.cost.profile import Profile
     from hetrain.model.loading import model_and_seq_len
-    from hetrain.planner.report import checked_memory_bytes
     from hetrain.planner.options import model_options
+    from hetrain.planner.report import checked_memory_bytes
     from hetrain.planner.search import search_plan
 
     console = Console()

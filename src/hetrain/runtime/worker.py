@@ -198,6 +198,10 @@ class Worker:
         """A micro-batch's sequence piece as one id (transfer tags, stored activations)."""
         return micro_batch * self.job.plan.seq_chunks + piece
 
+    def _tag(self, action: Action) -> int:
+        """The tag of the tensor the action receives or sends."""
+        return tag_of(self._unit(action.micro_batch, action.chunk), action.is_backward)
+
     def _run_action(self, action: Action, st: _StepState, start_sync: bool,
                     ahead: list[Action]) -> None:
         plan = self.job.plan
@@ -208,7 +212,7 @@ class Worker:
                 size = plan.micro_batches[nxt.micro_batch].size
                 (src,) = self._peer_ranks(nxt.recv_from, receiving=True)
                 self.p2p.post((size, plan.chunk_len, self.dim), src,
-                              tag_of(self._unit(nxt.micro_batch, nxt.chunk), nxt.is_backward), self.act_dtype)
+                              self._tag(nxt), self.act_dtype)
         result = _COMPUTE[action.op](self, mb, action.chunk, received, st)
         # An emulated kind has its result only once its paced compute is over: send after,
         # or the next stage would start before this one could have finished.
@@ -219,7 +223,7 @@ class Worker:
         self.pacer.finish(t0, emulated_s)
         if action.send_to is not None:
             for dst in self._peer_ranks(action.send_to, receiving=False):
-                self.p2p.send(result, dst, tag_of(self._unit(action.micro_batch, action.chunk), action.is_backward))
+                self.p2p.send(result, dst, self._tag(action))
         t1 = time.perf_counter()
         st.busy_s += t1 - t0
         self._event(action.label, _CATEGORY[action.op], t0, t1)
@@ -236,8 +240,7 @@ class Worker:
             return None, t_wait
         shape = (mb.size, self.job.plan.chunk_len, self.dim)
         (src,) = self._peer_ranks(action.recv_from, receiving=True)
-        received = self.p2p.recv(shape, src, tag_of(self._unit(action.micro_batch, action.chunk), action.is_backward),
-                                 self.device, self.act_dtype)
+        received = self.p2p.recv(shape, src, self._tag(action), self.device, self.act_dtype)
         t0 = time.perf_counter()
         if t0 - t_wait > 1e-4:
             self._event(f"recv {action.label}", "comm", t_wait, t0)
