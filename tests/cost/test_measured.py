@@ -58,10 +58,13 @@ def test_allreduce_phases_follow_the_hierarchical_sum():
 
 def test_stage_times_are_looked_up_and_scaled_to_unmeasured_sizes(cluster):
     spec = model_spec(model_config("tiny"), 64)
-    figures = MeasuredFigures(compute_s={("H100", (0, 3), 1, "forward"): {2: [0.1, 0.1, 0.4]}})
+    # keyed by the tokens of one action: 2 samples of 64 tokens
+    figures = MeasuredFigures(compute_s={("H100", (0, 3), 1, "forward"): {128: [0.1, 0.1, 0.4]}})
     cost = MeasuredCost(cluster, spec, figures)
     assert cost.stage_compute_s(_group(), "forward", 2, 64) == pytest.approx(0.2)
     assert cost.stage_compute_s(_group(), "forward", 4, 64) == pytest.approx(0.4)
+    # a piece of 32 tokens of each of the 2 samples (sequence chunks): half the tokens
+    assert cost.stage_compute_s(_group(), "forward", 2, 32) == pytest.approx(0.1)
     with pytest.raises(CostError, match="no measured backward"):
         cost.stage_compute_s(_group(), "backward", 2, 64)
     with pytest.raises(CostError, match="no measured forward for A100"):

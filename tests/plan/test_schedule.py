@@ -62,10 +62,11 @@ def _renamed_sets(monkeypatch) -> list[list[int]]:
     return renamed
 
 
+@pytest.mark.parametrize("chunks", [1, 2])
 @pytest.mark.parametrize("schedule", ["1f1b", "zero_bubble"])
-def test_runs_of_route_sets_and_renamed_copies_equal_one_run(schedule, monkeypatch):
+def test_runs_of_route_sets_and_renamed_copies_equal_one_run(schedule, chunks, monkeypatch):
     cluster = _cluster()
-    plan = _plan(schedule)
+    plan = _plan(schedule).model_copy(update={"seq_chunks": chunks})
     cost = CostModel(cluster, model_spec(model_config("small"), SEQ_LEN))
     renamed = _renamed_sets(monkeypatch)
     got, want = build_schedule(plan, cost), _one_run(plan, cost)
@@ -190,16 +191,16 @@ def test_the_critical_path_runs_through_the_slowest_stage(schedule):
 
 
 def _unit_pipeline(layers: list[int], micro_batches: int, schedule: str,
-                   scale: float = 1.0) -> Plan:
+                   scale: float = 1.0, chunks: int = 1) -> Plan:
     """One route, stage i holding layers[i] layers (unit durations: build_schedule without a
-    cost model)."""
+    cost model), each micro-batch in `chunks` sequence pieces."""
     bounds = list(itertools.accumulate([0, *layers]))
     groups = [{"name": f"s{i}", "kind": "K", "devices": [f"d{i}"], "layers": [a, b],
                "in_flight_scale": scale} for i, (a, b) in enumerate(itertools.pairwise(bounds))]
     return Plan.model_validate({
-        "model": "x", "seq_len": 1, "global_batch": micro_batches, "stage_groups": groups,
+        "model": "x", "seq_len": chunks, "global_batch": micro_batches, "stage_groups": groups,
         "routes": [{"stages": [g["name"] for g in groups], "micro_batches": micro_batches,
-                    "micro_batch_size": 1}], "schedule": schedule})
+                    "micro_batch_size": 1}], "schedule": schedule, "seq_chunks": chunks})
 
 
 @settings(max_examples=30, deadline=None)
@@ -230,3 +231,51 @@ def test_weight_gradients_wait_for_forwards_behind_a_slower_middle():
     assert schedule.estimated_step_s < 1.10 * busiest
     assert schedule.estimated_step_s < build_schedule(
         _unit_pipeline(layers, 64, "1f1b")).estimated_step_s
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers=st.lists(st.integers(1, 4), min_size=1, max_size=8),
+       micro_batches=st.integers(1, 12), chunks=st.integers(2, 4),
+       schedule=st.sampled_from(["1f1b", "zero_bubble"]), scale=st.sampled_from([1.0, 1.5]))
+def test_sequence_pieces_run_in_order_within_their_memory(layers, micro_batches, chunks,
+                                                          schedule, scale):
+    """Every group runs each piece's forward after the previous piece's, its backward after
+    its forward and after the next piece's backward (the gradients of the keys and values
+    that piece read), each once; and holds at most its limit plus its cap in pieces: the
+    micro-batches' worth whole sequences hold."""
+    plan = _unit_pipeline(layers, micro_batches, schedule, scale, chunks)
+    whole = _unit_pipeline(layers, micro_batches, schedule, scale)
+    built = build_schedule(plan)
+    for g in plan.stage_groups:
+        forwards, backwards, weights = set(), set(), set()
+        for a in built.actions[g.name]:
+            piece = (a.micro_batch, a.chunk)
+            if a.op == "forward":
+                assert a.chunk == 0 or (a.micro_batch, a.chunk - 1) in forwards
+                forwards.add(piece)
+            elif a.op == "backward_weight":
+                assert piece in backwards
+                weights.add(piece)
+            else:
+                assert piece in forwards
+                assert a.chunk == chunks - 1 or (a.micro_batch, a.chunk + 1) in backwards
+                backwards.add(piece)
+        every = {(m, c) for m in range(micro_batches) for c in range(chunks)}
+        assert forwards == backwards == every
+        assert weights in (every, set())
+        limit = sched.in_flight_limit(plan, g.name) + sched.weight_grad_cap(plan, g.name)
+        assert limit == chunks * (sched.in_flight_limit(whole, g.name)
+                                  + sched.weight_grad_cap(whole, g.name))
+        assert built.peak_in_flight[g.name] <= limit
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_sequence_pieces_shorten_fill_and_drain(chunks):
+    """Four equal stages, 8 micro-batches under 1F1B: the step is each stage's compute plus
+    the fill and drain, S - 1 forward-and-backward slots of one piece: (m c + S - 1) slots
+    of 1/c of a micro-batch's."""
+    plan = _unit_pipeline([2] * 4, 8, "1f1b", chunks=chunks)
+    busy = 8 * 2 * 3  # per stage: micro-batches x layers x (forward 1 + backward 2)
+    assert build_schedule(plan).estimated_step_s == pytest.approx(busy + 3 * 6 / chunks)
+    assert build_schedule(_unit_pipeline([2] * 4, 8, "zero_bubble", chunks=chunks)
+                          ).estimated_step_s < busy + 3 * 6 / chunks

@@ -154,3 +154,35 @@ def test_memory_knows_the_groups_that_run_one_whole_backward_a_step(cluster, sch
     assert singles({"pipelines": [{"micro_batches": 1, "stages": [
         {"kind": "H100", "layers": [0, 3]}, {"kind": "A100-80GB", "layers": [3, 6]}]}]}) == \
         {"p0s0": True, "p0s1": schedule == "1f1b"}
+
+
+def test_sequence_chunks_that_do_not_divide_the_sequence_are_refused(cluster):
+    with pytest.raises(PlanError) as err:
+        expand_plan({"model": "tiny", "seq_len": 16, "seq_chunks": 3, "micro_batch_size": 2,
+                     "pipelines": [{"micro_batches": 2,
+                                    "stages": [{"kind": "H100", "layers": [0, 6]}]}]},
+                    cluster)
+    assert "seq_chunks" in str(err.value) and "divisor" in str(err.value)
+
+
+def test_sequence_pieces_too_short_for_sequence_parallelism_are_refused(cluster):
+    """A TP-2 group splits each piece's sequence over its ranks: 16 tokens in 16 pieces
+    leave one token a piece."""
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "seq_chunks": 16,
+                        "micro_batch_size": 2,
+                        "pipelines": [{"micro_batches": 2, "stages": [
+                            {"kind": "H100", "tp": 2, "layers": [0, 6]}]}]}, cluster)
+    _refused(cluster, plan, "seq_chunks", "tensor-parallel", "fewer sequence chunks")
+
+
+def test_memory_counts_sequence_pieces_as_parts_of_micro_batches(cluster):
+    """The schedule's peak counts pieces: c pieces hold one micro-batch's activations."""
+    raw = {"model": "tiny", "seq_len": 16, "micro_batch_size": 2,
+           "pipelines": [{"micro_batches": 4, "stages": [
+               {"kind": "H100", "layers": [0, 3]}, {"kind": "A100-80GB", "layers": [3, 6]}]}]}
+    cost = CostModel(cluster, SPEC)
+    whole = expand_plan(raw, cluster)
+    pieces = expand_plan({**raw, "seq_chunks": 4}, cluster)
+    first = whole.stage_groups[0]
+    assert plan_memory_fn(pieces, cost)(first, 8) == plan_memory_fn(whole, cost)(first, 2)
+    assert plan_memory_fn(pieces, cost)(first, 9) == plan_memory_fn(whole, cost)(first, 3)

@@ -236,3 +236,20 @@ def test_each_copy_run_once_per_search(three_kinds, monkeypatch):
     cands = result.candidates
     for (t, schedule, m), seconds in cands.runs.items():
         assert seconds == run_route_s(cands.templates[t], cost.spec.name, schedule, m)
+
+
+def test_sequence_pieces_only_for_models_whose_attention_takes_them(three_kinds):
+    """The search cuts its answer into sequence pieces only where the model's stages run
+    them (the reference decoder), and keeps whole sequences when told to (test_baselines:
+    the mixed-1024 answer in pieces)."""
+    from torch import nn
+
+    from hetrain.model.loading import load_model
+    from hetrain.model.source import WholeModule
+    from hetrain.planner.options import SEQ_CHUNKS, model_options
+
+    assert model_options(WholeModule(nn.Linear(2, 2), "lin")).seq_chunks == (1,)
+    assert model_options(load_model("small")).seq_chunks == SEQ_CHUNKS
+    cost = CostModel(three_kinds, model_spec(model_config("small"), 256))
+    whole = search_plan(three_kinds, cost, 16, SearchOptions(seq_chunks=(1,)))
+    assert whole.plan.seq_chunks == 1

@@ -159,3 +159,19 @@ def test_script_without_main_guard_is_told_what_is_missing(tmp_path):
 
 def test_fit_errors_are_hetrain_errors():
     assert issubclass(ConfigError, HetrainError) and ConfigError.exit_code == 2
+
+
+def test_a_model_without_sequence_pieces_refuses_a_plan_that_cuts_sequences(three_kinds):
+    """Sequence chunks need attention that reads the earlier pieces' keys and values (the
+    reference decoder's); a user's own module runs whole sequences."""
+    from hetrain.errors import PlanError
+    from hetrain.model.loading import load_model
+    from hetrain.model.source import WholeModule
+    from hetrain.runtime.preflight import check_model
+
+    plan = expand_plan({"model": "tiny", "seq_len": 16, "seq_chunks": 2, "pipelines": [
+        {"micro_batches": 2, "stages": [{"kind": "H100", "layers": [0, 1]}]}]}, three_kinds)
+    with pytest.raises(PlanError, match="seq_chunks: model 'bigram' runs whole sequences"):
+        check_model(plan, WholeModule(Bigram(), "bigram"))
+    check_model(plan.model_copy(update={"seq_chunks": 1}), WholeModule(Bigram(), "bigram"))
+    check_model(plan, load_model("tiny"))

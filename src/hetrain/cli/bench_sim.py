@@ -46,7 +46,7 @@ DEFAULT_CLUSTER = {"name": "test-mixed", "nodes": [
 STEPS = 6  # per run; the first (warm-up) is left out of the figures
 STRETCH = 2.0  # time scale over the calibrated one
 PLAN_NAMES = ("data-parallel", "pipeline-3-kinds", "uneven-pipelines", "tensor-parallel",
-              "pipelines-x2", "zero-bubble", "overlapped-sync")
+              "pipelines-x2", "zero-bubble", "sequence-pieces", "overlapped-sync")
 
 
 def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
@@ -103,6 +103,10 @@ def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
             (4, [(a, 1, 0, half), (b, 1, half, n)])),
         "zero-bubble": lambda: with_schedule(pipelines(
             (6, [(a, 1, 0, third), (c, 1, third, two_thirds), (b, 1, two_thirds, n)]))),
+        # each micro-batch in two sequence pieces (attention reads the earlier piece's keys)
+        "sequence-pieces": lambda: with_schedule(pipelines(
+            (4, [(a, 1, 0, third), (c, 1, third, two_thirds), (b, 1, two_thirds, n)])),
+            seq_chunks=2),
         # three shapes: every layer range has its own holders, so sync is many small sums
         "overlapped-sync": lambda: with_schedule(pipelines(
             (3, [(a, 1, 0, third), (c, 1, third, two_thirds), (b, 1, two_thirds, n)]),
@@ -112,10 +116,12 @@ def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
     return {name: build[name]() for name in names}
 
 
-def with_schedule(plan: Plan, sharded_optimizer: bool = False) -> Plan:
-    """The plan under the zero-bubble schedule (split backward), optionally with ZeRO-1."""
+def with_schedule(plan: Plan, sharded_optimizer: bool = False, seq_chunks: int = 1) -> Plan:
+    """The plan under the zero-bubble schedule (split backward), optionally with ZeRO-1 and
+    its micro-batches in sequence pieces."""
     return Plan.model_validate({**plan.model_dump(), "schedule": "zero_bubble",
-                                "sharded_optimizer": sharded_optimizer})
+                                "sharded_optimizer": sharded_optimizer,
+                                "seq_chunks": seq_chunks})
 
 
 def measure_plans(cluster: Cluster, plans: dict[str, Plan], config: TrainConfig,

@@ -136,7 +136,10 @@ def _print_summary(console: Console, result, cost) -> None:
     console.print(table)
     console.print(f"step {est.step_s:.4g} s (pipelines {est.pipeline_s:.4g} s + gradient sync "
                   f"and optimizer {est.sync_s:.4g} s), {est.tokens_per_s:,.0f} tokens/s; "
-                  f"{result.plan.schedule} schedule, bubble share {est.bubble_share:.3f} "
+                  f"{result.plan.schedule} schedule"
+                  + (f" over {result.plan.seq_chunks} sequence pieces"
+                     if result.plan.seq_chunks > 1 else "")
+                  + f", bubble share {est.bubble_share:.3f} "
                   f"(imbalance no schedule fills {est.imbalance_share:.3f}), "
                   f"exposed sync {est.exposed_sync_s:.3g} s; "
                   f"searched in {result.search_s:.2f} s"
@@ -175,7 +178,7 @@ def _summary(result, cost, baselines, plan_path: Path | None) -> dict:
         "bubble_share": est.bubble_share, "imbalance_share": est.imbalance_share,
         "exposed_sync_s": est.exposed_sync_s,
         "schedule": plan.schedule, "sharded_optimizer": plan.sharded_optimizer,
-        "pipeline_s": est.pipeline_s, "sync_s": est.sync_s,
+        "seq_chunks": plan.seq_chunks, "pipeline_s": est.pipeline_s, "sync_s": est.sync_s,
         "search_s": result.search_s, "exhaustive": result.exhaustive,
         "pipelines": len(plan.routes), "stage_groups": len(plan.stage_groups),
         "kinds": kind_rows(plan, cost, est),

@@ -80,7 +80,8 @@ def fit_trimmed(pairs: Sequence[tuple[float, float]]) -> LinearFit:
 class MeasuredFigures:
     """What a run measured, before fitting: plain lists of seconds (and bytes)."""
 
-    # stage key -> micro-batch samples -> durations of one action
+    # stage key -> tokens of one action (samples x tokens each: a sequence or a piece of it)
+    # -> durations of that action
     compute_s: dict[StageKey, dict[int, list[float]]] = field(default_factory=dict)
     # (bytes, seconds) from the send to the receiver's start, where the receive was posted
     # first; and the receiver's wait where it was posted after the send (handshake + transfer)
@@ -91,10 +92,10 @@ class MeasuredFigures:
     optimizer: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def merge(self, other: MeasuredFigures) -> None:
-        for key, by_size in other.compute_s.items():
+        for key, by_tokens in other.compute_s.items():
             mine = self.compute_s.setdefault(key, {})
-            for size, durs in by_size.items():
-                mine.setdefault(size, []).extend(durs)
+            for tokens, durs in by_tokens.items():
+                mine.setdefault(tokens, []).extend(durs)
         self.p2p.extend(other.p2p)
         self.late_recv.extend(other.late_recv)
         self.allreduce.extend(other.allreduce)
@@ -123,8 +124,8 @@ class MeasuredCost(CostModel):
     def __init__(self, cluster: Cluster, spec: ModelSpec, figures: MeasuredFigures):
         super().__init__(cluster, spec)
         self.figures = figures
-        self.stage_s = {key: {size: trimmed_mean(durs) for size, durs in by_size.items()}
-                        for key, by_size in figures.compute_s.items()}
+        self.stage_s = {key: {tokens: trimmed_mean(durs) for tokens, durs in by_tokens.items()}
+                        for key, by_tokens in figures.compute_s.items()}
         # Receives that all came late time handshake and transfer together: all transfer.
         self.p2p_fit = fit_trimmed(figures.p2p or figures.late_recv) \
             if figures.p2p or figures.late_recv else None
@@ -138,17 +139,18 @@ class MeasuredCost(CostModel):
                               for kind, pairs in figures.optimizer.items()}
 
     def stage_compute_s(self, group: GroupLike, op: Op, samples: int, seq_len: int) -> float:
-        by_size = self.stage_s.get(stage_key(group, op))
-        if not by_size and op in SPLIT_BACKWARD and op != "backward":
+        by_tokens = self.stage_s.get(stage_key(group, op))
+        if not by_tokens and op in SPLIT_BACKWARD and op != "backward":
             # split backward not measured on its own: its share of the whole backward
             return SPLIT_BACKWARD[op] * self.stage_compute_s(group, "backward", samples, seq_len)
-        if not by_size:
+        if not by_tokens:
             raise CostError(f"no measured {op} for {group.kind} layers {tuple(group.layers)} "
                             f"on {len(group.devices)} device(s)")
-        if samples in by_size:
-            return by_size[samples]
-        nearest = min(by_size, key=lambda s: (abs(s - samples), s))
-        return by_size[nearest] * samples / nearest
+        tokens = samples * seq_len
+        if tokens in by_tokens:
+            return by_tokens[tokens]
+        nearest = min(by_tokens, key=lambda s: (abs(s - tokens), s))
+        return by_tokens[nearest] * tokens / nearest
 
     def p2p_s(self, src_device: str, dst_device: str, nbytes: float) -> float:
         if src_device == dst_device:

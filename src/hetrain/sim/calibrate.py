@@ -60,10 +60,12 @@ def _compute(plan: Plan, at: dict[str, dict[str, Event]], figures: MeasuredFigur
         for lane in g.devices:
             for name, e in at.get(lane, {}).items():
                 if e["category"] in ("forward", "backward", "weight"):
-                    size = plan.micro_batches[int(name[1:])].size
+                    # "F12" or, the second piece of a sequence in pieces, "F12.1"
+                    mb = int(name[1:].split(".")[0])
+                    tokens = plan.micro_batches[mb].size * plan.chunk_len
                     op = _op_of(plan, g.name, e["category"])
-                    by_size = figures.compute_s.setdefault(stage_key(g, op), {})
-                    by_size.setdefault(size, []).append(e["dur_s"])
+                    by_tokens = figures.compute_s.setdefault(stage_key(g, op), {})
+                    by_tokens.setdefault(tokens, []).append(e["dur_s"])
 
 
 def _op_of(plan: Plan, group: str, category: str) -> str:
