@@ -145,8 +145,9 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
              seq_len: int, steps: int, time_scale: float | None = None, rounds: int = 3
              ) -> dict:
     """One pipeline over one device of each kind (fastest first): even layer split against
-    the split balanced by kind speed, and that balanced split under the zero-bubble schedule
-    (split backward, in-flight scale 1.5) against it under 1F1B, interleaved in `rounds`
+    the split balanced by kind speed, that balanced split under the zero-bubble schedule
+    (split backward, in-flight scale 1.5) against it under 1F1B, and zero-bubble with each
+    micro-batch in two sequence pieces against whole sequences, interleaved in `rounds`
     rounds."""
     spec = model_spec(model_config(model), seq_len)
     cost = CostModel(cluster, spec)
@@ -163,22 +164,28 @@ def bench_pp(cluster: Cluster, model: str, micro_batches: int, micro_batch_size:
         **balanced.model_dump(), "schedule": "zero_bubble",
         "stage_groups": [g.model_dump() | {"in_flight_scale": 1.5}
                          for g in balanced.stage_groups]})
-    plans = {"even": even, "balanced": balanced, "zero-bubble": zero_bubble}
+    pieces = Plan.model_validate({**zero_bubble.model_dump(), "seq_chunks": 2})
+    plans = {"even": even, "balanced": balanced, "zero-bubble": zero_bubble, "pieces": pieces}
     runs = interleaved_runs(lambda name: _measure(cluster, plans[name], config, scale, corpus),
                             list(plans), rounds)
     r_even = [rnd["even"].tokens_per_s for rnd in runs]
     r_bal = [rnd["balanced"].tokens_per_s for rnd in runs]
     r_zb = [rnd["zero-bubble"].tokens_per_s for rnd in runs]
+    r_pieces = [rnd["pieces"].tokens_per_s for rnd in runs]
     out: dict = {"kinds": kinds, "even_layers": even_layers, "balanced_layers": balanced_layers}
     spread(out, "even_tokens_per_s", r_even)
     spread(out, "balanced_tokens_per_s", r_bal)
     spread(out, "zero_bubble_tokens_per_s", r_zb)
+    spread(out, "pieces_tokens_per_s", r_pieces)
     spread(out, "speedup", [b / e for b, e in zip(r_bal, r_even, strict=True)])
     # the same plan and layers: only the schedule differs
     spread(out, "zero_bubble_speedup", [z / b for z, b in zip(r_zb, r_bal, strict=True)])
+    # the same plan again: only the sequence is cut in two pieces
+    spread(out, "pieces_speedup", [p / z for p, z in zip(r_pieces, r_zb, strict=True)])
     simulated = {name: simulate_plan(plans[name], cluster, cost, trace=False).step_s
-                 for name in ("balanced", "zero-bubble")}
+                 for name in ("balanced", "zero-bubble", "pieces")}
     out["zero_bubble_speedup_simulated"] = simulated["balanced"] / simulated["zero-bubble"]
+    out["pieces_speedup_simulated"] = simulated["zero-bubble"] / simulated["pieces"]
     return out | {
         "late_s_max": late_s_max(runs),
         "emulated": any(r.is_emulated for rnd in runs for r in rnd.values()),
@@ -231,8 +238,9 @@ def pp(
     rounds: int = typer.Option(3, min=1, help="rounds of interleaved runs (median, min, max)"),
     json_path: Path | None = typer.Option(None, "--json", help="write figures as JSON"),
 ) -> None:
-    """A mixed-kind pipeline: even layer split against layers split by kind speed, and the
-    zero-bubble schedule against 1F1B on the balanced split."""
+    """A mixed-kind pipeline: even layer split against layers split by kind speed, the
+    zero-bubble schedule against 1F1B on the balanced split, and two sequence pieces against
+    whole sequences under zero-bubble."""
     check_writable_file(json_path, "--json")
     console = Console()
     out = bench_pp(load_cluster(cluster), model, micro_batches, micro_batch_size, seq_len,
@@ -240,13 +248,17 @@ def pp(
     _print(console, f"bench pp, {rounds} rounds",
            {f"even layers {out['even_layers']}": _row(out, "even_tokens_per_s"),
             f"balanced layers {out['balanced_layers']}": _row(out, "balanced_tokens_per_s"),
-            "balanced, zero-bubble": _row(out, "zero_bubble_tokens_per_s")},
+            "balanced, zero-bubble": _row(out, "zero_bubble_tokens_per_s"),
+            "balanced, zero-bubble, 2 sequence pieces": _row(out, "pieces_tokens_per_s")},
            out["emulated"])
     console.print(f"balanced split: {out['speedup']:.2f}x the even split (min "
                   f"{out['speedup_min']:.2f}, max {out['speedup_max']:.2f}); zero-bubble "
                   f"{out['zero_bubble_speedup']:.2f}x 1F1B (min "
                   f"{out['zero_bubble_speedup_min']:.2f}, max "
                   f"{out['zero_bubble_speedup_max']:.2f}; simulated "
-                  f"{out['zero_bubble_speedup_simulated']:.2f}x)"
+                  f"{out['zero_bubble_speedup_simulated']:.2f}x); 2 sequence pieces "
+                  f"{out['pieces_speedup']:.2f}x whole sequences (min "
+                  f"{out['pieces_speedup_min']:.2f}, max {out['pieces_speedup_max']:.2f}; "
+                  f"simulated {out['pieces_speedup_simulated']:.2f}x)"
                   f"{emulated_tag(out['emulated'])}", highlight=False)
     write_json(json_path, out)

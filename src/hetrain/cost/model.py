@@ -207,7 +207,7 @@ class CostModel:
     def stage_memory_bytes(self, group: GroupLike, micro_batch_size: int, in_flight: int,
                            optimizer_params: float | None = None,
                            sync_bytes: float | None = None,
-                           single_backward: bool = False) -> float:
+                           single_backward: bool = False, pieces: int = 1) -> float:
         """Peak bytes per device, as the runtime allocates them (runtime/memory.py measures
         it): model states, plus the larger of the activation phase (the micro-batches the
         schedule keeps, backward's working set, the tensors crossing to the neighbours) and
@@ -225,7 +225,8 @@ class CostModel:
         with the sync buffers.
         A split backward (zero-bubble) keeps its input-gradient pass's tensors while the
         weight pass builds the gradients (measured up to 9 % above that bound): it stays
-        priced as several."""
+        priced as several. `pieces`: each micro-batch's sequence in that many pieces
+        (Plan.seq_chunks), `in_flight` then counting whole micro-batches' worth."""
         states = self.state_bytes(group, optimizer_params)
         if sync_bytes is None:
             sync_bytes = float(sync_bound_bytes(self.device_params(group), group.dtype,
@@ -235,8 +236,8 @@ class CostModel:
             peak = states - grads + max(self.one_backward_bytes_peak(group, micro_batch_size),
                                         grads + sync_bytes)
         else:
-            peak = states + max(self.activation_bytes_peak(group, micro_batch_size, in_flight),
-                                sync_bytes)
+            peak = states + max(self.activation_bytes_peak(group, micro_batch_size, in_flight,
+                                                           pieces), sync_bytes)
         return peak * (1 + UNMODELLED_FRACTION) + self.fixed_overhead_bytes(group.kind)
 
     def fixed_overhead_bytes(self, kind: str) -> float:
@@ -275,14 +276,17 @@ class CostModel:
         return self.spec.device_params(start, end, len(group.devices)) * master
 
     def activation_bytes_peak(self, group: GroupLike, micro_batch_size: int,
-                              in_flight: int) -> float:
+                              in_flight: int, pieces: int = 1) -> float:
         """Activations of `in_flight` micro-batches, plus one backward's working set, plus the
-        received input and the sent output of each micro-batch in flight."""
+        received input and the sent output of each micro-batch in flight; with the sequence
+        in `pieces`, what the pieces' keys and values add."""
         start, end = group.layers
         if not self.spec.layers[start:end]:
             return 0.0
         kept, working = self._kept_elems_per_token(group)
         kept_sum = sum(kept) + self.boundary_elems_per_token(start, end)
+        kept_sum += sum(lay.pieces_elems_per_token(pieces, len(group.devices), group.recompute)
+                        for lay in self.spec.layers[start:end])
         tokens = micro_batch_size * self.spec.seq_len
         return (in_flight * kept_sum + working) * tokens * DTYPE_BYTES[group.dtype]
 

@@ -34,6 +34,10 @@ class LayerSpec(BaseModel):
     sp_replicated_elems_per_token: float | None = None
     sp_gathered_elems_per_token: float = 0.0
     backward_peak_elems_per_token: float = 0.0
+    # Attention's keys and values (Plan.seq_chunks): as computed (per token, all heads) and
+    # as attention keeps them for backward (repeated per query head with grouped heads).
+    kv_elems_per_token: float = 0.0
+    attention_kv_elems_per_token: float = 0.0
     buffer_bytes: int = 0  # persistent buffers (rotary tables), whatever the dtype
 
     def kept_elems_per_token(self, tp: int, sequence_parallel: bool,
@@ -46,6 +50,16 @@ class LayerSpec(BaseModel):
         else:
             whole = self.tp_replicated_elems_per_token
         return whole + (self.activation_elems_per_token - whole) / tp
+
+    def pieces_elems_per_token(self, pieces: int, tp: int, recompute: bool) -> float:
+        """What running the sequence in `pieces` (Plan.seq_chunks) adds per token to what the
+        layer keeps on one of `tp` ranks (heads split): each piece's own keys and values,
+        which the later pieces read, and, unless recomputed, attention's keys and values over
+        the pieces so far, (pieces + 1) / 2 of the whole sequence's on average."""
+        if pieces == 1:
+            return 0.0
+        over = 0.0 if recompute else self.attention_kv_elems_per_token * (pieces - 1) / 2
+        return (self.kv_elems_per_token + over) / tp
 
     def recompute_kept_elems_per_token(self, tp: int, sequence_parallel: bool) -> float:
         """Kept under full recomputation (the layer input): split along the sequence under
@@ -137,6 +151,7 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -
                       sp_replicated_elems_per_token=2 * h if sequence_parallel else None,
                       sp_gathered_elems_per_token=2 * h,
                       backward_peak_elems_per_token=2 * (h + f),
+                      kv_elems_per_token=2 * kv, attention_kv_elems_per_token=2 * kv_kept,
                       buffer_bytes=cfg.max_seq_len * cfg.head_dim * 4)
             for i in range(cfg.n_layers)
         ),

@@ -24,7 +24,7 @@ class StageMemory(Protocol):
     def stage_memory_bytes(self, group: StageGroup, micro_batch_size: int, in_flight: int,
                            optimizer_params: float | None = None,
                            sync_bytes: float | None = None,
-                           single_backward: bool = False) -> float: ...
+                           single_backward: bool = False, pieces: int = 1) -> float: ...
 
 
 def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
@@ -65,7 +65,7 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     chunks = plan.seq_chunks
     return lambda g, in_flight: batch + cost.stage_memory_bytes(
         g, sizes[g.name], -(-in_flight // chunks), stepped[g.name], sync_bytes(g),
-        single[g.name])
+        single[g.name], chunks)
 
 
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
