@@ -114,7 +114,7 @@ class _Recorder:
         self.single = {}
 
     def stage_memory_bytes(self, group, micro_batch_size, in_flight, optimizer_params=None,
-                           sync_bytes=None, single_backward=False):
+                           sync_bytes=None, single_backward=False, pieces=1):
         self.asked[group.name, group.dtype] = sync_bytes
         self.single[group.name] = single_backward
         return 0.0
@@ -176,7 +176,9 @@ def test_sequence_pieces_too_short_for_sequence_parallelism_are_refused(cluster)
 
 
 def test_memory_counts_sequence_pieces_as_parts_of_micro_batches(cluster):
-    """The schedule's peak counts pieces: c pieces hold one micro-batch's activations."""
+    """The schedule's peak counts pieces: c pieces hold one micro-batch's activations (a
+    part of one rounded up), and the pieces' keys and values on top (test_memory.py
+    measures them)."""
     raw = {"model": "tiny", "seq_len": 16, "micro_batch_size": 2,
            "pipelines": [{"micro_batches": 4, "stages": [
                {"kind": "H100", "layers": [0, 3]}, {"kind": "A100-80GB", "layers": [3, 6]}]}]}
@@ -184,5 +186,7 @@ def test_memory_counts_sequence_pieces_as_parts_of_micro_batches(cluster):
     whole = expand_plan(raw, cluster)
     pieces = expand_plan({**raw, "seq_chunks": 4}, cluster)
     first = whole.stage_groups[0]
-    assert plan_memory_fn(pieces, cost)(first, 8) == plan_memory_fn(whole, cost)(first, 2)
-    assert plan_memory_fn(pieces, cost)(first, 9) == plan_memory_fn(whole, cost)(first, 3)
+    in_pieces, in_whole = plan_memory_fn(pieces, cost), plan_memory_fn(whole, cost)
+    assert in_pieces(first, 5) == in_pieces(first, 8)
+    assert in_whole(first, 2) < in_pieces(first, 8) < in_whole(first, 3)
+    assert in_pieces(first, 9) > in_whole(first, 3)
