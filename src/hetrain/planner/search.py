@@ -36,7 +36,7 @@ from hetrain.planner.counts import (
     choose_counts,
     evaluate,
 )
-from hetrain.planner.estimate import StepEstimate, estimate_step
+from hetrain.planner.estimate import StepEstimate, estimate_step, route_signature
 from hetrain.planner.feasibility import explain_infeasible
 from hetrain.planner.links import BoundaryComm, LinkModel
 from hetrain.planner.options import SearchOptions, kind_dtypes, plan_kinds
@@ -85,6 +85,9 @@ RERUN_1F1B_TIE = 0.02
 # best's (tiny models, where transfers are most of a slot, miss by up to 9 % at
 # micro-batch 2; pricing every such answer cost 1.7 s on eight kinds).
 SIZE_TIE = 0.10
+# Sequence pieces are priced while their run has at most this many micro-batch x stage x
+# piece units (estimate.schedule_times: about 45 us each; 1.3 s at most).
+PIECES_UNITS = 30_000
 
 
 @dataclass(frozen=True)
@@ -334,8 +337,13 @@ def _in_pieces(cluster: Cluster, cost: CostModel, est: StepEstimate, plan: Plan,
     that much shorter, at the same activation memory (pieces are counted against the
     same limits). More pieces are tried while each helps and the plan stays valid and
     within memory (each piece reads every weight again: short pieces are slower where
-    weights' bandwidth bounds the compute)."""
+    weights' bandwidth bounds the compute), and while the run stays within PIECES_UNITS
+    (its time grows with the pieces' actions: long runs of deep pipelines are left whole
+    to keep the search within its time)."""
+    units = _run_units(plan)
     for chunks in sorted(set(seq_chunks) - {1}):
+        if units * chunks > PIECES_UNITS:
+            break
         try:
             trial = Plan.model_validate({**plan.model_dump(), "seq_chunks": chunks})
             validate_plan(trial, cluster, cost.spec)
@@ -350,6 +358,14 @@ def _in_pieces(cluster: Cluster, cost: CostModel, est: StepEstimate, plan: Plan,
             break
         est, plan = trial_est, trial
     return est, plan
+
+
+def _run_units(plan: Plan) -> int:
+    """Micro-batches x stages of the routes the shared schedule's priced run goes through:
+    one of each shape and micro-batch count (estimate.schedule_times runs one copy each)."""
+    classes = {(route_signature(plan, r), r.micro_batches, r.micro_batch_size): len(r.stages)
+               * r.micro_batches for r in plan.routes}
+    return sum(classes.values())
 
 
 def _priced(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,
