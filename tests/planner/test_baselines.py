@@ -100,3 +100,20 @@ def test_large_cluster_plan_runs_sequences_in_pieces(mixed_70b):
     assert simulated.mean_share("bubble_share") <= 0.05
     whole = Plan.model_validate({**result.plan.model_dump(), "seq_chunks": 1})
     assert estimate_step(whole, cost).step_s > result.estimate.step_s
+
+
+def test_sequence_pieces_are_priced_within_their_run_budget(mixed_70b, monkeypatch):
+    """The search prices pieces only while the priced run's micro-batch x stage x piece
+    units stay within PIECES_UNITS (one run per class of identical pipelines)."""
+    from hetrain.plan.types import Plan
+    from hetrain.planner import search as search_mod
+
+    clus, cost, result = mixed_70b
+    whole = Plan.model_validate({**result.plan.model_dump(), "seq_chunks": 1})
+    est = estimate_step(whole, cost)
+    units = search_mod._run_units(whole)
+    assert units == 12 * 64  # 16 copies of one shape: 12 stages, 64 micro-batches each
+    monkeypatch.setattr(search_mod, "PIECES_UNITS", 2 * units - 1)
+    assert search_mod._in_pieces(clus, cost, est, whole, (1, 2, 4)) == (est, whole)
+    monkeypatch.setattr(search_mod, "PIECES_UNITS", 2 * units)
+    assert search_mod._in_pieces(clus, cost, est, whole, (1, 2, 4))[1].seq_chunks == 2
