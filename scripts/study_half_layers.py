@@ -41,6 +41,7 @@ def halved(cfg: ModelConfig, seq_len: int) -> ModelSpec:
                          forward_flops_per_token=2 * (attn_params - h) + 2 * q * seq_len,
                          activation_elems_per_token=norm + h + 2 * q + 2 * kv_kept + cfg.n_heads,
                          backward_peak_elems_per_token=2 * (h + q),
+                         kv_elems_per_token=2 * kv, attention_kv_elems_per_token=2 * kv_kept,
                          buffer_bytes=block.buffer_bytes, **common)
         mlp = LayerSpec(name=f"block.{i}.mlp", params=mlp_params,
                         forward_flops_per_token=2 * (mlp_params - h),
@@ -63,7 +64,7 @@ def main() -> None:
                             SearchOptions())
         est = found.estimate
         print(json.dumps({"units": label, "n_units": spec.n_layers,
-                          "step_s": round(est.step_s, 3),
+                          "seq_chunks": found.plan.seq_chunks, "step_s": round(est.step_s, 3),
                           "bubble_share": round(est.bubble_share, 4),
                           "imbalance_share": round(est.imbalance_share, 4),
                           "search_s": round(time.perf_counter() - start, 1)}))

@@ -129,7 +129,7 @@ class Action(NamedTuple):
 @dataclass
 class Schedule:
     actions: dict[str, list[Action]]  # group name -> ordered actions
-    peak_in_flight: dict[str, int]  # micro-batches holding activations at once, per group
+    peak_in_flight: dict[str, int]  # micro-batches (sequence pieces) holding activations at once
     estimated_step_s: float  # makespan of the ordering run (compute and transfers)
     starts: dict[str, list[float]] = field(default_factory=dict)  # per group, per action
     ends: dict[str, list[float]] = field(default_factory=dict)
