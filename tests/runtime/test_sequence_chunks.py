@@ -65,3 +65,14 @@ def test_recomputing_stage(cluster):
                                          "recompute": True},
                                         {"kind": "BR104", "layers": [4, 6]}]},
     ]}, chunks=2, schedule="zero_bubble")
+
+
+def test_regathering_tensor_parallel_stage_with_a_sharded_optimizer(cluster):
+    """Pieces through a TP-2 stage that keeps sequence parallelism's gathered input as
+    shards (gathered again in backward), tied embeddings, ZeRO-1 across the pipelines."""
+    _run(cluster, {"sharded_optimizer": True, "pipelines": [
+        {"micro_batches": 2, "stages": [{"kind": "A100-80GB", "layers": [0, 2]},
+                                        {"kind": "H100", "tp": 2, "layers": [2, 6],
+                                         "regather": True}]},
+        {"micro_batches": 1, "stages": [{"kind": "BR104", "layers": [0, 6]}]},
+    ]}, chunks=2, schedule="zero_bubble", model="tiny-tied")
