@@ -315,10 +315,11 @@ class _GroupState:
     ends: list = field(default_factory=list)
     durations: dict = field(default_factory=dict)  # (op, samples) -> seconds
     most_held: float = math.inf  # the run stops (HeldOver) when held exceeds it
-    # Sequence chunks: pieces whose (input) gradient arrived before the next piece's
-    # backward ran here (piece -> position), and pieces whose backward ran here.
+    # Sequence chunks: pieces whose (input) gradient was sent before the next piece's
+    # backward ran here (piece -> (sent at, position)), and pieces whose backward ran here.
     early_b: dict = field(default_factory=dict)
     done_b: set = field(default_factory=set)
+    sent_early: dict = field(default_factory=dict)  # released piece -> its gradient's send
 
 
 # (group before, group after, (handshake, transfer) of the input from before, from after)
@@ -411,6 +412,8 @@ class _ListScheduler:
         holds fewer than the limit plus its cap, then any weight gradient."""
         if st.ready_b:
             sent, mb_id, pos = heappop(st.ready_b)
+            if st.sent_early:
+                sent = st.sent_early.pop(mb_id, sent)
             st.in_flight -= 1
             if st.split:
                 op = "backward_input"
@@ -471,18 +474,23 @@ class _ListScheduler:
         heappush(self.events, (end, next(self.seq), g, action))
 
     def _gradient_in(self, st: _GroupState, now: float, unit: int, pos: int) -> None:
-        """A piece's output gradient is here: ready, unless a later piece of its sequence
-        has yet to run its backward at this group (its keys' and values' gradients)."""
+        """A piece's output gradient was sent at `now`: ready, unless a later piece of its
+        sequence has yet to run its backward at this group (its keys' and values'
+        gradients)."""
         if self.chunks == 1 or unit % self.chunks == self.chunks - 1 or unit + 1 in st.done_b:
             heappush(st.ready_b, (now, unit, pos))
         else:
-            st.early_b[unit] = pos
+            st.early_b[unit] = (now, pos)
 
     def _backward_done(self, st: _GroupState, now: float, unit: int) -> None:
-        """Sequence chunks: the previous piece's gradient, if it came early, is ready now."""
+        """Sequence chunks: the previous piece's gradient, if it came early, is ready now,
+        queued as ready now; its transfer is timed from its own send (it moved while the
+        group waited)."""
         st.done_b.add(unit)
-        pos = st.early_b.pop(unit - 1, None)
-        if pos is not None:
+        early = st.early_b.pop(unit - 1, None)
+        if early is not None:
+            sent, pos = early
+            st.sent_early[unit - 1] = sent
             heappush(st.ready_b, (now, unit - 1, pos))
 
     def run(self) -> float:
