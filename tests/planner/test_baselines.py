@@ -103,8 +103,8 @@ def test_large_cluster_plan_runs_sequences_in_pieces(mixed_70b):
 
 
 def test_sequence_pieces_are_priced_within_their_run_budget(mixed_70b, monkeypatch):
-    """The search prices pieces only while the priced run's micro-batch x stage x piece
-    units stay within PIECES_UNITS (one run per class of identical pipelines)."""
+    """The search prices pieces only while the priced runs' micro-batch x stage x piece
+    units stay within PIECES_UNITS together (one run per class of identical pipelines)."""
     from hetrain.plan.types import Plan
     from hetrain.planner import search as search_mod
 
@@ -115,5 +115,7 @@ def test_sequence_pieces_are_priced_within_their_run_budget(mixed_70b, monkeypat
     assert units == 12 * 64  # 16 copies of one shape: 12 stages, 64 micro-batches each
     monkeypatch.setattr(search_mod, "PIECES_UNITS", 2 * units - 1)
     assert search_mod._in_pieces(clus, cost, est, whole, (1, 2, 4)) == (est, whole)
-    monkeypatch.setattr(search_mod, "PIECES_UNITS", 2 * units)
+    monkeypatch.setattr(search_mod, "PIECES_UNITS", 4 * units - 1)  # 4 pieces left out
     assert search_mod._in_pieces(clus, cost, est, whole, (1, 2, 4))[1].seq_chunks == 2
+    monkeypatch.setattr(search_mod, "PIECES_UNITS", 4 * units)  # the most pieces first
+    assert search_mod._in_pieces(clus, cost, est, whole, (1, 2, 4))[1].seq_chunks == 4

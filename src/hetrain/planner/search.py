@@ -85,9 +85,9 @@ RERUN_1F1B_TIE = 0.02
 # best's (tiny models, where transfers are most of a slot, miss by up to 9 % at
 # micro-batch 2; pricing every such answer cost 1.7 s on eight kinds).
 SIZE_TIE = 0.10
-# Sequence pieces are priced while their run has at most this many micro-batch x stage x
-# piece units (estimate.schedule_times: about 45 us each; 1.3 s at most).
-PIECES_UNITS = 30_000
+# Sequence pieces are priced while their runs together have at most this many micro-batch
+# x stage x piece units (estimate.schedule_times: 45-50 us each; 0.8 s at most).
+PIECES_UNITS = 16_000
 
 
 @dataclass(frozen=True)
@@ -332,31 +332,33 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
 
 def _in_pieces(cluster: Cluster, cost: CostModel, est: StepEstimate, plan: Plan,
                seq_chunks: Iterable[int]) -> tuple[StepEstimate, Plan]:
-    """The answer with each micro-batch cut into sequence pieces (Plan.seq_chunks), as many
-    as a run of the shared schedule finds fastest: its pipelines fill and drain in steps
-    that much shorter, at the same activation memory (pieces are counted against the
-    same limits). More pieces are tried while each helps and the plan stays valid and
-    within memory (each piece reads every weight again: short pieces are slower where
-    weights' bandwidth bounds the compute), and while the run stays within PIECES_UNITS
-    (its time grows with the pieces' actions: long runs of deep pipelines are left whole
-    to keep the search within its time)."""
-    units = _run_units(plan)
-    for chunks in sorted(set(seq_chunks) - {1}):
-        if units * chunks > PIECES_UNITS:
-            break
+    """The answer with each micro-batch cut into sequence pieces (Plan.seq_chunks): its
+    pipelines fill and drain in steps that much shorter, at the same activation memory
+    (pieces are counted against the same limits). The most pieces first, then fewer: the
+    first count whose run of the shared schedule is faster than whole sequences and whose
+    plan is valid and within memory (each piece reads every weight again and pays each
+    transfer's latency: short pieces lose where those bound the compute). Counts whose runs
+    would take the runs priced so far past PIECES_UNITS are left out (their time grows with
+    the pieces' actions: long runs of deep pipelines stay whole to keep the search within
+    its time)."""
+    units, spent = _run_units(plan), 0
+    for chunks in sorted(set(seq_chunks) - {1}, reverse=True):
+        if spent + units * chunks > PIECES_UNITS:
+            continue
         try:
             trial = Plan.model_validate({**plan.model_dump(), "seq_chunks": chunks})
             validate_plan(trial, cluster, cost.spec)
         except (ValueError, PlanError):
-            break
+            continue
+        spent += units * chunks
         trial_est = estimate_step(trial, cost)
         if trial_est.step_s >= est.step_s:
-            break
+            continue
         try:
             check_memory(trial, cluster, plan_memory_fn(trial, cost), trial_est.peak_in_flight)
         except PlanError:
-            break
-        est, plan = trial_est, trial
+            continue
+        return trial_est, trial
     return est, plan
 
 
