@@ -37,13 +37,16 @@ class Stage(nn.Module):
         # Set by the runtime around a split backward's input-gradient action: regathered
         # inputs are then not gathered (only the weight gradients read their values).
         self.input_grad_pass = False
+        self._piece_takers: list[nn.Module] | None = None  # layers that read SequencePieces
 
     @contextmanager
     def sequence_piece(self, pieces: object) -> Iterator[None]:
         """Run the stage on one piece of a micro-batch's sequence (Plan.seq_chunks): every
         attention layer that takes pieces (model.decoder.SequencePieces) reads the earlier
         pieces' keys and values from `pieces` meanwhile."""
-        takers = [m for m in self.modules() if hasattr(m, "pieces")]
+        if self._piece_takers is None:  # listed once: every action of a step comes here
+            self._piece_takers = [m for m in self.modules() if hasattr(m, "pieces")]
+        takers = self._piece_takers
         for m in takers:
             m.pieces = pieces
         try:
