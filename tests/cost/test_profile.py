@@ -176,3 +176,25 @@ def test_simulate_and_plan_take_a_profile(tmp_path):
                                           "--profile", str(prof)])
         assert result.exit_code == 0, result.output
     assert steps[1] > 2 * steps[0]  # compute dominates this step: 3x slower per token
+
+
+def test_a_profile_prices_half_layers_as_its_blocks(tiny_profile):
+    """In half layers (Plan.half_layers) a measured block's seconds are split between its
+    halves by their FLOPs: any whole-block range costs what it cost in whole layers."""
+    from hetrain.model.loading import load_model
+
+    spec = load_model("tiny").spec(16)
+    cluster = cluster_from_dict({"nodes": [{"name": "c", "kind": "cpu", "count": 2}]})
+    cost = CostModel(cluster, spec, tiny_profile)
+    halves = cost.units(True)
+    assert halves.spec is spec.halves and cost.units(True) is halves
+    assert halves.units(True) is halves and cost.units(False) is cost
+    for op in ("forward", "backward"):
+        for tp in (1, 2):
+            whole = cost.layers_compute_s("cpu", (1, 3), 32, op, "fp32", tp)
+            assert halves.layers_compute_s("cpu", (1, 5), 32, op, "fp32", tp) \
+                == pytest.approx(whole)
+        attn = halves.layers_compute_s("cpu", (1, 2), 32, op, "fp32")
+        ffn = halves.layers_compute_s("cpu", (2, 3), 32, op, "fp32")
+        flops = [lay.forward_flops_per_token for lay in spec.halves.layers[1:3]]
+        assert attn / ffn == pytest.approx(flops[0] / flops[1])

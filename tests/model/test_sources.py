@@ -130,3 +130,46 @@ def test_a_bad_model_file_is_one_line_exit_2(tmp_path, name, text, words):
     assert len(lines) == 1, result.output
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("name", ["tiny", str(EXAMPLES / "models" / "tiny-gqa.yaml")])
+def test_half_layers_add_up_to_their_blocks_and_keep_their_names(name):
+    """Plan.half_layers: each block priced as two units whose figures add up to the block's,
+    built as two modules whose parameters keep the block's names and map to their unit."""
+    source = load_model(name)
+    spec = source.spec(32)
+    halves = spec.halves
+    assert halves.half_layers and halves.n_layers == 2 * spec.n_layers - 2
+    summed = ("params", "forward_flops_per_token", "activation_elems_per_token",
+              "tp_allreduces", "tp_replicated_params", "tp_replicated_elems_per_token",
+              "sp_replicated_elems_per_token", "sp_gathered_elems_per_token",
+              "kv_elems_per_token", "buffer_bytes")
+    for i, block in enumerate(spec.layers[1:-1]):
+        attn, ffn = halves.layers[1 + 2 * i], halves.layers[2 + 2 * i]
+        for field in summed:
+            assert getattr(attn, field) + getattr(ffn, field) == pytest.approx(
+                getattr(block, field)), field
+        # recomputation keeps each half's input: twice the block's
+        assert attn.recompute_elems_per_token + ffn.recompute_elems_per_token \
+            == 2 * block.recompute_elems_per_token
+    cut = source.units(True)
+    assert cut.n_layers == halves.n_layers and cut.spec(32) == halves
+    assert source.units(False) is source and cut.units(True) is cut
+    seen = {}
+    for unit in range(cut.n_layers):
+        stage = cut.build_stage(unit, unit + 1, seed=0)
+        for canonical, p in stage.canonical_parameters():
+            if canonical in stage.aliases.values() and unit == cut.n_layers - 1:
+                continue  # the head's copy of a tied embedding: the embedding's
+            assert cut.layer_of(canonical) == unit, canonical
+            seen[canonical] = p.numel()
+    whole = dict(source.whole(seed=0).named_parameters())
+    assert seen.keys() == whole.keys()
+    assert sum(seen.values()) == spec.params
+
+
+def test_only_the_reference_decoder_cuts_half_layers():
+    for source in (load_model(LLAMA_JSON), as_model(torch.nn.Linear(4, 4))):
+        with pytest.raises(PlanError, match="half_layers"):
+            source.units(True)
+        assert source.units(False) is source

@@ -75,6 +75,11 @@ def _plan(model: str, shape: str, seq_len: int, mbs: int):
         # each sequence in 4 pieces: their keys and values, attention's over the pieces so far
         "pp-pieces": {"seq_chunks": 4, "pipelines": [{"micro_batches": 4, "stages": [
             {"kind": "cpu", "layers": [0, n // 2]}, {"kind": "cpu", "layers": [n // 2, n]}]}]},
+        # half layers (2 n - 2 units): the boundary after a block's attention half; the
+        # recomputing stage keeps each half's input
+        "pp-halves": {"half_layers": True, "pipelines": [{"micro_batches": 4, "stages": [
+            {"kind": "cpu", "layers": [0, n - 2]},
+            {"kind": "cpu", "layers": [n - 2, 2 * n - 2], "recompute": True}]}]},
     }[shape]
     cluster = _cpus(2)
     return cluster, expand_plan({"model": model, "seq_len": seq_len, "micro_batch_size": mbs,
@@ -90,6 +95,7 @@ def _plan(model: str, shape: str, seq_len: int, mbs: int):
     ("small", "tp-regather", 32, 4),
     ("small", "pp-recompute", 32, 4),
     ("small", "pp-pieces", 32, 4),
+    ("small", "pp-halves", 32, 4),
 ])
 def test_the_estimate_holds_the_measured_peak_within_15_percent(model, shape, seq_len, mbs):
     cluster, plan = _plan(model, shape, seq_len, mbs)

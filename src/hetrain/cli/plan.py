@@ -105,6 +105,8 @@ def print_plan_table(console: Console, plan, cost, estimate, title: str,
     table = Table(title=title, caption="pipelines: copies x devices each; GiB: per device at "
                   "the schedule's peak / capacity; ms: forward + backward of one micro-batch; "
                   "recomp: yes, or 'gather' (sequence parallelism's input kept as shards)"
+                  + ("; layers in half layers: a, b: a block's attention, MLP half"
+                     if plan.half_layers else "")
                   + (f"\n[yellow]{escape(unused)}[/]" if unused else ""))
     for col in ("pipelines", "stage", "kind", "tp", "layers", "recomp", "GiB", "ms",
                 "micro-b.", "time s"):
@@ -114,7 +116,7 @@ def print_plan_table(console: Console, plan, cost, estimate, title: str,
             first = st.stage == 0
             table.add_row(
                 f"{row.pipelines}x{row.devices}" if first else "",
-                str(st.stage), st.kind, str(st.tp), f"{st.layers[0]}-{st.layers[1] - 1}",
+                str(st.stage), st.kind, str(st.tp), _layer_range(plan, st.layers),
                 "yes" if st.recompute else "gather" if st.regather else "",
                 f"{st.memory_gib:.1f}/{st.capacity_gib:.0f}",
                 f"{st.stage_ms:.4g}",
@@ -122,6 +124,19 @@ def print_plan_table(console: Console, plan, cost, estimate, title: str,
                 f"{row.route_s:.4g}" if first else "",
                 end_section=st is row.stages[-1])
     console.print(table)
+
+
+def _layer_range(plan, layers: tuple[int, int]) -> str:
+    """A stage's first and last layer, as the model counts its layers (0: embedding); in
+    half layers, 5b is layer 5's MLP half and 14a layer 14's attention half."""
+    if not plan.half_layers:
+        return f"{layers[0]}-{layers[1] - 1}"
+
+    def unit(u: int) -> str:
+        return "0" if u == 0 else f"{(u + 1) // 2}{'a' if u % 2 else 'b'}"
+
+    first, last = unit(layers[0]), unit(layers[1] - 1)
+    return first if first == last else f"{first}-{last}"
 
 
 def _print_summary(console: Console, result, cost) -> None:
@@ -139,6 +154,7 @@ def _print_summary(console: Console, result, cost) -> None:
                   f"{result.plan.schedule} schedule"
                   + (f" over {result.plan.seq_chunks} sequence pieces"
                      if result.plan.seq_chunks > 1 else "")
+                  + (", stages cut at half layers" if result.plan.half_layers else "")
                   + f", bubble share {est.bubble_share:.3f} "
                   f"(imbalance no schedule fills {est.imbalance_share:.3f}), "
                   f"exposed sync {est.exposed_sync_s:.3g} s; "
@@ -178,7 +194,8 @@ def _summary(result, cost, baselines, plan_path: Path | None) -> dict:
         "bubble_share": est.bubble_share, "imbalance_share": est.imbalance_share,
         "exposed_sync_s": est.exposed_sync_s,
         "schedule": plan.schedule, "sharded_optimizer": plan.sharded_optimizer,
-        "seq_chunks": plan.seq_chunks, "pipeline_s": est.pipeline_s, "sync_s": est.sync_s,
+        "seq_chunks": plan.seq_chunks, "half_layers": plan.half_layers,
+        "pipeline_s": est.pipeline_s, "sync_s": est.sync_s,
         "search_s": result.search_s, "exhaustive": result.exhaustive,
         "pipelines": len(plan.routes), "stage_groups": len(plan.stage_groups),
         "kinds": kind_rows(plan, cost, est),

@@ -6,6 +6,7 @@ memory-bandwidth floor of reading the weights), or from a measured profile when 
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -75,6 +76,22 @@ class CostModel:
         self.spec = spec
         # cost.profile.Profile: measured seconds per token per layer, per (tp, micro-batch)
         self.profile = profile
+        self._halves: CostModel | None = None
+
+    def units(self, half_layers: bool) -> CostModel:
+        """This cost model over the partition units a plan counts (Plan.half_layers): the
+        model's half layers (ModelSpec.halves), a measured profile's blocks split between
+        their halves by FLOPs. PlanError where the model has none."""
+        spec = self.spec.units(half_layers)
+        if spec is self.spec:
+            return self
+        if self._halves is None:
+            out = copy.copy(self)
+            out.spec, out._halves = spec, None
+            if self.profile is not None:
+                out.profile = self.profile.in_halves(spec)
+            self._halves = out
+        return self._halves
 
     # --- compute -----------------------------------------------------------------------------
     def layers_compute_s(self, kind: str, layers: tuple[int, int], tokens: float, op: Op,

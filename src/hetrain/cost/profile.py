@@ -158,6 +158,28 @@ class Profile(BaseModel):
         per = self.layer_seconds_per_token(kind, "backward", tp, tokens)
         return tokens * sum(per[start:end])
 
+    def in_halves(self, spec: Any) -> Profile:
+        """The profile over a model's half layers (model.spec.ModelSpec with half_layers): each
+        block's seconds split between its attention half and its MLP half as their forward
+        FLOPs are (the measured figures time whole blocks)."""
+        flops = [lay.forward_flops_per_token for lay in spec.layers[1:-1]]
+        shares = [a / max(a + b, 1e-30) for a, b in zip(flops[0::2], flops[1::2], strict=True)]
+
+        def split(per_layer: list[float]) -> list[float]:
+            blocks = per_layer[1:-1]
+            if len(blocks) != len(shares):
+                raise CostError(f"profile of {self.model!r} has {len(per_layer)} layers; the "
+                                f"model has {len(shares) + 2}")
+            halves = [x for s, share in zip(blocks, shares, strict=True)
+                      for x in (s * share, s * (1 - share))]
+            return [per_layer[0], *halves, per_layer[-1]]
+
+        kinds = {k: prof.model_copy(update={"entries": [
+            e.model_copy(update={"forward_s_per_token": split(e.forward_s_per_token),
+                                 "backward_s_per_token": split(e.backward_s_per_token)})
+            for e in prof.entries]}) for k, prof in self.kinds.items()}
+        return self.model_copy(update={"kinds": kinds})
+
     # --- files ---------------------------------------------------------------------------------
     def check_layers(self, n_layers: int, model: str) -> None:
         for kind, prof in self.kinds.items():

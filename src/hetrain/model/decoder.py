@@ -151,6 +151,30 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class AttentionHalf(nn.Module):
+    """A block's first residual half, x + attn(attn_norm(x)), as a partition unit of its own
+    (Plan.half_layers). It holds the block's own modules under the block's names, so its
+    parameters keep their canonical names (blocks.i.attn_norm..., blocks.i.attn...)."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.attn_norm, self.attn = block.attn_norm, block.attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.attn_norm(x))
+
+
+class FeedForwardHalf(nn.Module):
+    """A block's second residual half, x + ffn(ffn_norm(x)) (see AttentionHalf)."""
+
+    def __init__(self, block: Block):
+        super().__init__()
+        self.ffn_norm, self.ffn = block.ffn_norm, block.ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.ffn_norm(x))
+
+
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -193,11 +217,17 @@ class Decoder(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def layers(self) -> list[nn.Module]:
-        return [self.embed, *self.blocks, self.head]
+    def layers(self, half_layers: bool = False) -> list[nn.Module]:
+        """The partition units: embedding, blocks (or each block's two halves), head."""
+        if not half_layers:
+            return [self.embed, *self.blocks, self.head]
+        halves = (h for b in self.blocks for h in (AttentionHalf(b), FeedForwardHalf(b)))
+        return [self.embed, *halves, self.head]
 
-    def layer_prefixes(self) -> list[str]:
-        return ["embed.", *(f"blocks.{i}." for i in range(len(self.blocks))), "head."]
+    def layer_prefixes(self, half_layers: bool = False) -> list[str]:
+        per_block = 2 if half_layers else 1
+        return ["embed.", *(f"blocks.{i}." for i in range(len(self.blocks))
+                            for _ in range(per_block)), "head."]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens

@@ -33,6 +33,7 @@ class ModelSource(ABC):
     # Whether its stages run a sequence in pieces (Plan.seq_chunks: attention reads the
     # earlier pieces' keys and values, model.decoder.SequencePieces).
     sequence_pieces = False
+    half_layers = False  # whether its layers are half layers (units())
 
     @abstractmethod
     def spec(self, seq_len: int) -> ModelSpec:
@@ -48,6 +49,13 @@ class ModelSource(ABC):
             raise PlanError(f"model {self.name!r} is one whole-model layer: it trains data-"
                             "parallel only (tp 1); use a Hugging Face causal LM or the "
                             "reference decoder for tensor parallelism")
+
+    def units(self, half_layers: bool) -> ModelSource:
+        """The model cut into the partition units a plan's layer ranges count
+        (Plan.half_layers); PlanError where its layers cannot be cut so."""
+        if half_layers != self.half_layers:
+            self.spec(1).units(half_layers)  # the error, naming the field
+        return self
 
     def user_module(self) -> nn.Module | None:
         """The user's own module this object wraps (None: built here from a name or path)."""
@@ -102,18 +110,30 @@ class LlamaShaped(ModelSource):
 
 
 class DecoderModel(LlamaShaped):
-    """The reference decoder (model/decoder.py) of a ModelConfig: a built-in name or a YAML."""
+    """The reference decoder (model/decoder.py) of a ModelConfig: a built-in name or a YAML.
+    With `half_layers`, its partition units are the embedding, each block's attention half
+    and MLP half (model.decoder.AttentionHalf, FeedForwardHalf), and the head."""
 
     sequence_parallel = True
     sequence_pieces = True
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, half_layers: bool = False):
         self.cfg = cfg
         self.name = cfg.name
-        self.n_layers = cfg.n_layers + 2
+        self.half_layers = half_layers
+        self.n_layers = cfg.n_layers * (2 if half_layers else 1) + 2
         self.hidden_size = cfg.dim
         self.vocab_size, self.max_seq_len = cfg.vocab_size, cfg.max_seq_len
         self.tie_embeddings = cfg.tie_embeddings
+
+    def spec(self, seq_len: int) -> ModelSpec:
+        if self.half_layers:
+            return model_spec(self.cfg, seq_len, half_layers=True)
+        halves = model_spec(self.cfg, seq_len, half_layers=True)
+        return model_spec(self.cfg, seq_len).model_copy(update={"halves": halves})
+
+    def units(self, half_layers: bool) -> DecoderModel:
+        return self if half_layers == self.half_layers else DecoderModel(self.cfg, half_layers)
 
     def check_trainable(self) -> None:
         if not self.cfg.trainable:
@@ -128,14 +148,18 @@ class DecoderModel(LlamaShaped):
     def build_stage(self, start: int, end: int, seed: int) -> Stage:
         full = self.whole(seed)
         aliases = {"head.out.weight": "embed.tok.weight"} if self.tie_embeddings else {}
-        return Stage(full.layers()[start:end], full.layer_prefixes()[start:end], start, end,
-                     self.n_layers, aliases)
+        halves = self.half_layers
+        return Stage(full.layers(halves)[start:end], full.layer_prefixes(halves)[start:end],
+                     start, end, self.n_layers, aliases)
 
     def layer_of(self, name: str) -> int:
         if name.startswith("embed."):
             return 0
         if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
+            _, block, part, *_ = name.split(".")
+            if not self.half_layers:
+                return int(block) + 1
+            return 2 * int(block) + (1 if part in ("attn_norm", "attn") else 2)
         return self.n_layers - 1
 
     def apply_tensor_parallel(self, stage: Stage, mesh, sequence_parallel: bool = False) -> None:
@@ -160,24 +184,27 @@ class DecoderModel(LlamaShaped):
             parallelize_module,
         )
 
-        from hetrain.model.decoder import Block
+        from hetrain.model.decoder import AttentionHalf, Block, FeedForwardHalf
 
         self.check_tp(mesh.size())
-        blocks = [layer for layer in stage.layers if isinstance(layer, Block)]
+        blocks = [layer for layer in stage.layers
+                  if isinstance(layer, Block | AttentionHalf | FeedForwardHalf)]
         rows = {"attn.wo": RowwiseParallel(), "ffn.w2": RowwiseParallel()}
         if sequence_parallel:
             rows = {"attn_norm": SequenceParallel(), "ffn_norm": SequenceParallel(),
                     "attn.wo": RowwiseParallel(output_layouts=Shard(1)),
                     "ffn.w2": RowwiseParallel(output_layouts=Shard(1))}
-        for block in blocks:
-            parallelize_module(block, mesh, {
-                "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
-                "attn.wv": ColwiseParallel(), "ffn.w1": ColwiseParallel(),
-                "ffn.w3": ColwiseParallel(), **rows,
-            })
+        styles = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
+                  "attn.wv": ColwiseParallel(), "ffn.w1": ColwiseParallel(),
+                  "ffn.w3": ColwiseParallel(), **rows}
+        for block in blocks:  # a whole block, or the half of one a stage holds
+            own = dict(block.named_children())
+            parallelize_module(block, mesh, {k: v for k, v in styles.items()
+                                             if k.split(".")[0] in own})
             if sequence_parallel:
-                _gather_sequence_first(block.attn, mesh, stage)
-                _gather_sequence_first(block.ffn, mesh, stage)
+                for part in ("attn", "ffn"):
+                    if part in own:
+                        _gather_sequence_first(own[part], mesh, stage)
         if sequence_parallel and blocks:
             blocks[0].register_forward_pre_hook(
                 lambda _m, args: (_split_sequence(args[0], mesh), *args[1:]))

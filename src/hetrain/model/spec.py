@@ -77,6 +77,33 @@ class ModelSpec(BaseModel):
     vocab_size: int
     tie_embeddings: bool
     layers: list[LayerSpec]
+    # Whether `layers` are half layers (Plan.half_layers): each block as its attention half
+    # and its MLP half, the partition units a stage boundary may fall between. `halves` is
+    # this model so cut, where its runtime runs half layers (the reference decoder's source).
+    half_layers: bool = False
+    halves: ModelSpec | None = None
+
+    def units(self, half_layers: bool) -> ModelSpec:
+        """This model in the partition units a plan's layer ranges count (Plan.half_layers)."""
+        if half_layers == self.half_layers:
+            return self
+        if half_layers and self.halves is not None:
+            return self.halves
+        from hetrain.errors import PlanError
+
+        raise PlanError(f"half_layers: {'true' if half_layers else 'false'} does not fit model "
+                        f"{self.name!r}, whose stages are cut at "
+                        f"{'half' if self.half_layers else 'whole'} layers only; set "
+                        f"half_layers: {'false' if half_layers else 'true'} (only the "
+                        "reference decoder cuts its blocks into halves)")
+
+    def describe_layers(self) -> str:
+        """The layers a plan's ranges count, for messages."""
+        blocks = (self.n_layers - 2) // (2 if self.half_layers else 1)
+        what = f"{blocks} blocks as attention and MLP halves" if self.half_layers \
+            else f"{blocks} blocks"
+        return f"{self.n_layers} {'half layers' if self.half_layers else 'layers'} " \
+            f"(embed, {what}, head)"
 
     @property
     def n_layers(self) -> int:
@@ -116,10 +143,12 @@ class ModelSpec(BaseModel):
                    for lay in self.layers[start:end])
 
 
-def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -> ModelSpec:
+def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True,
+               half_layers: bool = False) -> ModelSpec:
     """`sequence_parallel`: whether the runtime splits the blocks' sequence under TP (the
     reference decoder does; Hugging Face layers, which build their positions from their
-    input, do not)."""
+    input, do not). `half_layers`: each block as two units, its attention half and its MLP
+    half (_halves)."""
     h, f, kv = cfg.dim, cfg.ffn_dim, cfg.kv_heads * cfg.head_dim
     q = cfg.n_heads * cfg.head_dim
     block_params = 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h
@@ -163,5 +192,38 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True) -
                   tp_replicated_elems_per_token=head_acts,
                   backward_peak_elems_per_token=2 * (h + cfg.vocab_size)),
     ]
+    if half_layers:
+        layers = [layers[0], *(half for i in range(cfg.n_layers)
+                               for half in _halves(cfg, seq_len, layers[1 + i], i)), layers[-1]]
     return ModelSpec(name=cfg.name, seq_len=seq_len, dim=h, vocab_size=cfg.vocab_size,
-                     tie_embeddings=cfg.tie_embeddings, layers=layers)
+                     tie_embeddings=cfg.tie_embeddings, layers=layers, half_layers=half_layers)
+
+
+def _halves(cfg: ModelConfig, seq_len: int, block: LayerSpec, i: int
+            ) -> tuple[LayerSpec, LayerSpec]:
+    """A block's two residual halves as model/decoder.py runs them (AttentionHalf,
+    FeedForwardHalf): x + attn(attn_norm(x)), then x + ffn(ffn_norm(x)). Each keeps its norm
+    (2h + 1) and its residual sum (h), does one all-reduce under TP, and keeps its own input
+    under recomputation; their parameters, FLOPs and kept activations add up to the block's."""
+    h, f, kv = cfg.dim, cfg.ffn_dim, cfg.kv_heads * cfg.head_dim
+    q = cfg.n_heads * cfg.head_dim
+    kv_kept = q if cfg.n_heads != cfg.kv_heads else kv
+    norm = 2 * h + 1
+    attn_params, ffn_params = 2 * h * q + 2 * h * kv + h, 3 * h * f + h
+    sp = block.sp_replicated_elems_per_token is not None
+    common = dict(recompute_elems_per_token=h, output_elems_per_token=h, tp_allreduces=1,
+                  tp_replicated_params=h, tp_replicated_elems_per_token=norm + h,
+                  sp_replicated_elems_per_token=h if sp else None,
+                  sp_gathered_elems_per_token=h)
+    attn = LayerSpec(name=f"block.{i}.attn", params=attn_params,
+                     forward_flops_per_token=2 * (attn_params - h) + 2 * q * seq_len,
+                     activation_elems_per_token=norm + h + 2 * q + 2 * kv_kept + cfg.n_heads,
+                     backward_peak_elems_per_token=2 * (h + q),
+                     kv_elems_per_token=block.kv_elems_per_token,
+                     attention_kv_elems_per_token=block.attention_kv_elems_per_token,
+                     buffer_bytes=block.buffer_bytes, **common)
+    ffn = LayerSpec(name=f"block.{i}.ffn", params=ffn_params,
+                    forward_flops_per_token=2 * (ffn_params - h),
+                    activation_elems_per_token=norm + h + 4 * f,
+                    backward_peak_elems_per_token=2 * (h + f), **common)
+    return attn, ffn

@@ -43,10 +43,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 from hetrain.errors import PlanError
 from hetrain.plan.types import Plan, StageGroup
+
+CostT = TypeVar("CostT")
 
 Op = Literal["forward", "backward", "backward_input", "backward_weight"]
 # Ops that produce weight gradients: after a group's last one, its gradients are final.
@@ -78,11 +80,21 @@ class LinkCost(Protocol):
 TransferFn = Callable[[str, str, str, int], tuple[float, float]]
 
 
+def in_plan_units(plan: Plan, cost: CostT) -> CostT:
+    """`cost` over the partition units the plan's layer ranges count (Plan.half_layers:
+    cost.CostModel.units, PlanError where the model has no such units). Every function that
+    prices a plan's ranges starts here, so a plan is priced in its own units whatever cost
+    model of its model it is given."""
+    units = getattr(cost, "units", None)
+    return cost if units is None else units(plan.half_layers)
+
+
 def transfer_times(plan: Plan, cost: LinkCost) -> TransferFn:
     """Transfers as the runtime makes them (gloo's rendezvous): once the receiver has posted
     and its ready notice (the handshake) has reached the sender, the bytes move. A forward
     sends the stage's output, a backward the gradient of its input; one TP rank per side
     carries the tensor."""
+    cost = in_plan_units(plan, cost)
     groups = plan.group_by_name
     cache: dict[tuple[str, str, str, int], tuple[float, float]] = {}
 
@@ -439,7 +451,8 @@ class _ListScheduler:
         if op == "backward_weight":
             recv = send = wait = None
         else:
-            prev, nxt, from_prev, from_next = self._links(route)[pos]
+            links = self.route_links.get(route)  # computed once per route (_links)
+            prev, nxt, from_prev, from_next = (links or self._links(route))[pos]
             if op == "forward":
                 recv, send, wait = prev, nxt, from_prev
             else:
@@ -569,6 +582,7 @@ def build_schedule(plan: Plan, cost: StageCost | None = None,
     durations, limits and transfer times, the same routes over them: the copies of a
     pipeline) takes that run's schedule under its own names. The result is the one run of
     the whole plan would give: inside a set, events and micro-batch ids keep their order."""
+    cost = in_plan_units(plan, cost)
     transfer = transfer or _transfers(plan, cost)
     parts = _linked_routes(plan)
     most_held = most_held or {}

@@ -85,6 +85,7 @@ def own_params(spec: ModelSpec, layer: int) -> int:
 def sync_buckets(plan: Plan, spec: ModelSpec, bucket_params: int = BUCKET_PARAMS
                  ) -> list[SyncBucket]:
     """Every bucket of two or more holders, in the global order."""
+    spec = spec.units(plan.half_layers)
     tied = tied_last(spec)
     runs: list[tuple[tuple[str, ...], int, int, int]] = []  # holders, start, end, params
     for layer in range(spec.n_layers - 1, -1, -1):

@@ -112,6 +112,11 @@ class Plan(BaseModel):
         "passes the pipeline as this many consecutive pieces of its sequence, the later ones "
         "attending to the earlier ones' keys and values; the pipeline fills and drains in "
         "pieces this much shorter")
+    half_layers: bool = Field(
+        default=False, description="stage groups' layer ranges count half layers: the "
+        "embedding, then each block as its attention half and its MLP half, then the head "
+        "(2 n_blocks + 2 units), so a stage boundary may fall inside a block (the reference "
+        "decoder's blocks only)")
     predicted: dict[str, float] = Field(default_factory=dict, description="planner's estimates")
 
     @model_validator(mode="after")

@@ -8,7 +8,7 @@ from typing import Protocol
 from hetrain.cluster.topology import Cluster
 from hetrain.errors import PlanError
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.schedule import splits_backward
+from hetrain.plan.schedule import in_plan_units, splits_backward
 from hetrain.plan.types import Plan, StageGroup
 
 GIB = 1024**3
@@ -34,6 +34,7 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
     gradients and activations are never all held at once)."""
     from hetrain.plan.sync import optimizer_params, sync_buckets, sync_buffer_bytes
 
+    cost = in_plan_units(plan, cost)
     sizes: dict[str, int] = {}
     for route in plan.routes:
         for name in route.stages:
@@ -71,6 +72,7 @@ def plan_memory_fn(plan: Plan, cost: StageMemory) -> MemoryFn:
 def validate_plan(plan: Plan, cluster: Cluster, spec: ModelSpec,
                   memory_fn: MemoryFn | None = None) -> None:
     """Raise PlanError on the first problem found; return None for a valid plan."""
+    spec = spec.units(plan.half_layers)
     _check_groups(plan, cluster, spec)
     _check_routes(plan, spec)
     if memory_fn is not None:
@@ -105,8 +107,7 @@ def _check_groups(plan: Plan, cluster: Cluster, spec: ModelSpec) -> None:
             owner[dev] = g.name
         if g.layers[1] > spec.n_layers:
             raise PlanError(f"stage group {g.name!r}: layers {list(g.layers)} go past the "
-                            f"model's {spec.n_layers} layers (embed, {spec.n_layers - 2} blocks, "
-                            "head)")
+                            f"model's {spec.describe_layers()}")
         if g.tp > 1 and len({cluster.device_by_id[d].node for d in g.devices}) > 1:
             raise PlanError(f"stage group {g.name!r}: a tensor-parallel group must sit in one "
                             "node")

@@ -102,7 +102,7 @@ def layout_plan(cluster: Cluster, cost: CostModel, global_batch: int, layout: La
                             micro_batch_size=layout.micro_batch_size))
     return Plan(model=spec.name, seq_len=spec.seq_len, global_batch=global_batch,
                 stage_groups=groups, routes=routes, schedule=schedule,
-                sharded_optimizer=sharded_optimizer)
+                sharded_optimizer=sharded_optimizer, half_layers=spec.half_layers)
 
 
 def _stage_kinds(cluster: Cluster, layout: Layout) -> list[set[str]]:

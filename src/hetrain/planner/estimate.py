@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from hetrain.cost.model import CostModel
 from hetrain.model.spec import ModelSpec
-from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s, transfer_times
+from hetrain.plan.schedule import (
+    Schedule,
+    build_schedule,
+    imbalance_s,
+    in_plan_units,
+    transfer_times,
+)
 from hetrain.plan.sync import (
     FreeSync,
     SyncBucket,
@@ -115,6 +121,7 @@ def schedule_times(plan: Plan, cost: CostModel, most_held: dict[str, int] | None
     `most_held`). Copies of a pipeline that share no group with another route, carry the
     same micro-batches and see the same transfer times run alike, so one copy of each is run
     and stands for the rest."""
+    cost = in_plan_units(plan, cost)
     owners: dict[str, int] = {}
     for route in plan.routes:
         for g in route.stages:
@@ -142,7 +149,8 @@ def schedule_times(plan: Plan, cost: CostModel, most_held: dict[str, int] | None
                    global_batch=sum(plan.routes[r].samples for r in kept),
                    stage_groups=[g for g in plan.stage_groups if g.name in names],
                    routes=[plan.routes[r] for r in kept], schedule=plan.schedule,
-                   sharded_optimizer=plan.sharded_optimizer, seq_chunks=plan.seq_chunks)
+                   sharded_optimizer=plan.sharded_optimizer, seq_chunks=plan.seq_chunks,
+                   half_layers=plan.half_layers)
     schedule = build_schedule(reduced, cost, most_held)
     out = {g: _times_of(schedule, g) for g in names}
     for r, rep in rep_of.items():
@@ -165,6 +173,7 @@ def estimate_step(plan: Plan, cost: CostModel, most_held: dict[str, int] | None 
     """The plan's step: the shared schedule's timed run, then the one sync definition.
     With `most_held` (per group, the micro-batches whose activations its memory holds),
     plan.schedule.HeldOver as soon as the run holds more."""
+    cost = in_plan_units(plan, cost)
     times = schedule_times(plan, cost, most_held)
     buckets = sync_buckets(plan, cost.spec)
     tail = schedule_tail(plan, cost.spec, cost, times, buckets)
@@ -197,6 +206,7 @@ def estimate_step_s(plan: Plan, cost: CostModel) -> float:
 def mfu_by_kind(plan: Plan, cost: CostModel, step_s: float) -> dict[str, float]:
     """Model FLOPs (forward + backward, no recomputation) per second over the peak of the
     devices of each kind the plan uses."""
+    cost = in_plan_units(plan, cost)
     done: dict[str, float] = {}
     peak: dict[str, float] = {}
     for g in plan.stage_groups:

@@ -37,6 +37,9 @@ class SearchOptions:
     # the answer priced again with its micro-batches cut into this many sequence pieces
     # (models whose attention takes pieces: ModelSource.sequence_pieces)
     seq_chunks: Sequence[int] = SEQ_CHUNKS
+    # the answer's micro-batch size partitioned again over half layers, where the model's
+    # runtime cuts its blocks so (ModelSpec.halves)
+    half_layers: bool = True
 
 
 def model_options(source: ModelLike, **overrides: object) -> SearchOptions:

@@ -81,5 +81,6 @@ def place_plan(cluster: Cluster, spec: ModelSpec, templates: Sequence[Template],
     return Plan(model=spec.name, seq_len=spec.seq_len, global_batch=global_batch,
                 stage_groups=groups, routes=routes,
                 schedule=options.schedule if options is not None else "1f1b",
-                sharded_optimizer=bool(options is not None and options.sharded_optimizer))
+                sharded_optimizer=bool(options is not None and options.sharded_optimizer),
+                half_layers=spec.half_layers)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
-from hetrain.plan.schedule import build_schedule
+from hetrain.plan.schedule import build_schedule, in_plan_units
 from hetrain.plan.types import Plan
 from hetrain.plan.validate import GIB, check_memory, plan_memory_fn, validate_plan
 from hetrain.planner.estimate import (
@@ -57,6 +57,7 @@ class ShapeRow:
 def checked_memory_bytes(plan: Plan, cost: CostModel) -> dict[str, float]:
     """Validate the plan (PlanError if it is not runnable) and return each group's bytes per
     device at the peak of the schedule the executors run."""
+    cost = in_plan_units(plan, cost)
     fn = plan_memory_fn(plan, cost)
     validate_plan(plan, cost.cluster, cost.spec)
     schedule = build_schedule(plan, cost)
@@ -67,6 +68,7 @@ def shape_rows(plan: Plan, cost: CostModel, memory_bytes: dict[str, float],
                estimate: StepEstimate | None = None) -> list[ShapeRow]:
     """One row per pipeline shape; its time is when its copies' last actions end in the
     priced schedule (`estimate`), else the 1F1B closed form."""
+    cost = in_plan_units(plan, cost)
     by_shape: dict[tuple, list[int]] = {}
     for r, route in enumerate(plan.routes):
         by_shape.setdefault(route_signature(plan, route), []).append(r)

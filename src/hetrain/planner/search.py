@@ -88,6 +88,11 @@ SIZE_TIE = 0.10
 # Sequence pieces are priced while their runs together have at most this many micro-batch
 # x stage x piece units (estimate.schedule_times: 45-50 us each; 0.8 s at most).
 PIECES_UNITS = 16_000
+# Half layers (search._in_halves): templates completed over half layers, when some shape's
+# slowest stage gains this share (mixed-1280: its answer's shape ranks first of 22 by its
+# slot over half layers, and gains 2.3 %).
+HALF_LAYER_TEMPLATES = 6
+HALF_LAYER_GAIN = 0.005
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,7 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
             priced += found
             priced += _priced_slotted(cluster, cost, global_batch, options, *best, shards,
                                       bar_s)
+            priced += _in_halves(cluster, cost, global_batch, options, *best, shards)
             # another micro-batch size whose answer the closed forms put close behind, and a
             # run of its copies finds faster
             for other in solved:
@@ -322,26 +328,87 @@ def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                                              shards)
     if not priced or chosen is None:
         raise PlannerError(explain_infeasible(cluster, cost, global_batch, options))
-    est, plan, _, _ = min(priced, key=lambda x: x[0].step_s)
-    est, plan = _in_pieces(cluster, cost, est, plan, options.seq_chunks)
+    # the best plan of each unit (whole layers, half layers), each tried in sequence pieces
+    answers: dict[bool, tuple[StepEstimate, Plan]] = {}
+    for est, plan, _, _ in sorted(priced, key=lambda x: x[0].step_s):
+        answers.setdefault(plan.half_layers, (est, plan))
+    spent, tried = 0, []
+    for est, plan in sorted(answers.values(), key=lambda x: x[0].step_s):
+        est, plan, spent = _in_pieces(cluster, cost, est, plan, options.seq_chunks, spent)
+        tried.append((est, plan))
+    est, plan = min(tried, key=lambda x: x[0].step_s)
     search_s = time.perf_counter() - start
     plan = plan.model_copy(update={"predicted": est.predicted()})
     return SearchResult(plan=plan, estimate=est, search_s=search_s, exhaustive=exhaustive,
                         templates_built=built, candidates=chosen[1], solution=chosen[0])
 
 
+def _in_halves(cluster: Cluster, cost: CostModel, global_batch: int, options: SearchOptions,
+               sol: CountSolution, cands: Candidates, shards: int
+               ) -> list[tuple[StepEstimate, Plan, CountSolution, Candidates]]:
+    """The answer's micro-batch size again in half layers (Plan.half_layers), where the
+    model's runtime cuts its blocks so. A stage boundary between a block's halves balances
+    stages whose kinds do a whole layer in a large share of the slot (mixed-1280: MLU370
+    stages of 2 layers at 136 ms beside 157 ms ones, 16.61 -> 16.07 s a step).
+
+    The shapes are those screening keeps of the answer's candidates, and the answer's own
+    (a search over half layers from the start takes twice the time), partitioned over half
+    layers. Where some shape's slowest stage gains HALF_LAYER_GAIN, the answer's shapes and
+    the best others by their slots (HALF_LAYER_TEMPLATES in all) are completed (a run of a
+    copy through the shared schedule each), the counts chosen again, and the plan priced
+    where the closed forms see a gain. Scaling the whole-layer templates' cycles by the
+    slots instead of completing missed the gain on 1 of 3 clusters and priced 2 for none."""
+    if not options.half_layers or cost.spec.halves is None or not cands.templates:
+        return []
+    halves = cost.units(True)
+    keep = screen_templates(cands.templates, cands.capacity, cands.micro_batches,
+                            options.screen_keep).keep
+    wholes = [cands.templates[i]
+              for i in dict.fromkeys([*keep, *(c.template for c in sol.choices)])]
+    counts = plan_kinds(cluster, options)
+    dtypes = kind_dtypes(cluster, list(counts), options.dtype)
+    links = LinkModel(cluster)
+    mbs = cands.micro_batch_size
+    partitioner = Partitioner(TableCache(halves), dtypes, mbs,
+                              BoundaryComm(halves, links, dtypes, mbs),
+                              options.allow_recompute, shards)
+    builder = TemplateBuilder(halves, partitioner, links, cands.micro_batches, cands.max_shapes,
+                              options.schedule, tuple(options.in_flight_scales),
+                              options.sharded_optimizer)
+    partitioner.solve_many(builder.keys(t.blocks) for t in wholes)
+    whole_slot = {t.blocks: t.partition.slot_s for t in wholes if t.partition is not None}
+    outlines = [t for t in (builder.outline(w.blocks) for w in wholes) if t is not None]
+    if not any(t.slot_s * (1 + HALF_LAYER_GAIN) <= whole_slot.get(t.blocks, 0.0)
+               for t in outlines):
+        return []
+    answer = {cands.templates[c.template].blocks for c in sol.choices}
+    ranked = sorted(outlines, key=lambda t: (t.blocks not in answer,
+                                             -t.n_max * mbs / t.slot_s))
+    templates = [builder.complete(t) for t in ranked[:HALF_LAYER_TEMPLATES]]
+    capacity = capacities(templates, cluster)
+    found = choose_counts(templates, cands.micro_batches, capacity, cands.max_shapes, 0.0,
+                          None if cands.exhaustive else options.program_budget)
+    if found is None or found.step_s >= sol.step_s:
+        return []  # the closed forms see no gain: nothing to price
+    cut = replace(cands, templates=templates, capacity=capacity, runs={})
+    # under the options' schedule only (also pricing 1F1B where a run says it comes close
+    # took a 252-chip cluster's step over half layers from 0.70 to 1.35 s, for no gain)
+    return _priced_choice(cluster, halves, global_batch, options, found, cut, shards,
+                          kinds=(options.schedule,))
+
+
 def _in_pieces(cluster: Cluster, cost: CostModel, est: StepEstimate, plan: Plan,
-               seq_chunks: Iterable[int]) -> tuple[StepEstimate, Plan]:
+               seq_chunks: Iterable[int], spent: int = 0) -> tuple[StepEstimate, Plan, int]:
     """The answer with each micro-batch cut into sequence pieces (Plan.seq_chunks): its
     pipelines fill and drain in steps that much shorter, at the same activation memory
     (pieces are counted against the same limits). The most pieces first, then fewer: the
     first count whose run of the shared schedule is faster than whole sequences and whose
     plan is valid and within memory (each piece reads every weight again and pays each
     transfer's latency: short pieces lose where those bound the compute). Counts whose runs
-    would take the runs priced so far past PIECES_UNITS are left out (their time grows with
-    the pieces' actions: long runs of deep pipelines stay whole to keep the search within
-    its time)."""
-    units, spent = _run_units(plan), 0
+    would take the runs priced so far (`spent` units before, returned with the plan) past
+    PIECES_UNITS are left out (their time grows with the pieces' actions: long runs of deep
+    pipelines stay whole to keep the search within its time)."""
+    units = _run_units(plan)
     for chunks in sorted(set(seq_chunks) - {1}, reverse=True):
         if spent + units * chunks > PIECES_UNITS:
             continue
@@ -358,8 +425,8 @@ def _in_pieces(cluster: Cluster, cost: CostModel, est: StepEstimate, plan: Plan,
             check_memory(trial, cluster, plan_memory_fn(trial, cost), trial_est.peak_in_flight)
         except PlanError:
             continue
-        return trial_est, trial
-    return est, plan
+        return trial_est, trial, spent
+    return est, plan, spent
 
 
 def _run_units(plan: Plan) -> int:
@@ -510,7 +577,8 @@ def _as_1f1b(plan: Plan) -> Plan:
     return Plan(model=plan.model, seq_len=plan.seq_len, global_batch=plan.global_batch,
                 stage_groups=[g.model_copy(update={"in_flight_scale": 1.0})
                               for g in plan.stage_groups],
-                routes=plan.routes, schedule="1f1b", sharded_optimizer=plan.sharded_optimizer)
+                routes=plan.routes, schedule="1f1b", sharded_optimizer=plan.sharded_optimizer,
+                half_layers=plan.half_layers)
 
 
 def _most_held(plan: Plan, cost: CostModel) -> dict[str, int]:

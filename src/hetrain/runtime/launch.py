@@ -62,8 +62,9 @@ POLL_S = 0.05  # and at progress records and reports this often (a worker's exit
 
 def plan_model(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSource:
     """The model object a run trains: the one given (a user's module: as_model), else the
-    one the plan names."""
-    return as_model(model) if model is not None else load_model(plan.model)
+    one the plan names; in the plan's partition units (Plan.half_layers)."""
+    source = as_model(model) if model is not None else load_model(plan.model)
+    return source.units(plan.half_layers)
 
 
 def plan_spec(plan: Plan, model: ModelSource | nn.Module | None) -> ModelSpec:

@@ -192,7 +192,7 @@ def preflight(cluster: Cluster, plan: Plan, config: TrainConfig, *,
         check_writable_file(path, option)
     check_writable_dir(out_dir, option_name("out_dir", cli))
     check_checkpoint(config, plan, cli)
-    model = model if model is not None else load_model(plan.model)
+    model = (model if model is not None else load_model(plan.model)).units(plan.half_layers)
     check_model(plan, model)
     require_bridge(cluster.bridge_backend, cluster.bridge_plugin)
     if spawn:

@@ -116,7 +116,8 @@ class Worker:
                                              self.backend_of[sg.kind])
                      for sg in job.plan.stage_groups}
         # The model object builds this group's layers; every process the same weights.
-        self.model = job.model if job.model is not None else load_model(job.plan.model)
+        model = job.model if job.model is not None else load_model(job.plan.model)
+        self.model = model.units(job.plan.half_layers)
         self.spec = self.model.spec(job.plan.seq_len)
         self.n_layers, self.tied = self.model.n_layers, self.model.tie_embeddings
         self.dim = self.model.hidden_size  # elements per token sent between stages

@@ -10,7 +10,7 @@ from dataclasses import replace
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
-from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s
+from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s, in_plan_units
 from hetrain.plan.sync import sync_buckets
 from hetrain.plan.types import Plan
 from hetrain.plan.validate import validate_plan
@@ -24,6 +24,7 @@ def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
     and optimizer times from `cost`. `schedule` defaults to build_schedule(plan, cost); pass
     the one the runtime executes to predict that exact order. `trace=False` skips the events
     (faster for search loops)."""
+    cost = in_plan_units(plan, cost)
     if plan.model != cost.spec.name:
         raise SimError(f"plan is for model {plan.model!r} but the cost model describes "
                        f"{cost.spec.name!r}")
