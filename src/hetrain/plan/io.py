@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,11 @@ def check_writable_dir(path: str | Path | None, option: str) -> None:
     if path is None or str(path) == "":
         return
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    try:  # one look: a folder another process makes or removes meanwhile is no file
+        is_file = not stat.S_ISDIR(path.stat().st_mode)
+    except OSError:
+        is_file = False  # absent (or unreadable: the check below names it)
+    if is_file:
         raise ConfigError(f"{option} {path}: is a file, not a folder; pick a folder")
     _check_creatable(path, option, path)
 
@@ -73,12 +78,11 @@ def _check_creatable(folder: Path, option: str, path: Path) -> None:
     if not os.access(base, os.W_OK | os.X_OK):
         why = "read-only" if _read_only_fs(base) else "not writable"
         raise ConfigError(f"{option} {path}: {base} is {why}; pick a writable folder")
-    # os.access cannot see everything (root under /proc, quotas, ACLs): try, and undo.
+    # os.access cannot see everything (root under /proc, quotas, ACLs): try, and undo, under
+    # a name of its own (two processes checking the same path must not see each other's).
     try:
         if folder.absolute() != base.absolute():
-            probe = base / folder.absolute().relative_to(base.absolute()).parts[0]
-            probe.mkdir()
-            probe.rmdir()
+            os.rmdir(tempfile.mkdtemp(dir=base, prefix=".hetrain-probe-"))
         else:
             fd, name = tempfile.mkstemp(dir=base, prefix=".hetrain-probe-")
             os.close(fd)
