@@ -35,7 +35,23 @@ def test_plan_writes_a_valid_plan_and_summary(tmp_path):
     cluster = load_cluster(THREE)
     plan = load_plan(out, cluster)
     assert plan.predicted["step_s"] == figures["predicted_step_s"]
+    assert figures["half_layers"] == plan.half_layers
     checked_memory_bytes(plan, CostModel(cluster, model_spec(model_config("llama-7b"), 1024)))
+
+
+def test_stage_layers_read_in_half_layers():
+    """The plan table names a stage's first and last layer; in half layers with the block's
+    half (a: attention, b: MLP), layers counted as in whole layers (0: embedding)."""
+    from types import SimpleNamespace
+
+    from hetrain.cli.plan import _layer_range
+
+    whole, halves = SimpleNamespace(half_layers=False), SimpleNamespace(half_layers=True)
+    assert _layer_range(whole, (5, 15)) == "5-14"
+    # units: 0 embedding, 2i + 1 / 2i + 2 block i's halves (layer i + 1), 2n + 1 the head
+    assert _layer_range(halves, (0, 4)) == "0-2a"
+    assert _layer_range(halves, (4, 9)) == "2b-4b"
+    assert _layer_range(halves, (9, 10)) == "5a"
 
 
 def test_plan_refuses_what_cannot_fit():

@@ -129,13 +129,14 @@ def test_four_vendor_1280_chips_cut_at_half_layers_bubble_under_5_percent():
     agrees with the estimate, is at most 5 %."""
     from hetrain.cluster import load_cluster
     from hetrain.model.loading import load_model
-    from hetrain.planner.options import SearchOptions
+    from hetrain.planner.options import model_options
     from hetrain.sim import simulate_plan
     from tests.conftest import EXAMPLES
 
     clus = load_cluster(EXAMPLES / "clusters" / "mixed-1280.yaml")
-    cost = CostModel(clus, load_model("llama-70b").spec(4096))
-    result = search_plan(clus, cost, 2048)
+    source = load_model("llama-70b")
+    cost = CostModel(clus, source.spec(4096))
+    result = search_plan(clus, cost, 2048, model_options(source))
     plan = result.plan
     assert plan.half_layers and any(g.layers[0] % 2 == 0 and g.layers[0] > 0
                                     for g in plan.stage_groups)  # a cut inside a block
@@ -143,6 +144,6 @@ def test_four_vendor_1280_chips_cut_at_half_layers_bubble_under_5_percent():
     simulated = simulate_plan(plan, clus, cost, trace=False)
     assert simulated.step_s == pytest.approx(result.estimate.step_s, rel=0.03)
     assert simulated.mean_share("bubble_share") <= 0.05
-    whole = search_plan(clus, cost, 2048, SearchOptions(half_layers=False))
+    whole = search_plan(clus, cost, 2048, model_options(source, half_layers=False))
     assert not whole.plan.half_layers
     assert result.estimate.step_s < whole.estimate.step_s

@@ -67,3 +67,12 @@ def test_whole_layer_units_refused_where_the_model_has_none(cluster):
     whole_only = spec.model_copy(update={"halves": None})
     with pytest.raises(PlanError, match="half_layers"):
         validate_plan(plan, cluster, whole_only)
+    # another model: refused before any worker starts, the field named
+    from torch import nn
+
+    from hetrain.model.source import WholeModule
+    from hetrain.runtime import TrainConfig, train
+
+    whole = WholeModule(nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 100)), "bigram")
+    with pytest.raises(PlanError, match="half_layers: model 'bigram' is cut at whole layers"):
+        train(cluster, plan, TrainConfig(model="tiny", steps=1), model=whole)

@@ -34,6 +34,7 @@ class ModelSource(ABC):
     # earlier pieces' keys and values, model.decoder.SequencePieces).
     sequence_pieces = False
     half_layers = False  # whether its layers are half layers (units())
+    cuts_half_layers = False  # whether its stages may be cut at half layers (units())
 
     @abstractmethod
     def spec(self, seq_len: int) -> ModelSpec:
@@ -54,7 +55,9 @@ class ModelSource(ABC):
         """The model cut into the partition units a plan's layer ranges count
         (Plan.half_layers); PlanError where its layers cannot be cut so."""
         if half_layers != self.half_layers:
-            self.spec(1).units(half_layers)  # the error, naming the field
+            raise PlanError(f"half_layers: model {self.name!r} is cut at whole layers only "
+                            "(only the reference decoder cuts its blocks into attention and "
+                            "MLP halves); set half_layers: false")
         return self
 
     def user_module(self) -> nn.Module | None:
@@ -116,6 +119,7 @@ class DecoderModel(LlamaShaped):
 
     sequence_parallel = True
     sequence_pieces = True
+    cuts_half_layers = True
 
     def __init__(self, cfg: ModelConfig, half_layers: bool = False):
         self.cfg = cfg
@@ -127,10 +131,7 @@ class DecoderModel(LlamaShaped):
         self.tie_embeddings = cfg.tie_embeddings
 
     def spec(self, seq_len: int) -> ModelSpec:
-        if self.half_layers:
-            return model_spec(self.cfg, seq_len, half_layers=True)
-        halves = model_spec(self.cfg, seq_len, half_layers=True)
-        return model_spec(self.cfg, seq_len).model_copy(update={"halves": halves})
+        return model_spec(self.cfg, seq_len, half_layers=self.half_layers)
 
     def units(self, half_layers: bool) -> DecoderModel:
         return self if half_layers == self.half_layers else DecoderModel(self.cfg, half_layers)

@@ -79,7 +79,7 @@ class ModelSpec(BaseModel):
     layers: list[LayerSpec]
     # Whether `layers` are half layers (Plan.half_layers): each block as its attention half
     # and its MLP half, the partition units a stage boundary may fall between. `halves` is
-    # this model so cut, where its runtime runs half layers (the reference decoder's source).
+    # this model so cut (priced; which runtimes run it: ModelSource.units).
     half_layers: bool = False
     halves: ModelSpec | None = None
 
@@ -92,10 +92,9 @@ class ModelSpec(BaseModel):
         from hetrain.errors import PlanError
 
         raise PlanError(f"half_layers: {'true' if half_layers else 'false'} does not fit model "
-                        f"{self.name!r}, whose stages are cut at "
+                        f"{self.name!r}, priced at "
                         f"{'half' if self.half_layers else 'whole'} layers only; set "
-                        f"half_layers: {'false' if half_layers else 'true'} (only the "
-                        "reference decoder cuts its blocks into halves)")
+                        f"half_layers: {'false' if half_layers else 'true'}")
 
     def describe_layers(self) -> str:
         """The layers a plan's ranges count, for messages."""
@@ -192,11 +191,15 @@ def model_spec(cfg: ModelConfig, seq_len: int, sequence_parallel: bool = True,
                   tp_replicated_elems_per_token=head_acts,
                   backward_peak_elems_per_token=2 * (h + cfg.vocab_size)),
     ]
+    halves = None
     if half_layers:
         layers = [layers[0], *(half for i in range(cfg.n_layers)
                                for half in _halves(cfg, seq_len, layers[1 + i], i)), layers[-1]]
+    else:
+        halves = model_spec(cfg, seq_len, sequence_parallel, half_layers=True)
     return ModelSpec(name=cfg.name, seq_len=seq_len, dim=h, vocab_size=cfg.vocab_size,
-                     tie_embeddings=cfg.tie_embeddings, layers=layers, half_layers=half_layers)
+                     tie_embeddings=cfg.tie_embeddings, layers=layers, half_layers=half_layers,
+                     halves=halves)
 
 
 def _halves(cfg: ModelConfig, seq_len: int, block: LayerSpec, i: int

@@ -37,23 +37,26 @@ class SearchOptions:
     # the answer priced again with its micro-batches cut into this many sequence pieces
     # (models whose attention takes pieces: ModelSource.sequence_pieces)
     seq_chunks: Sequence[int] = SEQ_CHUNKS
-    # the answer's micro-batch size partitioned again over half layers, where the model's
-    # runtime cuts its blocks so (ModelSpec.halves)
-    half_layers: bool = True
+    # the answer's micro-batch size partitioned again over half layers (ModelSpec.halves),
+    # for models whose runtime cuts its blocks so (ModelSource.cuts_half_layers)
+    half_layers: bool = False
 
 
 def model_options(source: ModelLike, **overrides: object) -> SearchOptions:
     """The search options a model allows: the tensor-parallel degrees it splits into, and
-    sequence chunks where its attention reads earlier pieces' keys and values."""
-    return SearchOptions(tp_sizes=source.tp_sizes(),
-                         seq_chunks=SEQ_CHUNKS if source.sequence_pieces else (1,),
-                         **overrides)  # type: ignore[arg-type]
+    sequence chunks where its attention reads earlier pieces' keys and values, half layers
+    where its stages may cut a block between its attention and MLP halves."""
+    allowed = {"tp_sizes": source.tp_sizes(),
+               "seq_chunks": SEQ_CHUNKS if source.sequence_pieces else (1,),
+               "half_layers": source.cuts_half_layers}
+    return SearchOptions(**{**allowed, **overrides})  # type: ignore[arg-type]
 
 
 class ModelLike(Protocol):
     """What model_options reads of a model (model.source.ModelSource)."""
 
     sequence_pieces: bool
+    cuts_half_layers: bool
 
     def tp_sizes(self) -> tuple[int, ...]: ...
 
