@@ -88,3 +88,25 @@ def test_sharded_checkpoint_resumes_on_another_plan(cluster, uneven_run, tmp_pat
     assert len(result.losses) == 2 and committed_steps(root)[0] == 4
     assert_params_match_reference(result.params, "tiny", 4, plan.global_batch, plan.seq_len,
                                   losses=result.losses)
+
+
+def test_checkpoint_over_whole_layers_resumes_cut_at_half_layers(cluster, uneven_run,
+                                                                  tmp_path):
+    """Parameters keep their names in half layers (Plan.half_layers): a checkpoint taken
+    over whole layers under sharded state resumes on a pipeline cut inside blocks (units:
+    0 embedding, 2i + 1 / 2i + 2 block i's halves, 9 head) and goes on exactly."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(uneven_run[0], root)
+    plan = expand_plan({**SHAPE, "schedule": "zero_bubble", "half_layers": True,
+                        "pipelines": [
+        {"micro_batches": 3, "stages": [{"kind": "A100-80GB", "layers": [0, 4]},
+                                        {"kind": "H100", "tp": 2, "layers": [4, 7]},
+                                        {"kind": "BR104", "layers": [7, 10]}]},
+        {"micro_batches": 2, "stages": [{"kind": "A100-80GB", "layers": [0, 5]},
+                                        {"kind": "BR104", "layers": [5, 10]}]},
+    ]}, cluster)
+    result = run_plan(cluster, plan, steps=4, checkpoint_dir=str(root), checkpoint_every=2,
+                      resume=True)
+    assert len(result.losses) == 2 and committed_steps(root)[0] == 4
+    assert_params_match_reference(result.params, "tiny", 4, plan.global_batch, plan.seq_len,
+                                  losses=result.losses)
