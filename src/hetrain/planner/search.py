@@ -152,19 +152,14 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     n_layers = cost.spec.n_layers
     tps = {k: tp_options(cluster, k, options.tp_sizes) for k in counts}
     micro_batches = global_batch // micro_batch_size
-    dtypes = kind_dtypes(cluster, list(counts), options.dtype)
-    links = LinkModel(cluster)
-    partitioner = Partitioner(tables, dtypes, micro_batch_size,
-                              BoundaryComm(cost, links, dtypes, micro_batch_size),
-                              options.allow_recompute, optimizer_shards)
     partitioners = {} if partitioners is None else partitioners
     smaller = max((m for m in partitioners if m < micro_batch_size), default=None)
     max_shapes = min(sum(counts.values()), options.max_shapes)
     every_shape = all_shapes_count(counts, tps, n_layers) <= options.shape_budget
     exhaustive = every_shape and max_shapes == sum(counts.values())
-    builder = TemplateBuilder(cost, partitioner, links, micro_batches, max_shapes,
-                              options.schedule, tuple(options.in_flight_scales),
-                              options.sharded_optimizer)
+    builder = _template_builder(cluster, cost, tables, options, micro_batch_size,
+                                micro_batches, max_shapes, optimizer_shards)
+    partitioner = builder.partitioner
     if exhaustive:
         templates = [t for t in map(builder.build, all_shapes(counts, tps, n_layers)) if t]
         capacity = capacities(templates, cluster)
@@ -214,6 +209,21 @@ def build_candidates(cluster: Cluster, cost: CostModel, tables: TableCache, glob
     templates = [builder.complete(outlines[i]) for i in screen.keep]
     return Candidates(micro_batch_size, micro_batches, templates,
                       capacities(templates, cluster), max_shapes, False, screen.bound_s)
+
+
+def _template_builder(cluster: Cluster, cost: CostModel, tables: TableCache,
+                      options: SearchOptions, micro_batch_size: int, micro_batches: int,
+                      max_shapes: int, optimizer_shards: int) -> TemplateBuilder:
+    """The builder of one micro-batch size's templates, with its partitioner over `tables`
+    (`builder.partitioner`): each kind in its dtype, the cluster's links."""
+    dtypes = kind_dtypes(cluster, list(plan_kinds(cluster, options)), options.dtype)
+    links = LinkModel(cluster)
+    partitioner = Partitioner(tables, dtypes, micro_batch_size,
+                              BoundaryComm(cost, links, dtypes, micro_batch_size),
+                              options.allow_recompute, optimizer_shards)
+    return TemplateBuilder(cost, partitioner, links, micro_batches, max_shapes,
+                           options.schedule, tuple(options.in_flight_scales),
+                           options.sharded_optimizer)
 
 
 def _beyond_reach(singles: list[Template], mixed: Iterable[Template | None], cluster: Cluster,
@@ -365,17 +375,10 @@ def _in_halves(cluster: Cluster, cost: CostModel, global_batch: int, options: Se
                             options.screen_keep).keep
     wholes = [cands.templates[i]
               for i in dict.fromkeys([*keep, *(c.template for c in sol.choices)])]
-    counts = plan_kinds(cluster, options)
-    dtypes = kind_dtypes(cluster, list(counts), options.dtype)
-    links = LinkModel(cluster)
     mbs = cands.micro_batch_size
-    partitioner = Partitioner(TableCache(halves), dtypes, mbs,
-                              BoundaryComm(halves, links, dtypes, mbs),
-                              options.allow_recompute, shards)
-    builder = TemplateBuilder(halves, partitioner, links, cands.micro_batches, cands.max_shapes,
-                              options.schedule, tuple(options.in_flight_scales),
-                              options.sharded_optimizer)
-    partitioner.solve_many(builder.keys(t.blocks) for t in wholes)
+    builder = _template_builder(cluster, halves, TableCache(halves), options, mbs,
+                                cands.micro_batches, cands.max_shapes, shards)
+    builder.partitioner.solve_many(builder.keys(t.blocks) for t in wholes)
     whole_slot = {t.blocks: t.partition.slot_s for t in wholes if t.partition is not None}
     outlines = [t for t in (builder.outline(w.blocks) for w in wholes) if t is not None]
     if not any(t.slot_s * (1 + HALF_LAYER_GAIN) <= whole_slot.get(t.blocks, 0.0)
