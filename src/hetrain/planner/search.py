@@ -25,6 +25,7 @@ from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.cost.tables import TableCache
 from hetrain.errors import PlanError, PlannerError
+from hetrain.gcpause import cyclic_gc_paused
 from hetrain.plan.schedule import HeldOver
 from hetrain.plan.types import Plan, ScheduleKind
 from hetrain.plan.validate import check_memory, plan_memory_fn, validate_plan
@@ -285,6 +286,7 @@ def _efficient_tps(singles: list[Template], tps: dict[str, list[int]], micro_bat
     return out
 
 
+@cyclic_gc_paused()
 def search_plan(cluster: Cluster, cost: CostModel, global_batch: int,
                 options: SearchOptions | None = None) -> SearchResult:
     """The fastest plan the search finds; PlannerError with the reason when none fits."""
