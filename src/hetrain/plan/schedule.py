@@ -534,13 +534,11 @@ class _ListScheduler:
             if op == "forward":
                 if send is None:  # last stage: its backward is ready at once
                     self._gradient_in(st, now, mb_id, pos)
-            elif op != "backward_weight":
+            elif op != "backward_weight":  # (a weight gradient sends nothing)
                 if chunks > 1:
                     self._backward_done(st, now, mb_id)
                 if op == "backward_input":
                     heappush(st.pending_w, (now, mb_id, pos))
-            else:
-                send = None
             sent = None if send is None else (op == "forward", mb_id,
                                               pos + 1 if op == "forward" else pos - 1)
             if sent is not None and (not events or events[0][0] > now):
@@ -562,6 +560,7 @@ class _ListScheduler:
 
     def _arrived(self, st: _GroupState, now: float, forward: bool, unit: int, pos: int
                  ) -> None:
+        """An activation (`forward`) or a gradient reached the group at stage `pos`."""
         if forward:
             heappush(st.ready_f, (now, unit, pos))
         else:
