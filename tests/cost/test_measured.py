@@ -59,9 +59,14 @@ def test_allreduce_phases_follow_the_hierarchical_sum():
 def test_stage_times_are_looked_up_and_scaled_to_unmeasured_sizes(cluster):
     spec = model_spec(model_config("tiny"), 64)
     # keyed by the tokens of one action: 2 samples of 64 tokens
-    figures = MeasuredFigures(compute_s={("H100", (0, 3), 1, "forward"): {128: [0.1, 0.1, 0.4]}})
+    figures = MeasuredFigures(compute_s={
+        ("H100", (0, 3), 1, "forward", False): {128: [0.1, 0.1, 0.4]},
+        # units 0-3 in half layers: the embedding and block 0 (both halves), other layers
+        ("H100", (0, 3), 1, "forward", True): {128: [0.3, 0.3, 0.3]}})
     cost = MeasuredCost(cluster, spec, figures)
     assert cost.stage_compute_s(_group(), "forward", 2, 64) == pytest.approx(0.2)
+    # a plan in half layers is priced by the cost in its units (plan.schedule.in_plan_units)
+    assert cost.units(True).stage_compute_s(_group(), "forward", 2, 64) == pytest.approx(0.3)
     assert cost.stage_compute_s(_group(), "forward", 4, 64) == pytest.approx(0.4)
     # a piece of 32 tokens of each of the 2 samples (sequence chunks): half the tokens
     assert cost.stage_compute_s(_group(), "forward", 2, 32) == pytest.approx(0.1)

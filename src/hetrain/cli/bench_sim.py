@@ -46,7 +46,8 @@ DEFAULT_CLUSTER = {"name": "test-mixed", "nodes": [
 STEPS = 6  # per run; the first (warm-up) is left out of the figures
 STRETCH = 2.0  # time scale over the calibrated one
 PLAN_NAMES = ("data-parallel", "pipeline-3-kinds", "uneven-pipelines", "tensor-parallel",
-              "pipelines-x2", "zero-bubble", "sequence-pieces", "overlapped-sync")
+              "pipelines-x2", "zero-bubble", "sequence-pieces", "overlapped-sync",
+              "half-layers")
 
 
 def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
@@ -62,6 +63,9 @@ def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
     spec = cost.spec
     n = spec.n_layers
     third, half, two_thirds = round(n / 3), n // 2, round(2 * n / 3)
+    # in half layers (the embedding, each block's attention and MLP halves, the head), stages
+    # that end after the attention half of the block that starts the next stage above
+    in_block = (2 * third, 2 * two_thirds, spec.units(True).n_layers)
 
     def pipelines(*routes: tuple[int, list[tuple[str, int, int, int]]]) -> Plan:
         return expand_plan({"model": spec.name, "seq_len": spec.seq_len,
@@ -112,16 +116,21 @@ def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
             (3, [(a, 1, 0, third), (c, 1, third, two_thirds), (b, 1, two_thirds, n)]),
             (3, [(a, 1, 0, half), (b, 1, half, n)]),
             (3, [(a, 1, 0, two_thirds), (b, 1, two_thirds, n)])), sharded_optimizer=True),
+        # stages cut between a block's attention and MLP halves
+        "half-layers": lambda: with_schedule(pipelines(
+            (6, [(a, 1, 0, in_block[0]), (c, 1, *in_block[:2]), (b, 1, *in_block[1:])])),
+            half_layers=True),
     }
     return {name: build[name]() for name in names}
 
 
-def with_schedule(plan: Plan, sharded_optimizer: bool = False, seq_chunks: int = 1) -> Plan:
-    """The plan under the zero-bubble schedule (split backward), optionally with ZeRO-1 and
-    its micro-batches in sequence pieces."""
+def with_schedule(plan: Plan, sharded_optimizer: bool = False, seq_chunks: int = 1,
+                  half_layers: bool = False) -> Plan:
+    """The plan under the zero-bubble schedule (split backward), optionally with ZeRO-1, its
+    micro-batches in sequence pieces, its layer ranges in half layers."""
     return Plan.model_validate({**plan.model_dump(), "schedule": "zero_bubble",
                                 "sharded_optimizer": sharded_optimizer,
-                                "seq_chunks": seq_chunks})
+                                "seq_chunks": seq_chunks, "half_layers": half_layers})
 
 
 def measure_plans(cluster: Cluster, plans: dict[str, Plan], config: TrainConfig,

@@ -1,6 +1,7 @@
 """MeasuredCost: a cost model whose every figure was measured on a run, not derived from specs.
 
-Compute is looked up per stage shape (kind, layer range, tensor-parallel degree, op) and
+Compute is looked up per stage shape (kind, layer range in whole or half layers,
+tensor-parallel degree, op) and
 micro-batch size (a trimmed mean of the measured durations: a chain of actions adds up their
 jitter, but not a rare stall); transfers, all-reduces and the optimizer follow latency +
 bytes / bandwidth fits through trimmed means. The simulator run on
@@ -19,11 +20,13 @@ from hetrain.cost.model import SPLIT_BACKWARD, CostModel, GroupLike, Op
 from hetrain.errors import CostError
 from hetrain.model.spec import ModelSpec
 
-StageKey = tuple[str, tuple[int, int], int, str]  # kind, layers, tp, op
+# kind, layer range, tp, op, and whether the range counts half layers (Plan.half_layers: the
+# same numbers name other layers)
+StageKey = tuple[str, tuple[int, int], int, str, bool]
 
 
-def stage_key(group: GroupLike, op: str) -> StageKey:
-    return group.kind, tuple(group.layers), len(group.devices), op
+def stage_key(group: GroupLike, op: str, half_layers: bool = False) -> StageKey:
+    return group.kind, tuple(group.layers), len(group.devices), op, half_layers
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class MeasuredCost(CostModel):
                               for kind, pairs in figures.optimizer.items()}
 
     def stage_compute_s(self, group: GroupLike, op: Op, samples: int, seq_len: int) -> float:
-        by_tokens = self.stage_s.get(stage_key(group, op))
+        by_tokens = self.stage_s.get(stage_key(group, op, self.spec.half_layers))
         if not by_tokens and op in SPLIT_BACKWARD and op != "backward":
             # split backward not measured on its own: its share of the whole backward
             return SPLIT_BACKWARD[op] * self.stage_compute_s(group, "backward", samples, seq_len)
@@ -188,8 +191,9 @@ class MeasuredCost(CostModel):
                      "optimizer": {k: _fit_dict(f, "fixed_s", "s_per_param")
                                    for k, f in self.optimizer_fit.items()}}
         out["stage_compute_s"] = {
-            f"{kind} {layers[0]}-{layers[1]} tp{tp} {op}": {str(s): v for s, v in sizes.items()}
-            for (kind, layers, tp, op), sizes in sorted(self.stage_s.items())}
+            f"{kind} {layers[0]}-{layers[1]}{' half layers' if half else ''} tp{tp} {op}":
+            {str(s): v for s, v in sizes.items()}
+            for (kind, layers, tp, op, half), sizes in sorted(self.stage_s.items())}
         return out
 
 

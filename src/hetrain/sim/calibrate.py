@@ -15,7 +15,7 @@ from typing import Any
 
 from hetrain.cost.measured import MeasuredFigures, allreduce_phases, stage_key
 from hetrain.cost.model import CostModel
-from hetrain.plan.schedule import Schedule, splits_backward
+from hetrain.plan.schedule import Schedule, in_plan_units
 from hetrain.plan.sync import bucket_bytes, reductions, sync_buckets
 from hetrain.plan.types import Plan, StageGroup
 
@@ -43,36 +43,31 @@ def measured_figures(plan: Plan, cost: CostModel, schedule: Schedule, events: li
                      skip_steps: int = 1) -> MeasuredFigures:
     """Figures of the steps after the first `skip_steps` (warm-up) of a run of `plan` that
     executed `schedule`; `cost` gives transfer and gradient sizes (bytes, not times)."""
+    cost = in_plan_units(plan, cost)
     steps = split_steps(events)
     n_steps = min((len(s) for s in steps.values()), default=0)
     figures = MeasuredFigures()
     for k in range(min(skip_steps, n_steps - 1), n_steps):
         at = {lane: s[k] for lane, s in steps.items()}
-        _compute(plan, at, figures)
+        _compute(plan, schedule, at, figures)
         _transfers(plan, cost, schedule, at, figures)
         _allreduces(plan, cost, at, figures)
         _optimizer(plan, cost, at, figures)
     return figures
 
 
-def _compute(plan: Plan, at: dict[str, dict[str, Event]], figures: MeasuredFigures) -> None:
+def _compute(plan: Plan, schedule: Schedule, at: dict[str, dict[str, Event]],
+             figures: MeasuredFigures) -> None:
+    """Each action's duration on each device of its group, by the schedule the run executed
+    (a trace event is named by its action's label: "F12", "W12", "F12.1" a second piece)."""
     for g in plan.stage_groups:
-        for lane in g.devices:
-            for name, e in at.get(lane, {}).items():
-                if e["category"] in ("forward", "backward", "weight"):
-                    # "F12" or, the second piece of a sequence in pieces, "F12.1"
-                    mb = int(name[1:].split(".")[0])
-                    tokens = plan.micro_batches[mb].size * plan.chunk_len
-                    op = _op_of(plan, g.name, e["category"])
-                    by_tokens = figures.compute_s.setdefault(stage_key(g, op), {})
-                    by_tokens.setdefault(tokens, []).append(e["dur_s"])
-
-
-def _op_of(plan: Plan, group: str, category: str) -> str:
-    """The schedule op a trace category times (split backwards where the group splits)."""
-    if splits_backward(plan, group) and category != "forward":
-        return "backward_input" if category == "backward" else "backward_weight"
-    return category
+        for action in schedule.actions[g.name]:
+            durations = [at[lane][action.label]["dur_s"] for lane in g.devices
+                         if action.label in at.get(lane, {})]
+            if durations:
+                tokens = plan.micro_batches[action.micro_batch].size * plan.chunk_len
+                key = stage_key(g, action.op, plan.half_layers)
+                figures.compute_s.setdefault(key, {}).setdefault(tokens, []).extend(durations)
 
 
 def _transfers(plan: Plan, cost: CostModel, schedule: Schedule,
