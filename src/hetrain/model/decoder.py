@@ -7,6 +7,8 @@ unchanged under tensor parallelism (DTensor colwise/rowwise styles, see runtime/
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cos, sin = cos[offset:end, None, :], sin[offset:end, None, :]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+@functools.lru_cache(maxsize=16)
+def piece_mask(seq: int, offset: int, device: torch.device) -> torch.Tensor:
+    """The causal mask of a piece of `seq` queries after `offset` keys of earlier pieces: query
+    i sits at offset + i and sees keys 0 .. offset + i. Made once for every layer and
+    micro-batch that runs such a piece (it is never written)."""
+    return torch.ones(seq, offset + seq, dtype=torch.bool, device=device).tril(offset)
 
 
 class SequencePieces:
@@ -114,9 +124,8 @@ class Attention(nn.Module):
         mask = None
         if pieces is not None:
             k, v = pieces.attend(self, k, v)
-            if offset:  # query i sits at offset + i: it sees keys 0 .. offset + i
-                mask = torch.ones(seq, offset + seq, dtype=torch.bool,
-                                  device=x.device).tril(offset)
+            if offset:
+                mask = piece_mask(seq, offset, x.device)
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
