@@ -63,8 +63,8 @@ def bench_plans(cluster: Cluster, cost: CostModel, micro_batch_size: int = 2,
     spec = cost.spec
     n = spec.n_layers
     third, half, two_thirds = round(n / 3), n // 2, round(2 * n / 3)
-    # in half layers (the embedding, each block's attention and MLP halves, the head), stages
-    # that end after the attention half of the block that starts the next stage above
+    # in half layers (the embedding, then each block's attention and MLP halves, the head):
+    # the cuts at `third` and `two_thirds` moved on by an attention half, into a block
     in_block = (2 * third, 2 * two_thirds, spec.units(True).n_layers)
 
     def pipelines(*routes: tuple[int, list[tuple[str, int, int, int]]]) -> Plan:

@@ -1,10 +1,9 @@
 """MeasuredCost: a cost model whose every figure was measured on a run, not derived from specs.
 
-Compute is looked up per stage shape (kind, layer range in whole or half layers,
-tensor-parallel degree, op) and
-micro-batch size (a trimmed mean of the measured durations: a chain of actions adds up their
-jitter, but not a rare stall); transfers, all-reduces and the optimizer follow latency +
-bytes / bandwidth fits through trimmed means. The simulator run on
+Compute is looked up per stage shape (kind, layer range in whole or half layers, tensor-
+parallel degree, op) and micro-batch size (a trimmed mean of the measured durations: a chain
+of actions adds up their jitter, but not a rare stall); transfers, all-reduces and the
+optimizer follow latency + bytes / bandwidth fits through trimmed means. The simulator run on
 it predicts what the measured machine would do, which is how its scheduling and
 communication modelling are checked (`hetrain bench sim`).
 """
