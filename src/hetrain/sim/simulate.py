@@ -10,6 +10,7 @@ from dataclasses import replace
 from hetrain.cluster.topology import Cluster
 from hetrain.cost.model import CostModel
 from hetrain.errors import SimError
+from hetrain.gcpause import cyclic_gc_paused
 from hetrain.plan.schedule import Schedule, build_schedule, imbalance_s, in_plan_units
 from hetrain.plan.sync import sync_buckets
 from hetrain.plan.types import Plan
@@ -18,6 +19,7 @@ from hetrain.sim.engine import StepEngine
 from hetrain.sim.result import DeviceTime, SimResult
 
 
+@cyclic_gc_paused()
 def simulate_plan(plan: Plan, cluster: Cluster, cost: CostModel, *,
                   schedule: Schedule | None = None, trace: bool = True) -> SimResult:
     """Simulate one step of `plan`: the shared schedule with compute, P2P, gradient sync
